@@ -1,0 +1,1 @@
+"""RuntimeClass definitions and the node probe that tells which runtimes really work on a node."""
