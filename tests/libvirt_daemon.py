@@ -1,0 +1,170 @@
+"""Bring up libvirtd + virtlogd the way these machines need them (see /work/shared/MACHINE.md).
+
+Shared by the integration tests' session fixture and, later, by ``deploy/local/up``:
+
+* ``/etc/libvirt/qemu.conf`` gets a managed block: ``user``/``group`` root, ``security_driver
+  "none"``, ``cgroup_controllers [ ]`` (no systemd, hybrid cgroups: libvirt's cgroup code gets in
+  the way). The block is replaced, never duplicated, so calling this again is harmless.
+* the ``libvirt-qemu`` user and ``kvm`` group must exist even so; they are created if missing.
+* ``virtlogd -d`` then ``libvirtd -d`` are started only when the libvirtd socket does not answer.
+
+``ensure_libvirtd()`` returns a :class:`DaemonState` saying which daemons this call started, so a
+caller that started them can stop them again with :func:`stop_started`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import grp
+import os
+import pwd
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
+VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
+LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
+VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
+
+BEGIN = "# --- edgevirt managed block (tests/libvirt_daemon.py) ---"
+END = "# --- end edgevirt managed block ---"
+MANAGED_SETTINGS = {
+    "user": '"root"',
+    "group": '"root"',
+    "security_driver": '"none"',
+    "cgroup_controllers": "[ ]",
+}
+
+
+@dataclasses.dataclass
+class DaemonState:
+    """What :func:`ensure_libvirtd` found or did."""
+
+    started_libvirtd: bool = False
+    started_virtlogd: bool = False
+    libvirtd_pid: int | None = None
+    virtlogd_pid: int | None = None
+
+
+def render_qemu_conf(text: str) -> str:
+    """Return qemu.conf text with our managed block (and no other active line for those keys)."""
+    text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", "", text, flags=re.S)
+    keep = []
+    for line in text.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in MANAGED_SETTINGS:
+            keep.append("# (edgevirt) " + line)
+        else:
+            keep.append(line)
+    block = [BEGIN] + [f"{k} = {v}" for k, v in MANAGED_SETTINGS.items()] + [END]
+    return "\n".join(keep).rstrip("\n") + "\n" + "\n".join(block) + "\n"
+
+
+def configure(qemu_conf: Path = QEMU_CONF) -> bool:
+    """Write the managed qemu.conf block and make sure user/group exist. True if anything changed."""
+    changed = False
+    old = qemu_conf.read_text() if qemu_conf.exists() else ""
+    new = render_qemu_conf(old)
+    if new != old:
+        qemu_conf.parent.mkdir(parents=True, exist_ok=True)
+        qemu_conf.write_text(new)
+        changed = True
+    try:
+        grp.getgrnam("kvm")
+    except KeyError:
+        subprocess.run(["groupadd", "--system", "kvm"], check=True)
+        changed = True
+    try:
+        pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "-g",
+                "kvm",
+                "-s",
+                "/usr/sbin/nologin",
+                "libvirt-qemu",
+            ],
+            check=True,
+        )
+        changed = True
+    for d in ("/var/log/libvirt", "/run/libvirt", "/var/lib/libvirt/qemu", "/var/cache/libvirt/qemu"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+    return changed
+
+
+def libvirtd_answers(uri: str = "qemu:///system") -> bool:
+    """True if a libvirtd answers on the system socket."""
+    if not LIBVIRT_SOCK.exists():
+        return False
+    r = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, text=True, timeout=30)
+    return r.returncode == 0
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    return pid
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def ensure_libvirtd(timeout: float = 30.0) -> DaemonState:
+    """Configure and, if needed, start virtlogd and libvirtd. Idempotent."""
+    state = DaemonState()
+    if libvirtd_answers():
+        state.libvirtd_pid = _read_pid(LIBVIRTD_PIDFILE)
+        state.virtlogd_pid = _read_pid(VIRTLOGD_PIDFILE)
+        if state.virtlogd_pid is None and not VIRTLOGD_SOCK.exists():
+            subprocess.run(["virtlogd", "-d"], check=True)
+            state.started_virtlogd = True
+            state.virtlogd_pid = _read_pid(VIRTLOGD_PIDFILE)
+        return state
+    configure()
+    if _read_pid(VIRTLOGD_PIDFILE) is None:
+        subprocess.run(["virtlogd", "-d"], check=True)
+        state.started_virtlogd = True
+        _wait_for(VIRTLOGD_SOCK.exists, timeout, "virtlogd socket")
+    state.virtlogd_pid = _read_pid(VIRTLOGD_PIDFILE)
+    if _read_pid(LIBVIRTD_PIDFILE) is None:
+        subprocess.run(["libvirtd", "-d"], check=True)
+        state.started_libvirtd = True
+    _wait_for(libvirtd_answers, timeout, "libvirtd to answer on " + str(LIBVIRT_SOCK))
+    state.libvirtd_pid = _read_pid(LIBVIRTD_PIDFILE)
+    return state
+
+
+def stop_started(state: DaemonState) -> None:
+    """Stop only the daemons that :func:`ensure_libvirtd` started (by pid)."""
+    for started, pid in (
+        (state.started_libvirtd, state.libvirtd_pid),
+        (state.started_virtlogd, state.virtlogd_pid),
+    ):
+        if started and pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    print(ensure_libvirtd())
