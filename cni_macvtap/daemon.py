@@ -1,0 +1,157 @@
+"""`macvtap daemon`: keeps pyroute2 and a netlink socket warm and serves plugin calls over a unix socket.
+
+One thread per connection; each request carries its own environment and stdin, so two containers'
+calls never share state beyond the locked host netlink socket. Operations on the same attachment are
+serialised by plugin.run. A request from a process in another network namespace is sent back to
+run in-process (the daemon only acts on the namespace it lives in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from . import plugin, wire
+from .cli import DEFAULT_SOCKET
+from .client import own_netns
+from .errors import DECODING_FAILURE, CNIError
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} macvtap-daemon: {msg}\n")
+    sys.stderr.flush()
+
+
+class Daemon:
+    """The unix-socket server."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.netns = own_netns()
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+
+    def bind(self) -> None:
+        """Create the socket (mode 0600); refuse when another daemon already answers there."""
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOTSOCK):
+                os.unlink(self.path)  # stale socket of a dead daemon
+            elif exc.errno != errno.ENOENT:
+                raise
+        else:
+            raise SystemExit(f"macvtap daemon: another daemon is already listening on {self.path}")
+        finally:
+            probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(128)
+        self._sock = sock
+
+    def warm(self) -> None:
+        """Import pyroute2 and open the host netlink socket before the first request."""
+        plugin.host_links().default_route_link()
+
+    def serve(self) -> None:
+        """Accept until stop() is called."""
+        assert self._sock is not None
+        self._sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    break
+                _log(f"accept failed: {exc}")
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop serving and remove the socket file."""
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                req = wire.recv(conn)
+            except (OSError, wire.ProtocolError) as exc:
+                _log(f"bad request: {exc}")
+                with contextlib.suppress(OSError):
+                    err = CNIError(DECODING_FAILURE, f"malformed request to the macvtap daemon: {exc}")
+                    wire.send(conn, {"stdout": err.to_json().decode("latin-1"), "code": 1, "stderr": err.msg})
+                return
+            conn.settimeout(None)
+            env, stdin = req.get("env"), req.get("stdin")
+            if req.get("netns") != self.netns:
+                self._reply(conn, {"fallback": "caller is in another network namespace"})
+                return
+            if (
+                not isinstance(env, dict)
+                or not isinstance(stdin, str)
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+            ):
+                err = CNIError(DECODING_FAILURE, "malformed request to the macvtap daemon: env/stdin")
+                self._reply(conn, {"stdout": err.to_json().decode("latin-1"), "code": 1, "stderr": err.msg})
+                return
+            t0 = time.perf_counter()
+            out, code, err_text = plugin.run(env, stdin.encode("latin-1"))
+            if code:
+                _log(
+                    f"{env.get('CNI_COMMAND')} {env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')} "
+                    f"failed in {1000 * (time.perf_counter() - t0):.1f} ms: {err_text.strip()}"
+                )
+            self._reply(conn, {"stdout": out.decode("latin-1"), "code": code, "stderr": err_text})
+
+    @staticmethod
+    def _reply(conn: socket.socket, doc: dict[str, object]) -> None:
+        try:
+            wire.send(conn, doc)
+        except OSError as exc:
+            _log(f"client went away before the reply: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`macvtap daemon [--socket PATH]`."""
+    parser = argparse.ArgumentParser(prog="macvtap daemon", description="resident macvtap CNI worker")
+    parser.add_argument(
+        "--socket", default=DEFAULT_SOCKET, help=f"unix socket path (default {DEFAULT_SOCKET})"
+    )
+    args = parser.parse_args(argv)
+    daemon = Daemon(args.socket)
+    daemon.bind()
+    daemon.warm()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        _log(f"signal {signum}: stopping")
+        daemon._stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _log(f"listening on {args.socket} (pid {os.getpid()})")
+    try:
+        daemon.serve()
+    finally:
+        daemon.stop()
+    return 0

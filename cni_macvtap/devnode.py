@@ -1,0 +1,93 @@
+"""The tap character device of a macvtap, made available at a fixed path (there is no udev).
+
+Path contract: ``<deviceDir>/<CNI_CONTAINERID>/<CNI_IFNAME>`` (deviceDir defaults to
+/run/edgevirt/macvtap). The devt is read from sysfs while the link still lives in our namespace
+and survives the move into the pod's namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+
+from .errors import DEVICE_NODE_FAILURE, CNIError
+
+SYS_CLASS_NET = "/sys/class/net"
+SYS_DEV_CHAR = "/sys/dev/char"
+
+
+def macvtap_major() -> int:
+    """The char major of macvtap from /proc/devices."""
+    with open("/proc/devices") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 2 and parts[1] == "macvtap":
+                return int(parts[0])
+    raise CNIError(DEVICE_NODE_FAILURE, "the macvtap module is not loaded (no 'macvtap' in /proc/devices)")
+
+
+def devt_of(ifname: str, ifindex: int) -> tuple[int, int]:
+    """(major, minor) of the tap device of the macvtap named ifname with index ifindex (in our netns)."""
+    path = f"{SYS_CLASS_NET}/{ifname}/macvtap/tap{ifindex}/dev"
+    try:
+        with open(path) as f:
+            major, minor = f.read().strip().split(":")
+        return int(major), int(minor)
+    except FileNotFoundError:
+        pass
+    # This process's /sys may belong to another netns (nsenter without remount): /sys/dev/char is
+    # not namespace-filtered and its links name the netdev and tap, which is unique for our temp name.
+    major = macvtap_major()
+    suffix = f"/net/{ifname}/macvtap/tap{ifindex}"
+    for entry in os.listdir(SYS_DEV_CHAR):
+        if entry.startswith(f"{major}:"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{SYS_DEV_CHAR}/{entry}").endswith(suffix):
+                    return major, int(entry.split(":")[1])
+    raise CNIError(DEVICE_NODE_FAILURE, f"no tap device found for macvtap {ifname} (#{ifindex}) in sysfs")
+
+
+def node_path(device_dir: str, container_id: str, ifname: str) -> str:
+    """Where the tap device node of one attachment lives."""
+    return os.path.join(device_dir, container_id, ifname)
+
+
+def create(path: str, devt: tuple[int, int], uid: int, gid: int, mode: int) -> None:
+    """mknod the tap node atomically (temp name, chown, chmod, rename) and fsync-free: it is on tmpfs."""
+    parent = os.path.dirname(path)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        os.mknod(tmp, stat.S_IFCHR | 0o600, os.makedev(*devt))
+        os.chown(tmp, uid, gid)
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        remove_dir_if_empty(parent)
+        raise CNIError(DEVICE_NODE_FAILURE, f"cannot create tap device node {path}: {exc.strerror}") from None
+
+
+def matches(path: str, devt: tuple[int, int]) -> bool:
+    """True when path is a char device with this devt."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == devt
+
+
+def remove(path: str) -> None:
+    """Remove a device node (and its container directory when empty); absent is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    remove_dir_if_empty(os.path.dirname(path))
+
+
+def remove_dir_if_empty(path: str) -> None:
+    """rmdir that ignores a missing or non-empty directory."""
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(path)

@@ -1,0 +1,78 @@
+"""IPAM delegation: run the plugin named by ipam.type from CNI_PATH, as the CNI spec prescribes.
+
+The delegate gets the same environment (CNI_COMMAND possibly changed) and the full network config
+on stdin; its result or error comes back on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import IPAM_FAILURE, NOT_AVAILABLE, CNIError
+
+TIMEOUT_S = 120
+
+
+def find_plugin(name: str, path: Sequence[str]) -> str:
+    """Absolute path of an executable called name in the CNI_PATH directories."""
+    for d in path:
+        candidate = os.path.join(d, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise CNIError(
+        IPAM_FAILURE,
+        f"failed to find IPAM plugin {name!r} in CNI_PATH {list(path)}: install it there or fix ipam.type",
+    )
+
+
+def exec_plugin(
+    name: str, command: str, environ: Mapping[str, str], path: Sequence[str], stdin: bytes
+) -> dict[str, Any] | None:
+    """Run the IPAM plugin for one verb; the parsed stdout JSON on success (None when empty)."""
+    binary = find_plugin(name, path)
+    env = dict(environ)
+    env["CNI_COMMAND"] = command
+    try:
+        proc = subprocess.run(
+            [binary], input=stdin, env=env, capture_output=True, timeout=TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CNIError(IPAM_FAILURE, f"running IPAM plugin {name} ({command}) failed: {exc}") from None
+    out = proc.stdout.strip()
+    if proc.returncode != 0:
+        try:
+            err = json.loads(out)
+            code = int(err.get("code", IPAM_FAILURE))
+            msg = str(err.get("msg", "")) or proc.stderr.decode(errors="replace").strip()
+            details = str(err.get("details", ""))
+        except (ValueError, AttributeError, TypeError):
+            code, msg, details = IPAM_FAILURE, (out or proc.stderr).decode(errors="replace").strip(), ""
+        if command == "STATUS" and code not in (50, 51):
+            code = NOT_AVAILABLE
+        raise CNIError(code, f"IPAM plugin {name} {command} failed: {msg}", details)
+    if not out:
+        return None
+    try:
+        doc = json.loads(out)
+    except ValueError:
+        raise CNIError(
+            IPAM_FAILURE, f"IPAM plugin {name} {command} printed invalid JSON: {out[:200]!r}"
+        ) from None
+    if not isinstance(doc, dict):
+        raise CNIError(
+            IPAM_FAILURE, f"IPAM plugin {name} {command} printed {type(doc).__name__}, not an object"
+        )
+    return doc
+
+
+def supports(name: str, environ: Mapping[str, str], path: Sequence[str], version: str) -> bool:
+    """Does the IPAM plugin list version among its supportedVersions (VERSION verb)?"""
+    try:
+        info = exec_plugin(name, "VERSION", environ, path, b"{}")
+    except CNIError:
+        return False
+    return bool(info) and version in (info.get("supportedVersions") or [])

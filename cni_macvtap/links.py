@@ -1,0 +1,207 @@
+"""Netlink work on macvtap links with pyroute2: create on the master, move, rename, inspect, delete.
+
+The host side uses one long-lived IPRoute guarded by a lock (pyroute2's sync API is not safe for
+concurrent use of one socket); the pod side gets a fresh socket per call from netns.netlink_socket_in.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import netns
+from .errors import INVALID_CONFIG, LINK_FAILURE, TRY_AGAIN, CNIError
+
+MACVTAP_MODES = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8, "source": 16}
+MODE_NAMES = {v: k for k, v in MACVTAP_MODES.items()}
+TEMP_PREFIX = "mvt"
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What we need to know about a link."""
+
+    index: int
+    name: str
+    kind: str | None
+    mode: str | None
+    mac: str
+    mtu: int
+    up: bool
+    link: int | None  # IFLA_LINK: the master's ifindex (in the link's link-netns)
+
+
+def _info(msg: Any) -> LinkInfo:
+    kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    mode_num = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_MACVTAP_MODE")
+    return LinkInfo(
+        index=msg["index"],
+        name=msg.get_attr("IFLA_IFNAME"),
+        kind=kind,
+        mode=MODE_NAMES.get(mode_num) if isinstance(mode_num, int) else mode_num,
+        mac=(msg.get_attr("IFLA_ADDRESS") or "").lower(),
+        mtu=msg.get_attr("IFLA_MTU"),
+        up=bool(msg["flags"] & 1),
+        link=msg.get_attr("IFLA_LINK"),
+    )
+
+
+def netlink_error(exc: NetlinkError, action: str) -> CNIError:
+    """Map a netlink failure to a CNI error (EBUSY/EAGAIN/ENOBUFS are worth a retry)."""
+    code = TRY_AGAIN if exc.code in (errno.EBUSY, errno.EAGAIN, errno.ENOBUFS) else LINK_FAILURE
+    return CNIError(code, f"{action}: {os.strerror(exc.code)}", f"netlink errno {exc.code}")
+
+
+class HostLinks:
+    """Link operations in the namespace this process runs in (where the master lives)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ipr: IPRoute | None = None
+
+    @contextmanager
+    def _rt(self) -> Iterator[IPRoute]:
+        with self._lock:
+            if self._ipr is None:
+                self._ipr = IPRoute()
+            try:
+                yield self._ipr
+            except OSError as exc:
+                if isinstance(exc, NetlinkError):
+                    raise
+                # A broken socket is dropped and re-opened on next use.
+                self._ipr.close()
+                self._ipr = None
+                raise
+
+    def close(self) -> None:
+        """Close the netlink socket."""
+        with self._lock:
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
+
+    def by_name(self, name: str) -> LinkInfo | None:
+        """The link called name, or None."""
+        with self._rt() as ipr:
+            try:
+                msgs = ipr.link("get", ifname=name)
+            except NetlinkError as exc:
+                if exc.code in (errno.ENODEV, errno.ENOENT):
+                    return None
+                raise netlink_error(exc, f"looking up link {name!r}") from None
+        return _info(msgs[0])
+
+    def by_index(self, index: int) -> LinkInfo | None:
+        """The link with ifindex index, or None."""
+        with self._rt() as ipr:
+            try:
+                msgs = ipr.link("get", index=index)
+            except NetlinkError as exc:
+                if exc.code in (errno.ENODEV, errno.ENOENT):
+                    return None
+                raise netlink_error(exc, f"looking up link #{index}") from None
+        return _info(msgs[0])
+
+    def default_route_link(self) -> str | None:
+        """Name of the interface of the default route (IPv4 first, then IPv6), or None."""
+        with self._rt() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for route in ipr.get_routes(family=family, table=254):
+                    if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
+                        oif = route.get_attr("RTA_OIF")
+                        return ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")
+        return None
+
+    def create_macvtap(self, master: int, mode: str, mtu: int | None, mac: str | None) -> LinkInfo:
+        """Create a macvtap on master under a random temporary name; returns its info."""
+        name = TEMP_PREFIX + secrets.token_hex(5)
+        kwargs: dict[str, Any] = {"ifname": name, "kind": "macvtap", "link": master}
+        kwargs["macvtap_mode"] = mode
+        if mtu:
+            kwargs["mtu"] = mtu
+        if mac:
+            kwargs["address"] = mac
+        with self._rt() as ipr:
+            try:
+                ipr.link("add", **kwargs)
+                msgs = ipr.link("get", ifname=name)
+            except NetlinkError as exc:
+                if exc.code == errno.EADDRNOTAVAIL or (exc.code == errno.EINVAL and mac):
+                    raise CNIError(INVALID_CONFIG, f"the kernel refused MAC {mac}: {exc.args[1]}") from None
+                raise netlink_error(exc, "creating the macvtap link") from None
+        return _info(msgs[0])
+
+    def move(self, index: int, netns_fd: int) -> None:
+        """Move a link into the namespace behind netns_fd (keeping its name)."""
+        with self._rt() as ipr:
+            try:
+                ipr.link("set", index=index, net_ns_fd=netns_fd)
+            except NetlinkError as exc:
+                raise netlink_error(exc, "moving the macvtap into CNI_NETNS") from None
+
+    def delete(self, index: int) -> bool:
+        """Delete a link; False when it is already gone."""
+        with self._rt() as ipr:
+            try:
+                ipr.link("del", index=index)
+            except NetlinkError as exc:
+                if exc.code in (errno.ENODEV, errno.ENOENT):
+                    return False
+                raise netlink_error(exc, f"deleting link #{index}") from None
+        return True
+
+
+class PodLinks:
+    """Link operations inside a pod's network namespace, over a socket created there."""
+
+    def __init__(self, netns_fd: int) -> None:
+        self._ipr = IPRoute(use_socket=netns.netlink_socket_in(netns_fd))
+
+    def __enter__(self) -> PodLinks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ipr.close()
+
+    def by_name(self, name: str) -> LinkInfo | None:
+        """The link called name in the pod namespace, or None."""
+        try:
+            msgs = self._ipr.link("get", ifname=name)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise netlink_error(exc, f"looking up {name!r} in CNI_NETNS") from None
+        return _info(msgs[0])
+
+    def rename_up(self, index: int, name: str) -> None:
+        """Rename a link and set it up; EEXIST means the name is taken."""
+        try:
+            self._ipr.link("set", index=index, ifname=name, state="up")
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                raise CNIError(
+                    LINK_FAILURE,
+                    f"interface {name!r} already exists in CNI_NETNS: use another CNI_IFNAME or DEL first",
+                ) from None
+            raise netlink_error(exc, f"renaming the macvtap to {name!r}") from None
+
+    def delete(self, index: int) -> bool:
+        """Delete a link in the pod namespace; False when it is already gone."""
+        try:
+            self._ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return False
+            raise netlink_error(exc, f"deleting link #{index} in CNI_NETNS") from None
+        return True
