@@ -1,0 +1,7 @@
+"""python -m localcluster up|down|status."""
+
+import sys
+
+from .cluster import main
+
+sys.exit(main())

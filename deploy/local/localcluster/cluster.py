@@ -1,0 +1,204 @@
+"""up, down and status of the local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from . import images, leftovers
+from .components import BY_NAME, COMPONENTS, Component, which_missing
+from .health import port_in_use
+from .paths import Paths, node_name
+from .procs import wait_for
+
+
+def say(msg: str) -> None:
+    print(f"[edgevirt-local] {msg}", flush=True)
+
+
+class ClusterError(RuntimeError):
+    """A clear, user-facing reason why the cluster could not be brought up or down."""
+
+
+def _owner_of_port(port: int) -> str:
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return out.strip() or "unknown process"
+
+
+def _start(c: Component, paths: Paths) -> str:
+    proc = c.process(paths)
+    if proc.running():
+        wait_for(f"{c.name} to be ready", lambda: c.ready(paths), c.timeout, proc)
+        return f"already running (pid {proc.pid()})"
+    if c.may_be_external:
+        try:
+            if c.ready(paths):
+                return "already running outside this cluster; using it, will not stop it"
+        except OSError:
+            pass
+    for port in c.ports:
+        if port_in_use(port):
+            raise ClusterError(
+                f"{c.name}: port 127.0.0.1:{port} is taken by {_owner_of_port(port)}; stop that process "
+                f"(or run deploy/local/down if it is a cluster of another checkout) and run up again"
+            )
+    c.prepare(paths)
+    pid = proc.start(c.argv(paths), env=c.env)
+    wait_for(f"{c.name} to be ready", lambda: c.ready(paths), c.timeout, proc)
+    return f"started (pid {pid}, log {proc.logfile})"
+
+
+def kubectl(paths: Paths, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([paths.tool("kubectl"), f"--kubeconfig={paths.kubeconfig}", *args],
+                          capture_output=True, text=True, check=check)
+
+
+def node_ready(paths: Paths) -> bool:
+    out = kubectl(paths, "get", "node", node_name(), "-o", "json", check=False)
+    if out.returncode != 0:
+        return False
+    conds = json.loads(out.stdout)["status"].get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def up(only: list[str] | None = None) -> None:
+    """Start what is not running, in order; wait for the node to be Ready."""
+    if os.geteuid() != 0:
+        raise ClusterError("deploy/local/up needs root (network namespaces, containerd, kubelet, libvirtd)")
+    missing = which_missing()
+    if missing:
+        raise ClusterError(f"missing prerequisites: {', '.join(missing)}; run deploy/install/install first")
+    paths = Paths.default()
+    for d in (paths.state, paths.pids, paths.logs, paths.etc, paths.data, paths.run):
+        d.mkdir(parents=True, exist_ok=True)
+    leftovers.CreatedPaths(paths).record_before_up()
+    wanted = [BY_NAME[n] for n in only] if only else COMPONENTS
+    t0 = time.monotonic()
+    for c in wanted:
+        say(f"{c.name}: {_start(c, paths)}")
+        if c.name == "registry":
+            images.ensure_images(paths)
+            say(f"registry: images {images.describe()}")
+    if only is None or "kubelet" in only:
+        say(f"waiting for node {node_name()} to be Ready")
+        wait_for(f"node {node_name()} Ready", lambda: node_ready(paths), 180, BY_NAME["kubelet"].process(paths), 1)
+        say(f"node {node_name()} is Ready ({time.monotonic() - t0:.1f}s); kubeconfig: {paths.kubeconfig}")
+
+
+def _remove_pods(paths: Paths) -> None:
+    """Stop and remove every pod sandbox through CRI while containerd still runs, so that it tears
+    down networks and mounts itself."""
+    if not BY_NAME["containerd"].process(paths).running():
+        return
+    crictl = [paths.tool("crictl"), "--runtime-endpoint", f"unix://{paths.containerd_sock}", "--timeout", "30s"]
+    pods = subprocess.run([*crictl, "pods", "-q"], capture_output=True, text=True).stdout.split()
+    if pods:
+        say(f"removing {len(pods)} pod sandbox(es) through containerd")
+        subprocess.run([*crictl, "rmp", "--force", *pods], capture_output=True, text=True)
+
+
+def down(purge: bool = False) -> list[str]:
+    """Stop exactly what up started (by pid, reverse order) and remove what the cluster left.
+    Returns what was still found afterwards (empty when the machine is clean)."""
+    paths = Paths.default()
+    kubelet = BY_NAME["kubelet"].process(paths)
+    if kubelet.stop():
+        say("kubelet: stopped")
+    _remove_pods(paths)
+    doms = leftovers.remove_domains()
+    if doms:
+        say(f"libvirt: removed domains {', '.join(doms)}")
+    for c in reversed(COMPONENTS):
+        proc = c.process(paths)
+        if proc.stop():
+            say(f"{c.name}: stopped")
+        elif proc.pidfile.exists():
+            proc.pidfile.unlink(missing_ok=True)
+    killed = leftovers.kill_shims(paths)
+    if killed:
+        say(f"killed {len(killed)} leftover containerd shim(s)")
+    um = leftovers.unmount_all(paths.state, paths.run)
+    if um:
+        say(f"unmounted {len(um)} mount(s) under the cluster's directories")
+    ns = leftovers.pod_netns()
+    if ns:
+        leftovers.remove_netns(ns)
+        say(f"removed {len(ns)} pod network namespace(s)")
+    if leftovers.remove_bridge():
+        say(f"removed link {leftovers.POD_BRIDGE}")
+    leftovers.remove_iptables_chains()
+    left_cg = leftovers.remove_cgroups()
+    removed = leftovers.CreatedPaths(paths).remove()
+    if removed:
+        say(f"removed {', '.join(removed)} (created by the cluster)")
+    shutil.rmtree(paths.run, ignore_errors=True)
+    if purge:
+        shutil.rmtree(paths.state, ignore_errors=True)
+        paths.kubeconfig.unlink(missing_ok=True)
+        say(f"purged {paths.state}")
+    return remaining(paths) + [f"cgroup {p}" for p in left_cg]
+
+
+def remaining(paths: Paths) -> list[str]:
+    """Everything of the cluster still on the machine."""
+    left = [f"process {c.name}" for c in COMPONENTS if c.process(paths).running()]
+    left += [f"shim pid {p}" for p in leftovers.shims(paths)]
+    left += [f"mount {m}" for m in leftovers.mounts_under(paths.state, paths.run)]
+    left += [f"netns {n}" for n in leftovers.pod_netns()]
+    left += [f"link {leftovers.POD_BRIDGE}"] if leftovers.bridge_exists() else []
+    left += [f"domain {d}" for d in leftovers.edgevirt_domains()]
+    return left
+
+
+def status() -> int:
+    paths = Paths.default()
+    rc = 0
+    for c in COMPONENTS:
+        proc = c.process(paths)
+        pid = proc.pid()
+        if pid:
+            state = f"running (pid {pid})"
+        elif c.may_be_external and _safe(lambda c=c: c.ready(paths)):
+            state = "running (external)"
+        else:
+            state = "stopped" + (" (exited: pid file left)" if proc.exited_early() else "")
+            rc = 3
+        print(f"{c.name:26} {state}")
+    return rc
+
+
+def _safe(f) -> bool:
+    try:
+        return bool(f())
+    except Exception:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv else "status"
+    try:
+        if cmd == "up":
+            unknown = [a for a in argv if a not in BY_NAME]
+            if unknown:
+                raise ClusterError(f"unknown component(s) {unknown}; known: {', '.join(BY_NAME)}")
+            up(argv or None)
+            return 0
+        if cmd == "down":
+            left = down(purge="--purge" in argv)
+            if left:
+                say("still on the machine after down: " + "; ".join(left))
+                return 1
+            say("down: nothing of the cluster is left running")
+            return 0
+        if cmd == "status":
+            return status()
+        print("usage: localcluster up [COMPONENT...] | down [--purge] | status", file=sys.stderr)
+        return 2
+    except (ClusterError, TimeoutError, RuntimeError, FileNotFoundError) as e:
+        say(f"error: {e}")
+        return 1

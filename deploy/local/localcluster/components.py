@@ -1,0 +1,200 @@
+"""The components of the local cluster, in start order: how each is configured, started and known
+to be ready. `up` walks this list and starts only what is not running; `down` walks it backwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import configs, health, pki
+from .paths import (
+    APISERVER_PORT,
+    ETCD_CLIENT,
+    ETCD_PEER,
+    REGISTRY_ADDR,
+    SERVICE_CIDR,
+    Paths,
+    node_name,
+)
+from .procs import Process
+
+
+@dataclass
+class Component:
+    """One process of the cluster. `external` components (e.g. a libvirtd somebody else already
+    runs) are used but never started or stopped by us."""
+
+    name: str
+    argv: Callable[[Paths], list[str]]
+    ready: Callable[[Paths], bool]
+    prepare: Callable[[Paths], None] = lambda paths: None
+    ports: tuple[int, ...] = ()
+    timeout: float = 60.0
+    may_be_external: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    def process(self, paths: Paths) -> Process:
+        return Process(self.name, paths.pids / f"{self.name}.pid", paths.logs / f"{self.name}.log")
+
+
+def _kubeconfig(paths: Paths, user: str) -> str:
+    return str(paths.etc / f"{user}.kubeconfig")
+
+
+# --- registry ---
+def _registry_argv(p: Paths) -> list[str]:
+    return [p.tool("docker-registry"), "serve", str(configs.registry(p))]
+
+
+# --- etcd ---
+def _etcd_argv(p: Paths) -> list[str]:
+    return [p.tool("etcd"), "--name", "edgevirt-local", "--data-dir", str(p.data / "etcd"),
+            "--listen-client-urls", ETCD_CLIENT, "--advertise-client-urls", ETCD_CLIENT,
+            "--listen-peer-urls", ETCD_PEER, "--initial-advertise-peer-urls", ETCD_PEER,
+            "--initial-cluster", f"edgevirt-local={ETCD_PEER}", "--listen-metrics-urls", "",
+            "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn"]
+
+
+# --- control plane ---
+def _prepare_pki(p: Paths) -> None:
+    pki.ensure(p)
+    for user in ("admin", "controller-manager", "scheduler", "kubelet"):
+        pki.kubeconfig(p, user, Path(_kubeconfig(p, user)))
+    pki.kubeconfig(p, "admin", p.kubeconfig)
+
+
+def _apiserver_argv(p: Paths) -> list[str]:
+    k = p.pki
+    return [p.tool("kube-apiserver"),
+            "--bind-address=127.0.0.1", f"--secure-port={APISERVER_PORT}",
+            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--etcd-servers={ETCD_CLIENT}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--client-ca-file={k / 'ca.crt'}",
+            f"--tls-cert-file={k / 'apiserver.crt'}", f"--tls-private-key-file={k / 'apiserver.key'}",
+            f"--kubelet-client-certificate={k / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={k / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=Hostname,InternalIP",
+            f"--service-account-key-file={k / 'sa.pub'}",
+            f"--service-account-signing-key-file={k / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            "--allow-privileged=true",
+            "--profiling=false", "--v=1"]
+
+
+def _kcm_argv(p: Paths) -> list[str]:
+    k = p.pki
+    kc = _kubeconfig(p, "controller-manager")
+    return [p.tool("kube-controller-manager"),
+            "--bind-address=127.0.0.1", f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+            "--controllers=*,-bootstrapsigner,-tokencleaner,-cloud-node-lifecycle,-service-lb-controller,"
+            "-node-route-controller",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={k / 'sa.key'}",
+            f"--root-ca-file={k / 'ca.crt'}",
+            f"--cluster-signing-cert-file={k / 'ca.crt'}", f"--cluster-signing-key-file={k / 'ca.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--leader-elect=false", "--profiling=false", "--v=1"]
+
+
+def _scheduler_argv(p: Paths) -> list[str]:
+    kc = _kubeconfig(p, "scheduler")
+    return [p.tool("kube-scheduler"), "--bind-address=127.0.0.1", f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+            "--leader-elect=false", "--profiling=false", "--v=1"]
+
+
+# --- containerd ---
+def cni_bin_dirs() -> list[str]:
+    return [d for d in ("/opt/cni/bin", "/usr/lib/cni") if Path(d, "bridge").exists()] or ["/usr/lib/cni"]
+
+
+def _containerd_prepare(p: Paths) -> None:
+    configs.pod_network(p)
+    (p.cni_data_dir).mkdir(parents=True, exist_ok=True)
+
+
+def _containerd_argv(p: Paths) -> list[str]:
+    return [p.tool("containerd"), "--config", str(configs.containerd(p, cni_bin_dirs()))]
+
+
+# --- libvirt ---
+LIBVIRT_SOCK = Path("/var/run/libvirt/libvirt-sock")
+VIRTLOGD_SOCK = Path("/var/run/libvirt/virtlogd-sock")
+
+
+def _libvirt_prepare(p: Paths) -> None:
+    for d in ("/var/log/libvirt", "/var/run/libvirt", "/var/lib/libvirt/qemu"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+
+
+def _virtlogd_argv(p: Paths) -> list[str]:
+    return [p.tool("virtlogd")]
+
+
+def _libvirtd_argv(p: Paths) -> list[str]:
+    return [p.tool("libvirtd")]
+
+
+# --- kubelet ---
+def _kubelet_argv(p: Paths) -> list[str]:
+    node = node_name()
+    return [p.tool("kubelet"), f"--config={configs.kubelet(p, node)}",
+            f"--kubeconfig={_kubeconfig(p, 'kubelet')}", f"--root-dir={p.kubelet_dir}",
+            f"--hostname-override={node}", "--v=1"]
+
+
+def _kubelet_prepare(p: Paths) -> None:
+    p.kubelet_dir.mkdir(parents=True, exist_ok=True)
+
+
+COMPONENTS: list[Component] = [
+    Component("registry", _registry_argv, lambda p: health.http_ok(f"http://{REGISTRY_ADDR}/v2/"),
+              ports=(5000,)),
+    Component("etcd", _etcd_argv, lambda p: health.http_ok(f"{ETCD_CLIENT}/health"), ports=(2379, 2380)),
+    Component("kube-apiserver", _apiserver_argv,
+              lambda p: health.https_ok(f"https://127.0.0.1:{APISERVER_PORT}/readyz", p, "admin"),
+              prepare=_prepare_pki, ports=(APISERVER_PORT,), timeout=120),
+    Component("kube-controller-manager", _kcm_argv,
+              lambda p: health.https_ok("https://127.0.0.1:10257/healthz"), ports=(10257,)),
+    Component("kube-scheduler", _scheduler_argv,
+              lambda p: health.https_ok("https://127.0.0.1:10259/healthz"), ports=(10259,)),
+    Component("containerd", _containerd_argv, lambda p: health.unix_ok(p.containerd_sock),
+              prepare=_containerd_prepare),
+    Component("virtlogd", _virtlogd_argv, lambda p: health.unix_ok(VIRTLOGD_SOCK),
+              prepare=_libvirt_prepare, may_be_external=True),
+    Component("libvirtd", _libvirtd_argv, lambda p: health.unix_ok(LIBVIRT_SOCK),
+              prepare=_libvirt_prepare, may_be_external=True),
+    Component("kubelet", _kubelet_argv, lambda p: health.http_ok("http://127.0.0.1:10248/healthz"),
+              prepare=_kubelet_prepare, ports=(10248, 10250), timeout=120),
+]
+
+BY_NAME = {c.name: c for c in COMPONENTS}
+
+
+def which_missing() -> list[str]:
+    """Executables the cluster needs that are not installed."""
+    p = Paths.default()
+    missing = []
+    for tool in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
+                 "kubectl", "crictl", "containerd", "runc", "docker-registry", "libvirtd", "virtlogd",
+                 "skopeo", "umoci", "openssl"):
+        try:
+            p.tool(tool)
+        except FileNotFoundError:
+            missing.append(tool)
+    return missing
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None

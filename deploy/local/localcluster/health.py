@@ -1,0 +1,40 @@
+"""Readiness checks of the local cluster's components: HTTP(S) endpoints and unix sockets."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import urllib.request
+from pathlib import Path
+
+from .paths import Paths
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback URLs only)
+        return resp.status == 200
+
+
+def https_ok(url: str, paths: Paths | None = None, client: str | None = None, timeout: float = 2.0) -> bool:
+    """GET an https URL; with `client`, present that client certificate and verify with our CA,
+    otherwise skip verification (component health endpoints serve self-signed certificates)."""
+    if client and paths:
+        ctx = ssl.create_default_context(cafile=str(paths.pki / "ca.crt"))
+        ctx.load_cert_chain(str(paths.pki / f"{client}.crt"), str(paths.pki / f"{client}.key"))
+    else:
+        ctx = ssl._create_unverified_context()  # noqa: S323
+    with urllib.request.urlopen(url, timeout=timeout, context=ctx) as resp:  # noqa: S310
+        return resp.status == 200
+
+
+def unix_ok(path: Path, timeout: float = 1.0) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+    return True
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0

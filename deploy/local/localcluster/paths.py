@@ -1,0 +1,121 @@
+"""Where the local cluster keeps everything: one state directory, runtime sockets, tool binaries."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in (REPO / "deploy" / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+VERSIONS = _versions()
+
+
+def node_name() -> str:
+    """The Node's name: the host name when it resolves to loopback (so the API server reaches the
+    kubelet on 127.0.0.1 by name), else "localhost"."""
+    name = socket.gethostname().lower()
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        addrs = set()
+    if addrs and all(a.startswith("127.") or a == "::1" for a in addrs):
+        return name
+    return "localhost"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every path the cluster uses. `state` (git-ignored, in the repo) holds pid files, logs,
+    certificates and data; `run` (short, under /run) holds unix sockets."""
+
+    state: Path
+    run: Path
+
+    @classmethod
+    def default(cls) -> Paths:
+        state = Path(os.environ.get("EDGEVIRT_LOCAL_STATE", REPO / ".local" / "cluster"))
+        run = Path(os.environ.get("EDGEVIRT_LOCAL_RUN", "/run/edgevirt-local"))
+        return cls(state=state, run=run)
+
+    # --- layout ---
+    @property
+    def pids(self) -> Path:
+        return self.state / "pids"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    @property
+    def pki(self) -> Path:
+        return self.state / "pki"
+
+    @property
+    def etc(self) -> Path:
+        return self.state / "etc"
+
+    @property
+    def data(self) -> Path:
+        return self.state / "data"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return REPO / ".local" / "kubeconfig"
+
+    @property
+    def containerd_sock(self) -> Path:
+        return self.run / "containerd" / "containerd.sock"
+
+    @property
+    def kubelet_dir(self) -> Path:
+        return self.data / "kubelet"
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.etc / "cni" / "net.d"
+
+    @property
+    def cni_data_dir(self) -> Path:
+        return self.data / "cni"
+
+    @property
+    def bin(self) -> Path:
+        return REPO / ".local" / "bin"
+
+    def tool(self, name: str) -> str:
+        """Absolute path of a tool: the project's pinned build first, then the system's PATH."""
+        own = self.bin / name
+        if own.exists():
+            return str(own)
+        found = shutil.which(name)
+        if not found:
+            raise FileNotFoundError(
+                f"{name} not found in {self.bin} or on PATH: run deploy/install/install first"
+            )
+        return found
+
+
+REGISTRY_ADDR = "127.0.0.1:5000"
+APISERVER_PORT = 6443
+ETCD_CLIENT = "http://127.0.0.1:2379"
+ETCD_PEER = "http://127.0.0.1:2380"
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.0/24"
+POD_BRIDGE = "edgevirt0"
+# Upstream registries whose names the local registry stands in for (containerd mirrors them).
+MIRRORED_REGISTRIES = ("docker.io", "registry.k8s.io", "quay.io", "ghcr.io", "gcr.io")
+PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
