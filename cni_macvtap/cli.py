@@ -6,7 +6,6 @@ its unix socket and, when no daemon answers, runs the same code in-process (cni_
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -17,12 +16,31 @@ USAGE = """usage: macvtap                          CNI plugin (CNI_* in the envi
 
 
 def socket_path(stdin: bytes) -> str:
-    """daemonSocket from the config when it is a usable string, else the default."""
-    try:
-        doc = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError):
+    """daemonSocket from the config when it is a usable string, else the default.
+
+    A plain scan handles the usual config; json (which imports re, ~7 ms) is only loaded when the
+    key occurs more than once or its value has escapes.
+    """
+    key = b'"daemonSocket"'
+    if key not in stdin:
         return DEFAULT_SOCKET
-    value = doc.get("daemonSocket") if isinstance(doc, dict) else None
+    value: object = None
+    if stdin.count(key) == 1:
+        rest = stdin.split(key, 1)[1].lstrip(b" \t\r\n")
+        if rest.startswith(b":"):
+            rest = rest[1:].lstrip(b" \t\r\n")
+            if rest.startswith(b'"') and b'"' in rest[1:]:
+                raw = rest[1:].split(b'"', 1)[0]
+                if b"\\" not in raw:
+                    value = raw.decode("utf-8", "replace")
+    if value is None:
+        import json
+
+        try:
+            doc = json.loads(stdin)
+        except (ValueError, UnicodeDecodeError):
+            return DEFAULT_SOCKET
+        value = doc.get("daemonSocket") if isinstance(doc, dict) else None
     return value if isinstance(value, str) and value.startswith("/") and "\0" not in value else DEFAULT_SOCKET
 
 

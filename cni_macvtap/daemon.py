@@ -95,39 +95,29 @@ class Daemon:
         with conn:
             conn.settimeout(30)
             try:
-                req = wire.recv(conn)
-            except (OSError, wire.ProtocolError) as exc:
+                netns, env, stdin = wire.recv_request(conn)
+            except (OSError, wire.ProtocolError, UnicodeError) as exc:
                 _log(f"bad request: {exc}")
-                with contextlib.suppress(OSError):
-                    err = CNIError(DECODING_FAILURE, f"malformed request to the macvtap daemon: {exc}")
-                    wire.send(conn, {"stdout": err.to_json().decode("latin-1"), "code": 1, "stderr": err.msg})
+                err = CNIError(DECODING_FAILURE, f"malformed request to the macvtap daemon: {exc}")
+                self._reply(conn, 1, err.to_json(), err.msg)
                 return
             conn.settimeout(None)
-            env, stdin = req.get("env"), req.get("stdin")
-            if req.get("netns") != self.netns:
-                self._reply(conn, {"fallback": "caller is in another network namespace"})
-                return
-            if (
-                not isinstance(env, dict)
-                or not isinstance(stdin, str)
-                or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-            ):
-                err = CNIError(DECODING_FAILURE, "malformed request to the macvtap daemon: env/stdin")
-                self._reply(conn, {"stdout": err.to_json().decode("latin-1"), "code": 1, "stderr": err.msg})
+            if netns != self.netns:
+                self._reply(conn, wire.FALLBACK, b"", "caller is in another network namespace")
                 return
             t0 = time.perf_counter()
-            out, code, err_text = plugin.run(env, stdin.encode("latin-1"))
+            out, code, err_text = plugin.run(env, stdin)
             if code:
                 _log(
                     f"{env.get('CNI_COMMAND')} {env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')} "
                     f"failed in {1000 * (time.perf_counter() - t0):.1f} ms: {err_text.strip()}"
                 )
-            self._reply(conn, {"stdout": out.decode("latin-1"), "code": code, "stderr": err_text})
+            self._reply(conn, code, out, err_text)
 
     @staticmethod
-    def _reply(conn: socket.socket, doc: dict[str, object]) -> None:
+    def _reply(conn: socket.socket, code: int, out: bytes, err: str) -> None:
         try:
-            wire.send(conn, doc)
+            wire.send_reply(conn, code, out, err)
         except OSError as exc:
             _log(f"client went away before the reply: {exc}")
 

@@ -1,8 +1,8 @@
 """The tap character device of a macvtap, made available at a fixed path (there is no udev).
 
 Path contract: ``<deviceDir>/<CNI_CONTAINERID>/<CNI_IFNAME>`` (deviceDir defaults to
-/run/edgevirt/macvtap). The devt is read from sysfs while the link still lives in our namespace
-and survives the move into the pod's namespace.
+/run/edgevirt/macvtap). The devt is found through /sys/dev/char
+while the link still has its random temporary name.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import stat
 
 from .errors import DEVICE_NODE_FAILURE, CNIError
 
-SYS_CLASS_NET = "/sys/class/net"
 SYS_DEV_CHAR = "/sys/dev/char"
 
 
@@ -29,23 +28,24 @@ def macvtap_major() -> int:
 
 
 def devt_of(ifname: str, ifindex: int) -> tuple[int, int]:
-    """(major, minor) of the tap device of the macvtap named ifname with index ifindex (in our netns)."""
-    path = f"{SYS_CLASS_NET}/{ifname}/macvtap/tap{ifindex}/dev"
-    try:
-        with open(path) as f:
-            major, minor = f.read().strip().split(":")
-        return int(major), int(minor)
-    except FileNotFoundError:
-        pass
-    # This process's /sys may belong to another netns (nsenter without remount): /sys/dev/char is
-    # not namespace-filtered and its links name the netdev and tap, which is unique for our temp name.
+    """(major, minor) of the tap device of the macvtap named ifname with index ifindex (any netns).
+
+    /sys/class/net only shows the links of the netns that mounted /sys, but /sys/dev/char is not
+    namespace-filtered and its symlinks name the netdev and its tap: ".../net/<ifname>/macvtap/tap<N>",
+    which is unique while ifname is our random temporary name.
+    """
     major = macvtap_major()
     suffix = f"/net/{ifname}/macvtap/tap{ifindex}"
-    for entry in os.listdir(SYS_DEV_CHAR):
-        if entry.startswith(f"{major}:"):
+    try:
+        entries = os.listdir(SYS_DEV_CHAR)
+    except OSError as exc:
+        raise CNIError(DEVICE_NODE_FAILURE, f"cannot list {SYS_DEV_CHAR}: {exc.strerror}") from None
+    prefix = f"{major}:"
+    for entry in entries:
+        if entry.startswith(prefix):
             with contextlib.suppress(OSError):
                 if os.readlink(f"{SYS_DEV_CHAR}/{entry}").endswith(suffix):
-                    return major, int(entry.split(":")[1])
+                    return major, int(entry[len(prefix) :])
     raise CNIError(DEVICE_NODE_FAILURE, f"no tap device found for macvtap {ifname} (#{ifindex}) in sysfs")
 
 

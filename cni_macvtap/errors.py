@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 # Well-known codes from the CNI SPEC.md ("Error" section).
 INCOMPATIBLE_VERSION = 1
 UNSUPPORTED_FIELD = 2
@@ -37,6 +35,8 @@ class CNIError(Exception):
 
     def to_json(self, cni_version: str | None = None) -> bytes:
         """The error object as printed on stdout (cniVersion falls back to the latest we speak)."""
+        import json  # lazily: the thin client never needs it on success
+
         doc: dict[str, object] = {
             "cniVersion": cni_version or LATEST_VERSION,
             "code": self.code,

@@ -160,31 +160,24 @@ def cmd_add(inv: Invocation, conf: config.NetConf) -> dict[str, Any]:
     try:
         with _enter(fd, inv.netns) as pod:
             if pod.by_name(inv.ifname) is not None:
-                raise CNIError(
-                    LINK_FAILURE,
-                    f"interface {inv.ifname!r} already exists in CNI_NETNS: use another CNI_IFNAME or DEL first",
-                )
+                from .links import name_taken
+
+                raise name_taken(inv.ifname)
             try:
-                link = host.create_macvtap(master.index, conf.mode, conf.mtu, conf.mac)
-                where = {"ns": "host", "index": link.index, "name": link.name}
+                tmp_name = host.create_macvtap(master.index, fd, conf.mode, conf.mtu, conf.mac)
+                where = {"name": tmp_name}
 
                 def drop_link() -> None:
-                    if where["ns"] == "host":
-                        host.delete(int(where["index"]))
-                    else:
-                        found = pod.by_name(str(where["name"]))
-                        if found is not None and found.kind == "macvtap":
-                            pod.delete(found.index)
+                    found = pod.by_name(where["name"])
+                    if found is not None and found.kind == "macvtap":
+                        pod.delete(found.index)
 
                 undo.append(drop_link)
+                link = pod.by_name(tmp_name)
+                if link is None:
+                    raise CNIError(LINK_FAILURE, "the new macvtap is missing from CNI_NETNS")
                 devt = devnode.devt_of(link.name, link.index)
-                host.move(link.index, fd)
-                where["ns"] = "pod"
-                moved = pod.by_name(link.name)
-                if moved is None:
-                    raise CNIError(LINK_FAILURE, "the macvtap vanished while moving into CNI_NETNS")
-                where["index"] = moved.index
-                pod.rename_up(moved.index, inv.ifname)
+                pod.rename_up(link.index, inv.ifname)
                 where["name"] = inv.ifname
                 final = pod.by_name(inv.ifname)
                 if final is None:

@@ -21,6 +21,9 @@ Console markers (one line each, on ttyS0):
     EDGEVIRT-GUEST: ip <iface> <addr> mac <mac>
     EDGEVIRT-GUEST: up                    network configured; ping should work now
     EDGEVIRT-GUEST: error <what>          something failed (the guest keeps running)
+    EDGEVIRT-GUEST: blocks <dev>...       block devices after "up"; then, while running:
+    EDGEVIRT-GUEST: block+ <dev> <sectors> / block- <dev>   a disk was hot-plugged / unplugged
+    EDGEVIRT-GUEST: acpi power button     ACPI power button pressed; the guest powers off
 
 Output: ~/.cache/edgevirt/guest/<kernel-version>-<hash of this file and its inputs>/{vmlinuz,initrd.img}
 CLI: python3 deploy/images/build_guest.py [--kernel-version V] [--cache-dir DIR]  (prints the paths)
@@ -46,6 +49,8 @@ BUSYBOX = Path("/bin/busybox")
 # MACHINE.md gives: virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
 # failover, net_failover, virtio_net.
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "cdrom", "isofs", "crc32c_generic", "ext4")
+# ACPI power button -> /dev/input/event* for busybox acpid (graceful shutdown), virtio-scsi for hotplug.
+MODULES += ("button", "evdev", "virtio_scsi", "sd_mod")
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt
@@ -57,7 +62,8 @@ export PATH=/bin
 say() { echo "EDGEVIRT-GUEST: $*" > /dev/ttyS0 2>/dev/null || echo "EDGEVIRT-GUEST: $*"; }
 loaded=""
 for m in $(cat /etc/modules.order); do
-  if insmod "/lib/modules/$m.ko" 2>/tmp/insmod.err; then loaded="$loaded $m"; else say "error insmod $m $(cat /tmp/insmod.err)"; fi
+  if insmod "/lib/modules/$m.ko" 2>/tmp/insmod.err; then loaded="$loaded $m"
+  else say "error insmod $m $(cat /tmp/insmod.err)"; fi
 done
 say "modules$loaded"
 arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}";; esac; done; }
@@ -82,7 +88,24 @@ else
 fi
 say "up"
 if [ -n "$off" ]; then sleep "$off"; poweroff -f; fi
-while true; do sleep 3600; done
+# ACPI power button (libvirt shutdown) -> poweroff; block devices appearing/leaving -> markers
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho "EDGEVIRT-GUEST: acpi power button" >/dev/ttyS0\npoweroff -f\n' \
+  > /etc/acpi/PWRF/00000080
+chmod 755 /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi || say "error acpid"
+blocks=" $(ls /sys/block | tr '\n' ' ')"
+say "blocks$blocks"
+while true; do
+  sleep 0.5
+  now=" $(ls /sys/block | tr '\n' ' ')"
+  [ "$now" = "$blocks" ] && continue
+  for b in $now; do
+    case "$blocks" in *" $b "*) ;; *) say "block+ $b $(cat /sys/block/$b/size 2>/dev/null)";; esac
+  done
+  for b in $blocks; do case "$now" in *" $b "*) ;; *) say "block- $b";; esac; done
+  blocks="$now"
+done
 """
 
 

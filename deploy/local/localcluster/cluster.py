@@ -53,8 +53,12 @@ def _start(c: Component, paths: Paths) -> str:
 
 
 def kubectl(paths: Paths, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([paths.tool("kubectl"), f"--kubeconfig={paths.kubeconfig}", *args],
-                          capture_output=True, text=True, check=check)
+    return subprocess.run(
+        [paths.tool("kubectl"), f"--kubeconfig={paths.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+    )
 
 
 def node_ready(paths: Paths) -> bool:
@@ -85,7 +89,9 @@ def up(only: list[str] | None = None) -> None:
             say(f"registry: images {images.describe()}")
     if only is None or "kubelet" in only:
         say(f"waiting for node {node_name()} to be Ready")
-        wait_for(f"node {node_name()} Ready", lambda: node_ready(paths), 180, BY_NAME["kubelet"].process(paths), 1)
+        wait_for(
+            f"node {node_name()} Ready", lambda: node_ready(paths), 180, BY_NAME["kubelet"].process(paths), 1
+        )
         say(f"node {node_name()} is Ready ({time.monotonic() - t0:.1f}s); kubeconfig: {paths.kubeconfig}")
 
 
@@ -94,7 +100,13 @@ def _remove_pods(paths: Paths) -> None:
     down networks and mounts itself."""
     if not BY_NAME["containerd"].process(paths).running():
         return
-    crictl = [paths.tool("crictl"), "--runtime-endpoint", f"unix://{paths.containerd_sock}", "--timeout", "30s"]
+    crictl = [
+        paths.tool("crictl"),
+        "--runtime-endpoint",
+        f"unix://{paths.containerd_sock}",
+        "--timeout",
+        "30s",
+    ]
     pods = subprocess.run([*crictl, "pods", "-q"], capture_output=True, text=True).stdout.split()
     if pods:
         say(f"removing {len(pods)} pod sandbox(es) through containerd")

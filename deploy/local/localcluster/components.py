@@ -51,11 +51,29 @@ def _registry_argv(p: Paths) -> list[str]:
 
 # --- etcd ---
 def _etcd_argv(p: Paths) -> list[str]:
-    return [p.tool("etcd"), "--name", "edgevirt-local", "--data-dir", str(p.data / "etcd"),
-            "--listen-client-urls", ETCD_CLIENT, "--advertise-client-urls", ETCD_CLIENT,
-            "--listen-peer-urls", ETCD_PEER, "--initial-advertise-peer-urls", ETCD_PEER,
-            "--initial-cluster", f"edgevirt-local={ETCD_PEER}", "--listen-metrics-urls", "",
-            "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn"]
+    return [
+        p.tool("etcd"),
+        "--name",
+        "edgevirt-local",
+        "--data-dir",
+        str(p.data / "etcd"),
+        "--listen-client-urls",
+        ETCD_CLIENT,
+        "--advertise-client-urls",
+        ETCD_CLIENT,
+        "--listen-peer-urls",
+        ETCD_PEER,
+        "--initial-advertise-peer-urls",
+        ETCD_PEER,
+        "--initial-cluster",
+        f"edgevirt-local={ETCD_PEER}",
+        "--listen-metrics-urls",
+        "",
+        "--quota-backend-bytes",
+        str(2 * 1024**3),
+        "--log-level",
+        "warn",
+    ]
 
 
 # --- control plane ---
@@ -68,46 +86,66 @@ def _prepare_pki(p: Paths) -> None:
 
 def _apiserver_argv(p: Paths) -> list[str]:
     k = p.pki
-    return [p.tool("kube-apiserver"),
-            "--bind-address=127.0.0.1", f"--secure-port={APISERVER_PORT}",
-            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
-            f"--etcd-servers={ETCD_CLIENT}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            f"--client-ca-file={k / 'ca.crt'}",
-            f"--tls-cert-file={k / 'apiserver.crt'}", f"--tls-private-key-file={k / 'apiserver.key'}",
-            f"--kubelet-client-certificate={k / 'apiserver-kubelet-client.crt'}",
-            f"--kubelet-client-key={k / 'apiserver-kubelet-client.key'}",
-            "--kubelet-preferred-address-types=Hostname,InternalIP",
-            f"--service-account-key-file={k / 'sa.pub'}",
-            f"--service-account-signing-key-file={k / 'sa.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NodeRestriction",
-            "--allow-privileged=true",
-            "--profiling=false", "--v=1"]
+    return [
+        p.tool("kube-apiserver"),
+        "--bind-address=127.0.0.1",
+        f"--secure-port={APISERVER_PORT}",
+        "--advertise-address=127.0.0.1",
+        "--endpoint-reconciler-type=none",
+        f"--etcd-servers={ETCD_CLIENT}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        f"--client-ca-file={k / 'ca.crt'}",
+        f"--tls-cert-file={k / 'apiserver.crt'}",
+        f"--tls-private-key-file={k / 'apiserver.key'}",
+        f"--kubelet-client-certificate={k / 'apiserver-kubelet-client.crt'}",
+        f"--kubelet-client-key={k / 'apiserver-kubelet-client.key'}",
+        "--kubelet-preferred-address-types=Hostname,InternalIP",
+        f"--service-account-key-file={k / 'sa.pub'}",
+        f"--service-account-signing-key-file={k / 'sa.key'}",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction",
+        "--allow-privileged=true",
+        "--profiling=false",
+        "--v=1",
+    ]
 
 
 def _kcm_argv(p: Paths) -> list[str]:
     k = p.pki
     kc = _kubeconfig(p, "controller-manager")
-    return [p.tool("kube-controller-manager"),
-            "--bind-address=127.0.0.1", f"--kubeconfig={kc}",
-            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--controllers=*,-bootstrapsigner,-tokencleaner,-cloud-node-lifecycle,-service-lb-controller,"
-            "-node-route-controller",
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={k / 'sa.key'}",
-            f"--root-ca-file={k / 'ca.crt'}",
-            f"--cluster-signing-cert-file={k / 'ca.crt'}", f"--cluster-signing-key-file={k / 'ca.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--leader-elect=false", "--profiling=false", "--v=1"]
+    return [
+        p.tool("kube-controller-manager"),
+        "--bind-address=127.0.0.1",
+        f"--kubeconfig={kc}",
+        f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}",
+        "--controllers=*,-bootstrapsigner,-tokencleaner,-cloud-node-lifecycle,-service-lb-controller,"
+        "-node-route-controller",
+        "--use-service-account-credentials=true",
+        f"--service-account-private-key-file={k / 'sa.key'}",
+        f"--root-ca-file={k / 'ca.crt'}",
+        f"--cluster-signing-cert-file={k / 'ca.crt'}",
+        f"--cluster-signing-key-file={k / 'ca.key'}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        "--leader-elect=false",
+        "--profiling=false",
+        "--v=1",
+    ]
 
 
 def _scheduler_argv(p: Paths) -> list[str]:
     kc = _kubeconfig(p, "scheduler")
-    return [p.tool("kube-scheduler"), "--bind-address=127.0.0.1", f"--kubeconfig={kc}",
-            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--leader-elect=false", "--profiling=false", "--v=1"]
+    return [
+        p.tool("kube-scheduler"),
+        "--bind-address=127.0.0.1",
+        f"--kubeconfig={kc}",
+        f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}",
+        "--leader-elect=false",
+        "--profiling=false",
+        "--v=1",
+    ]
 
 
 # --- containerd ---
@@ -145,9 +183,14 @@ def _libvirtd_argv(p: Paths) -> list[str]:
 # --- kubelet ---
 def _kubelet_argv(p: Paths) -> list[str]:
     node = node_name()
-    return [p.tool("kubelet"), f"--config={configs.kubelet(p, node)}",
-            f"--kubeconfig={_kubeconfig(p, 'kubelet')}", f"--root-dir={p.kubelet_dir}",
-            f"--hostname-override={node}", "--v=1"]
+    return [
+        p.tool("kubelet"),
+        f"--config={configs.kubelet(p, node)}",
+        f"--kubeconfig={_kubeconfig(p, 'kubelet')}",
+        f"--root-dir={p.kubelet_dir}",
+        f"--hostname-override={node}",
+        "--v=1",
+    ]
 
 
 def _kubelet_prepare(p: Paths) -> None:
@@ -155,24 +198,58 @@ def _kubelet_prepare(p: Paths) -> None:
 
 
 COMPONENTS: list[Component] = [
-    Component("registry", _registry_argv, lambda p: health.http_ok(f"http://{REGISTRY_ADDR}/v2/"),
-              ports=(5000,)),
+    Component(
+        "registry", _registry_argv, lambda p: health.http_ok(f"http://{REGISTRY_ADDR}/v2/"), ports=(5000,)
+    ),
     Component("etcd", _etcd_argv, lambda p: health.http_ok(f"{ETCD_CLIENT}/health"), ports=(2379, 2380)),
-    Component("kube-apiserver", _apiserver_argv,
-              lambda p: health.https_ok(f"https://127.0.0.1:{APISERVER_PORT}/readyz", p, "admin"),
-              prepare=_prepare_pki, ports=(APISERVER_PORT,), timeout=120),
-    Component("kube-controller-manager", _kcm_argv,
-              lambda p: health.https_ok("https://127.0.0.1:10257/healthz"), ports=(10257,)),
-    Component("kube-scheduler", _scheduler_argv,
-              lambda p: health.https_ok("https://127.0.0.1:10259/healthz"), ports=(10259,)),
-    Component("containerd", _containerd_argv, lambda p: health.unix_ok(p.containerd_sock),
-              prepare=_containerd_prepare),
-    Component("virtlogd", _virtlogd_argv, lambda p: health.unix_ok(VIRTLOGD_SOCK),
-              prepare=_libvirt_prepare, may_be_external=True),
-    Component("libvirtd", _libvirtd_argv, lambda p: health.unix_ok(LIBVIRT_SOCK),
-              prepare=_libvirt_prepare, may_be_external=True),
-    Component("kubelet", _kubelet_argv, lambda p: health.http_ok("http://127.0.0.1:10248/healthz"),
-              prepare=_kubelet_prepare, ports=(10248, 10250), timeout=120),
+    Component(
+        "kube-apiserver",
+        _apiserver_argv,
+        lambda p: health.https_ok(f"https://127.0.0.1:{APISERVER_PORT}/readyz", p, "admin"),
+        prepare=_prepare_pki,
+        ports=(APISERVER_PORT,),
+        timeout=120,
+    ),
+    Component(
+        "kube-controller-manager",
+        _kcm_argv,
+        lambda p: health.https_ok("https://127.0.0.1:10257/healthz"),
+        ports=(10257,),
+    ),
+    Component(
+        "kube-scheduler",
+        _scheduler_argv,
+        lambda p: health.https_ok("https://127.0.0.1:10259/healthz"),
+        ports=(10259,),
+    ),
+    Component(
+        "containerd",
+        _containerd_argv,
+        lambda p: health.unix_ok(p.containerd_sock),
+        prepare=_containerd_prepare,
+    ),
+    Component(
+        "virtlogd",
+        _virtlogd_argv,
+        lambda p: health.unix_ok(VIRTLOGD_SOCK),
+        prepare=_libvirt_prepare,
+        may_be_external=True,
+    ),
+    Component(
+        "libvirtd",
+        _libvirtd_argv,
+        lambda p: health.unix_ok(LIBVIRT_SOCK),
+        prepare=_libvirt_prepare,
+        may_be_external=True,
+    ),
+    Component(
+        "kubelet",
+        _kubelet_argv,
+        lambda p: health.http_ok("http://127.0.0.1:10248/healthz"),
+        prepare=_kubelet_prepare,
+        ports=(10248, 10250),
+        timeout=120,
+    ),
 ]
 
 BY_NAME = {c.name: c for c in COMPONENTS}
@@ -182,9 +259,23 @@ def which_missing() -> list[str]:
     """Executables the cluster needs that are not installed."""
     p = Paths.default()
     missing = []
-    for tool in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
-                 "kubectl", "crictl", "containerd", "runc", "docker-registry", "libvirtd", "virtlogd",
-                 "skopeo", "umoci", "openssl"):
+    for tool in (
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubelet",
+        "kubectl",
+        "crictl",
+        "containerd",
+        "runc",
+        "docker-registry",
+        "libvirtd",
+        "virtlogd",
+        "skopeo",
+        "umoci",
+        "openssl",
+    ):
         try:
             p.tool(tool)
         except FileNotFoundError:

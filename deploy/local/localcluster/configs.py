@@ -26,7 +26,9 @@ def _write(path: Path, text: str) -> Path:
 
 def registry(paths: Paths) -> Path:
     """Debian's docker-registry (distribution 2.8), on 127.0.0.1 only, storage in the state dir."""
-    return _write(paths.etc / "registry.yml", f"""version: 0.1
+    return _write(
+        paths.etc / "registry.yml",
+        f"""version: 0.1
 log:
   level: info
 storage:
@@ -38,7 +40,8 @@ http:
   addr: {REGISTRY_ADDR}
   headers:
     X-Content-Type-Options: [nosniff]
-""")
+""",
+    )
 
 
 def containerd(paths: Paths, cni_bin_dirs: list[str]) -> Path:
@@ -54,15 +57,20 @@ def containerd(paths: Paths, cni_bin_dirs: list[str]) -> Path:
     _write(certs / REGISTRY_ADDR / "hosts.toml", local)
     for upstream in MIRRORED_REGISTRIES:
         server = "https://registry-1.docker.io" if upstream == "docker.io" else f"https://{upstream}"
-        _write(certs / upstream / "hosts.toml", f"""server = "{server}"
+        _write(
+            certs / upstream / "hosts.toml",
+            f"""server = "{server}"
 
 [host."http://{REGISTRY_ADDR}"]
   capabilities = ["pull", "resolve"]
   skip_verify = true
-""")
+""",
+        )
     cni_bins = ", ".join(json.dumps(d) for d in cni_bin_dirs)
     # containerd 1.6 takes one bin_dir; the first existing dir wins (ours first, Debian's after).
-    return _write(paths.etc / "containerd" / "config.toml", f"""version = 2
+    return _write(
+        paths.etc / "containerd" / "config.toml",
+        f"""version = 2
 root = "{paths.data / "containerd"}"
 state = "{paths.run / "containerd-state"}"
 oom_score = -999
@@ -102,7 +110,8 @@ oom_score = -999
     max_conf_num = 1
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{certs}"
-""")
+""",
+    )
 
 
 def pod_network(paths: Paths) -> Path:
@@ -133,7 +142,9 @@ def pod_network(paths: Paths) -> Path:
 def kubelet(paths: Paths, node: str) -> Path:
     """kubelet: cgroupfs driver (no systemd here), cgroup v1 allowed, swap tolerated, served on
     127.0.0.1 only, x509 + webhook authn/authz against the API server."""
-    return _write(paths.etc / "kubelet.yaml", f"""apiVersion: kubelet.config.k8s.io/v1beta1
+    return _write(
+        paths.etc / "kubelet.yaml",
+        f"""apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: 127.0.0.1
 port: 10250
@@ -174,4 +185,5 @@ rotateCertificates: false
 serverTLSBootstrap: false
 tlsCertFile: {paths.pki / "kubelet-serving.crt"}
 tlsPrivateKeyFile: {paths.pki / "kubelet-serving.key"}
-""")
+""",
+    )

@@ -29,7 +29,7 @@ def in_registry(repo: str, tag: str) -> bool:
         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
     )
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -44,15 +44,32 @@ def build_oci(rootfs: Path, layout: Path, tag: str, config: list[str]) -> None:
     _run("umoci", "init", "--layout", str(layout))
     _run("umoci", "new", "--image", f"{layout}:{tag}")
     _run("umoci", "insert", "--image", f"{layout}:{tag}", str(rootfs), "/")
-    _run("umoci", "config", "--image", f"{layout}:{tag}", "--os", "linux", "--architecture", "amd64",
-         "--author", "edgevirt deploy/local", *config)
+    _run(
+        "umoci",
+        "config",
+        "--image",
+        f"{layout}:{tag}",
+        "--os",
+        "linux",
+        "--architecture",
+        "amd64",
+        "--author",
+        "edgevirt deploy/local",
+        *config,
+    )
     _run("umoci", "gc", "--layout", str(layout))
 
 
 def push(layout: Path, tag: str, repo: str, tags: list[str]) -> None:
     for t in tags:
-        _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}",
-             f"docker://{REGISTRY_ADDR}/{repo}:{t}")
+        _run(
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            f"oci:{layout}:{tag}",
+            f"docker://{REGISTRY_ADDR}/{repo}:{t}",
+        )
 
 
 def busybox_version() -> str:
@@ -72,31 +89,52 @@ def _busybox_rootfs(root: Path) -> None:
     for d in ("etc", "tmp", "proc", "sys", "dev", "root", "var"):
         (root / d).mkdir(exist_ok=True)
     (root / "tmp").chmod(0o1777)
-    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+    )
     (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
 
 
 def _pause_source() -> Path:
     k8s = VERSIONS["K8S_VERSION"]
-    modcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True).stdout.strip()
+    modcache = subprocess.run(
+        ["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     src = Path(modcache) / f"k8s.io/kubernetes@{k8s}" / "build/pause/linux/pause.c"
     if not src.exists():
         with tempfile.TemporaryDirectory() as d:
-            subprocess.run(["go", "mod", "download", f"k8s.io/kubernetes@{k8s}"], cwd=d, check=True,
-                           capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod"})
+            subprocess.run(
+                ["go", "mod", "download", f"k8s.io/kubernetes@{k8s}"],
+                cwd=d,
+                check=True,
+                capture_output=True,
+                env={**os.environ, "GOFLAGS": "-mod=mod"},
+            )
     return src
 
 
 def _pause_rootfs(root: Path) -> None:
     root.mkdir(parents=True)
-    _run("gcc", "-Os", "-static", "-Wall", "-DVERSION=v3.10-edgevirt", "-o", str(root / "pause"), str(_pause_source()))
+    _run(
+        "gcc",
+        "-Os",
+        "-static",
+        "-Wall",
+        "-DVERSION=v3.10-edgevirt",
+        "-o",
+        str(root / "pause"),
+        str(_pause_source()),
+    )
     _run("strip", str(root / "pause"))
 
 
 IMAGES = {
     # repo: (tags, rootfs builder, umoci config args)
-    "library/busybox": (lambda: [busybox_version(), "latest"], _busybox_rootfs,
-                        ["--config.cmd", "sh", "--config.env", "PATH=/bin"]),
+    "library/busybox": (
+        lambda: [busybox_version(), "latest"],
+        _busybox_rootfs,
+        ["--config.cmd", "sh", "--config.env", "PATH=/bin"],
+    ),
     "pause": (lambda: ["3.10"], _pause_rootfs, ["--config.entrypoint", "/pause"]),
 }
 

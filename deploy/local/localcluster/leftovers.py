@@ -4,6 +4,7 @@ iptables chains, libvirt domains of edgevirt, and directories `up` created outsi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,9 +16,11 @@ from .paths import POD_BRIDGE, Paths
 DOMAIN_PREFIX = "edgevirt-"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 KUBELET_CGROUPS = ("kubepods", "kubepods.slice")
-KUBELET_CHAINS = {"mangle": ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"],
-                  "nat": ["KUBE-KUBELET-CANARY", "KUBE-MARK-DROP", "KUBE-MARK-MASQ", "KUBE-POSTROUTING"],
-                  "filter": ["KUBE-KUBELET-CANARY", "KUBE-FIREWALL"]}
+KUBELET_CHAINS = {
+    "mangle": ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"],
+    "nat": ["KUBE-KUBELET-CANARY", "KUBE-MARK-DROP", "KUBE-MARK-MASQ", "KUBE-POSTROUTING"],
+    "filter": ["KUBE-KUBELET-CANARY", "KUBE-FIREWALL"],
+}
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
@@ -85,10 +88,8 @@ def shims(paths: Paths) -> list[int]:
 def kill_shims(paths: Paths) -> list[int]:
     pids = shims(paths)
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
     return pids
 
 
@@ -101,7 +102,7 @@ def kubelet_cgroups() -> list[Path]:
         for name in KUBELET_CGROUPS:
             top = hierarchy / name
             if top.is_dir():
-                found.extend(p for p, _, _ in os.walk(top))
+                found.extend(Path(p) for p, _, _ in os.walk(top))
     return sorted(found, key=lambda p: str(p).count("/"), reverse=True)
 
 
@@ -115,12 +116,26 @@ def remove_cgroups() -> list[Path]:
     return left
 
 
-def remove_iptables_chains() -> None:
+def remove_iptables_chains() -> list[str]:
+    """Remove the chains kubelet adds (and the jumps to them from built-in chains)."""
+    removed = []
     for table, chains in KUBELET_CHAINS.items():
-        for chain in chains:
-            if _run("iptables", "-t", table, "-L", chain, "-n").returncode == 0:
-                _run("iptables", "-t", table, "-F", chain)
-                _run("iptables", "-t", table, "-X", chain)
+        rules = _run("iptables", "-t", table, "-S").stdout.splitlines()
+        present = [c for c in chains if f"-N {c}" in rules]
+        for rule in rules:
+            parts = rule.split()
+            if (
+                parts[:1] == ["-A"]
+                and parts[1] not in present
+                and any(parts[i] == "-j" and parts[i + 1] in present for i in range(len(parts) - 1))
+            ):
+                _run("iptables", "-t", table, "-D", *parts[1:])
+        for chain in present:
+            _run("iptables", "-t", table, "-F", chain)
+        for chain in present:
+            if _run("iptables", "-t", table, "-X", chain).returncode == 0:
+                removed.append(f"{table}/{chain}")
+    return removed
 
 
 def edgevirt_domains() -> list[str]:

@@ -28,8 +28,24 @@ def _client(pki: Path, name: str, subject: str, ca: Path, cakey: Path, sans: str
     ext.write_text("\n".join(lines) + "\n")
     _openssl("genrsa", "-out", str(key), "2048")
     _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(cakey), "-CAcreateserial",
-             "-days", DAYS, "-sha256", "-extfile", str(ext), "-out", str(crt))
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(cakey),
+        "-CAcreateserial",
+        "-days",
+        DAYS,
+        "-sha256",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(crt),
+    )
     csr.unlink()
     ext.unlink()
     key.chmod(0o600)
@@ -42,24 +58,51 @@ def ensure(paths: Paths) -> None:
     pki.chmod(0o700)
     ca, cakey = pki / "ca.crt", pki / "ca.key"
     if not (ca.exists() and cakey.exists()):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(cakey), "-out", str(ca),
-                 "-days", DAYS, "-subj", "/CN=edgevirt-local-ca",
-                 "-addext", "basicConstraints=critical,CA:TRUE",
-                 "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature")
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(cakey),
+            "-out",
+            str(ca),
+            "-days",
+            DAYS,
+            "-subj",
+            "/CN=edgevirt-local-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        )
     if not (pki / "sa.key").exists():
         _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
         _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
     node = node_name()
-    _client(pki, "apiserver", "/CN=kube-apiserver", ca, cakey,
-            sans="IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-                 "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")
+    _client(
+        pki,
+        "apiserver",
+        "/CN=kube-apiserver",
+        ca,
+        cakey,
+        sans="IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+        "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local",
+    )
     _client(pki, "admin", "/O=system:masters/CN=kubernetes-admin", ca, cakey)
     _client(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", ca, cakey)
     _client(pki, "controller-manager", "/CN=system:kube-controller-manager", ca, cakey)
     _client(pki, "scheduler", "/CN=system:kube-scheduler", ca, cakey)
     _client(pki, "kubelet", f"/O=system:nodes/CN=system:node:{node}", ca, cakey)
-    _client(pki, "kubelet-serving", f"/O=system:nodes/CN=system:node:{node}", ca, cakey,
-            sans=f"IP:127.0.0.1,DNS:localhost,DNS:{node}")
+    _client(
+        pki,
+        "kubelet-serving",
+        f"/O=system:nodes/CN=system:node:{node}",
+        ca,
+        cakey,
+        sans=f"IP:127.0.0.1,DNS:localhost,DNS:{node}",
+    )
 
 
 def kubeconfig(paths: Paths, user: str, out: Path) -> None:

@@ -3,6 +3,7 @@ recycled pid is never mistaken for ours), stop by pid with a grace period."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,16 +103,10 @@ class Process:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        os.kill(pid, sig)
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+    """Signal the process's group (its children too: shims, helpers), then the process itself."""
+    for send in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            send(pid, sig)
 
 
 def wait_for(what: str, check, timeout: float, proc: Process | None = None, interval: float = 0.25) -> None:

@@ -1,0 +1,34 @@
+# edgevirt: the README's two commands, and their parts.
+SHELL := /bin/bash
+VENV  := .venv/bin
+
+.PHONY: demo test install lint unit integration e2e up down status
+
+## demo: fresh machine -> everything installed, local cluster up, the demo workload shown
+demo: install
+	deploy/local/demo
+
+## test: ruff + unit, integration and e2e tests against the real components
+test: install lint
+	$(VENV)/pytest -v --durations=15 tests/unit tests/integration tests/e2e
+
+install:
+	deploy/install/install
+
+lint:
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+unit:
+	$(VENV)/pytest tests/unit
+integration:
+	$(VENV)/pytest tests/integration
+e2e:
+	$(VENV)/pytest tests/e2e
+
+up:
+	deploy/local/up
+down:
+	deploy/local/down
+status:
+	deploy/local/status
