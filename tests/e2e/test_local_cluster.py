@@ -132,11 +132,9 @@ def test_down_is_clean_after_a_component_was_killed_and_up_restores(cluster):
         if str(cluster.paths.state) in line or str(cluster.paths.run) in line
     ]
     assert not leftover, leftover
-    assert (
-        not [n for n in os.listdir("/run/netns") if n.startswith("cni-")]
-        if Path("/run/netns").exists()
-        else True
-    )
+    netns_dir = Path("/run/netns")
+    pod_netns = [n for n in os.listdir(netns_dir) if n.startswith("cni-")] if netns_dir.exists() else []
+    assert not pod_netns, pod_netns
     # A second down is harmless.
     res = cluster.down()
     assert res.returncode == 0, res.stdout + res.stderr
