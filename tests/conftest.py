@@ -8,18 +8,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from localcluster import cluster as localcluster
+from localcluster.paths import Paths, node_name
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "deploy" / "local"))
-
-from localcluster import cluster as localcluster  # noqa: E402
-from localcluster.paths import Paths, node_name  # noqa: E402
 
 
 # --- local cluster fixtures (foundation) ---

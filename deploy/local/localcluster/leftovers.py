@@ -27,11 +27,13 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True)
 
 
-def mounts_under(*roots: Path) -> list[str]:
-    """Mount points below any of `roots`, deepest first."""
+def mounts_under(*roots: Path, mountinfo: str | None = None) -> list[str]:
+    """Mount points below any of `roots`, deepest first (from /proc/self/mountinfo by default)."""
     prefixes = [str(r.resolve()) if r.exists() else str(r) for r in roots]
     found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    for line in mountinfo.splitlines():
         target = line.split()[4].replace("\\040", " ")
         if any(target == p or target.startswith(p + "/") for p in prefixes):
             found.append(target)

@@ -46,7 +46,8 @@ class Process:
         if not rec:
             return None
         pid = int(rec["pid"])
-        return pid if _start_time(pid) == rec.get("start_time") else None
+        recorded = rec.get("start_time")
+        return pid if recorded is not None and _start_time(pid) == recorded else None
 
     def running(self) -> bool:
         return self.pid() is not None
@@ -109,14 +110,15 @@ def _signal_group(pid: int, sig: int) -> None:
             send(pid, sig)
 
 
-def wait_for(what: str, check, timeout: float, proc: Process | None = None, interval: float = 0.25) -> None:
+def wait_for(what: str, check, timeout: float, proc: Process | None = None, interval: float = 0.25):
     """Poll check() until it returns truthy; fail with the component's log tail on timeout or if the
     component's process died meanwhile."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if check():
-                return
+            result = check()
+            if result:
+                return result
         except Exception:  # a check may raise while the thing warms up
             pass
         if proc is not None and proc.exited_early():
