@@ -107,11 +107,14 @@ class Daemon:
                 return
             t0 = time.perf_counter()
             out, code, err_text = plugin.run(env, stdin)
+            what = f"{env.get('CNI_COMMAND')} {env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')}"
+            ms = 1000 * (time.perf_counter() - t0)
             if code:
-                _log(
-                    f"{env.get('CNI_COMMAND')} {env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')} "
-                    f"failed in {1000 * (time.perf_counter() - t0):.1f} ms: {err_text.strip()}"
-                )
+                _log(f"{what} failed (exit {code}) in {ms:.1f} ms: {err_text.strip().splitlines()[-1:]}")
+                if "Traceback" in err_text:
+                    _log(err_text)  # a bug: keep the traceback in the daemon's log, never on stdout
+            else:
+                _log(f"{what} ok in {ms:.1f} ms")
             self._reply(conn, code, out, err_text)
 
     @staticmethod

@@ -2,6 +2,11 @@
 
 The delegate gets the same environment (CNI_COMMAND possibly changed) and the full network config
 on stdin; its result or error comes back on stdout.
+
+One compatibility step: spec 1.1.0 changed nothing an IPAM plugin sees, but older IPAM plugins (Debian
+12 ships containernetworking-plugins 1.1.1, which stops at 1.0.0) reject a 1.1.0 config with code 1.
+When that happens the same config is passed again with "cniVersion": "1.0.0" (the result format is
+identical) and the plugin is remembered, so the daemon pays the extra exec once.
 """
 
 from __future__ import annotations
@@ -9,12 +14,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import IPAM_FAILURE, NOT_AVAILABLE, CNIError
+from .errors import INCOMPATIBLE_VERSION, IPAM_FAILURE, NOT_AVAILABLE, CNIError
 
 TIMEOUT_S = 120
+DOWNGRADE = {"1.1.0": "1.0.0"}
+
+_needs_downgrade: dict[tuple[str, float], bool] = {}
+_guard = threading.Lock()
 
 
 def find_plugin(name: str, path: Sequence[str]) -> str:
@@ -29,11 +39,38 @@ def find_plugin(name: str, path: Sequence[str]) -> str:
     )
 
 
+def _with_version(stdin: bytes, version: str) -> bytes:
+    doc = json.loads(stdin)
+    doc["cniVersion"] = version
+    return json.dumps(doc).encode()
+
+
 def exec_plugin(
     name: str, command: str, environ: Mapping[str, str], path: Sequence[str], stdin: bytes
 ) -> dict[str, Any] | None:
     """Run the IPAM plugin for one verb; the parsed stdout JSON on success (None when empty)."""
     binary = find_plugin(name, path)
+    try:
+        version = json.loads(stdin).get("cniVersion")
+    except (ValueError, AttributeError):
+        version = None
+    older = DOWNGRADE.get(version) if isinstance(version, str) else None
+    key = (binary, os.stat(binary).st_mtime)
+    if older and _needs_downgrade.get(key):
+        return _run(name, binary, command, environ, _with_version(stdin, older))
+    try:
+        return _run(name, binary, command, environ, stdin)
+    except CNIError as exc:
+        if not older or exc.code != INCOMPATIBLE_VERSION:
+            raise
+    with _guard:
+        _needs_downgrade[key] = True
+    return _run(name, binary, command, environ, _with_version(stdin, older))
+
+
+def _run(
+    name: str, binary: str, command: str, environ: Mapping[str, str], stdin: bytes
+) -> dict[str, Any] | None:
     env = dict(environ)
     env["CNI_COMMAND"] = command
     try:
