@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from . import images, leftovers
+from . import images, leftovers, pki
 from .components import BY_NAME, COMPONENTS, Component, which_missing
 from .health import port_in_use
 from .paths import Paths, node_name
@@ -87,6 +87,8 @@ def up(only: list[str] | None = None) -> None:
         if c.name == "registry":
             images.ensure_images(paths)
             say(f"registry: images {images.describe()}")
+    if (paths.pki / "admin.crt").exists():
+        pki.kubeconfig(paths, "admin", paths.kubeconfig)
     if only is None or "kubelet" in only:
         say(f"waiting for node {node_name()} to be Ready")
         wait_for(

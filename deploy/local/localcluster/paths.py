@@ -39,15 +39,17 @@ def node_name() -> str:
 
 @dataclass(frozen=True)
 class Paths:
-    """Every path the cluster uses. `state` (git-ignored, in the repo) holds pid files, logs,
-    certificates and data; `run` (short, under /run) holds unix sockets."""
+    """Every path the cluster uses. There is one local cluster per machine (it owns fixed loopback
+    ports), so its state lives outside any checkout: `state` holds pid files, logs, certificates and
+    data; `run` (short, under /run) holds unix sockets. Every checkout that runs `up` gets the admin
+    kubeconfig in its own `.local/kubeconfig`, so a second clone finds and reuses a running cluster."""
 
     state: Path
     run: Path
 
     @classmethod
     def default(cls) -> Paths:
-        state = Path(os.environ.get("EDGEVIRT_LOCAL_STATE", REPO / ".local" / "cluster"))
+        state = Path(os.environ.get("EDGEVIRT_LOCAL_STATE", "/var/lib/edgevirt/local-cluster"))
         run = Path(os.environ.get("EDGEVIRT_LOCAL_RUN", "/run/edgevirt-local"))
         return cls(state=state, run=run)
 
