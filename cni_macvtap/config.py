@@ -14,8 +14,8 @@ from .environment import Invocation, validate_ifname
 from .errors import DECODING_FAILURE, INVALID_CONFIG, INVALID_ENVIRONMENT, CNIError
 
 MODES = ("bridge", "vepa", "private", "passthru")
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # fullmatch = Go's ^...$
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 DEFAULT_DEVICE_DIR = "/run/edgevirt/macvtap"
 DEFAULT_STATE_DIR = "/var/lib/cni/macvtap"
 DEFAULT_SOCKET = "/run/edgevirt/macvtap.sock"
@@ -77,7 +77,7 @@ def _int(value: Any) -> bool:
 
 
 def _mac(value: Any, where: str, code: int = INVALID_CONFIG) -> str:
-    if not isinstance(value, str) or not MAC_RE.match(value):
+    if not isinstance(value, str) or not MAC_RE.fullmatch(value):
         raise CNIError(code, f"invalid {where} {value!r}: use a MAC address like 02:00:00:00:00:01")
     first = int(value[:2], 16)
     if first & 1:
@@ -153,8 +153,8 @@ def parse(inv: Invocation, doc: dict[str, Any]) -> NetConf:
     """Validate a decoded config for one invocation; every error names the key and the fix."""
     version = versions.require_supported(doc.get("cniVersion"))
     name = doc.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise _bad("name", f"is {name!r}", "give the network a name matching " + NAME_RE.pattern)
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise _bad("name", f"is {name!r}", "give the network a name matching ^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
     master = _opt_str(doc, "master")
     if master is not None:
         try:
@@ -186,7 +186,7 @@ def parse(inv: Invocation, doc: dict[str, Any]) -> NetConf:
         if not isinstance(ipam, dict):
             raise _bad("ipam", f"is {ipam!r}", 'give an object with "type", e.g. {"type": "host-local", ...}')
         ipam_type = ipam.get("type")
-        if not isinstance(ipam_type, str) or not NAME_RE.match(ipam_type):
+        if not isinstance(ipam_type, str) or not NAME_RE.fullmatch(ipam_type):
             raise _bad("ipam.type", f"is {ipam_type!r}", "name an IPAM plugin on CNI_PATH, e.g. host-local")
     prev = doc.get("prevResult")
     if prev is not None and not isinstance(prev, dict):

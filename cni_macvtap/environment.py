@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .errors import INVALID_ENVIRONMENT, CNIError
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
-CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+CONTAINER_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # fullmatch = Go's ^...$
 IFNAME_MAX = 15
 
 # Which variables each verb needs (same table as containernetworking/cni pkg/skel).
@@ -89,10 +89,10 @@ def from_environ(environ: Mapping[str, str], stdin: bytes) -> Invocation:
     if missing:
         raise CNIError(INVALID_ENVIRONMENT, f"required env variables [{','.join(missing)}] missing")
     container_id = environ.get("CNI_CONTAINERID", "")
-    if command in _REQUIRED["CNI_CONTAINERID"] and not CONTAINER_ID_RE.match(container_id):
+    if command in _REQUIRED["CNI_CONTAINERID"] and not CONTAINER_ID_RE.fullmatch(container_id):
         raise CNIError(
             INVALID_ENVIRONMENT,
-            f"invalid characters in CNI_CONTAINERID {container_id!r}: must match {CONTAINER_ID_RE.pattern}",
+            f"invalid characters in CNI_CONTAINERID {container_id!r}: use letters, digits, _ . -",
         )
     ifname = environ.get("CNI_IFNAME", "")
     if command in _REQUIRED["CNI_IFNAME"]:
