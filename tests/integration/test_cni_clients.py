@@ -1,0 +1,97 @@
+"""Real CNI clients: deploy/cni/install-plugin into a bin dir, then cnitool add/check/del of a conflist."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cni_env import REFERENCE_CNI, REPO, Topology, links, sh, topology, tree
+
+pytestmark = pytest.mark.root
+CNITOOL = Path.home() / ".cache/edgevirt/go/cni-v1.3.0/cnitool"
+
+
+@pytest.fixture
+def topo(tmp_path: Path) -> Iterator[Topology]:
+    with topology(tmp_path, daemon=True) as t:
+        yield t
+
+
+def install(bin_dir: Path) -> None:
+    out = subprocess.run(
+        [str(REPO / "deploy/cni/install-plugin"), "--dest", str(bin_dir)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (bin_dir / "macvtap").is_file() and os.access(bin_dir / "macvtap", os.X_OK)
+    assert os.path.realpath(bin_dir / "host-local") == os.path.realpath(f"{REFERENCE_CNI}/host-local")
+
+
+def test_installed_plugin_works_from_the_bin_dir_without_daemon(topo: Topology) -> None:
+    bin_dir = topo.tmp / "opt-cni-bin"
+    install(bin_dir)
+    conf = topo.conf(daemonSocket=str(topo.tmp / "nobody-listens.sock"))
+    netns = topo.new_pod()
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "inst", "CNI_IFNAME": "eth0", "CNI_NETNS": netns,
+           "CNI_PATH": str(bin_dir), "PATH": "/usr/bin:/bin"}  # fmt: skip
+    cmd = ["ip", "netns", "exec", topo.host, str(bin_dir / "macvtap")]
+    add = subprocess.run(cmd, input=json.dumps(conf).encode(), env=env, capture_output=True, cwd="/")
+    assert add.returncode == 0, add.stdout + add.stderr
+    assert json.loads(add.stdout)["ips"][0]["address"].startswith(topo.prefix)
+    dele = subprocess.run(
+        cmd, input=json.dumps(conf).encode(), env={**env, "CNI_COMMAND": "DEL"}, capture_output=True
+    )
+    assert dele.returncode == 0, dele.stdout + dele.stderr
+    topo.assert_clean()
+
+
+def test_cnitool_add_check_del_with_a_conflist(topo: Topology) -> None:
+    if not CNITOOL.is_file():
+        pytest.skip(f"cnitool not built at {CNITOOL}: run deploy/install/build-go-tools")
+    bin_dir = topo.tmp / "bin"
+    install(bin_dir)
+    netconf = topo.tmp / "net.d"
+    netconf.mkdir()
+    plugin = topo.conf()
+    plugin.pop("cniVersion")
+    plugin.pop("name")
+    name = f"cnitool-{topo.tag}"
+    (netconf / "10-macvtap.conflist").write_text(
+        json.dumps({"cniVersion": "1.1.0", "name": name, "plugins": [plugin]})
+    )
+    netns = topo.new_pod()
+    env = {**os.environ, "NETCONFPATH": str(netconf), "CNI_PATH": str(bin_dir), "CNI_IFNAME": "eth0"}
+
+    def cnitool(verb: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", topo.host, str(CNITOOL), verb, name, netns],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+
+    try:
+        add = cnitool("add")
+        assert add.returncode == 0, add.stdout + add.stderr
+        result = json.loads(add.stdout)
+        assert result["cniVersion"] == "1.1.0"
+        assert result["interfaces"][0]["name"] == "eth0" and result["interfaces"][0]["sandbox"] == netns
+        assert result["ips"][0]["address"].startswith(topo.prefix)
+        link = links(os.path.basename(netns))["eth0"]
+        assert (
+            link["linkinfo"]["info_kind"] == "macvtap" and link["address"] == result["interfaces"][0]["mac"]
+        )
+        [cid] = os.listdir(topo.device_dir)  # cnitool's container id
+        assert cid.startswith("cnitool-") and tree(topo.device_dir / cid) == ["eth0"]
+        check = cnitool("check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        sh("ip", "-n", os.path.basename(netns), "link", "set", "eth0", "mtu", "1280")
+        broken = cnitool("check")
+        assert broken.returncode != 0 and "MTU" in broken.stdout + broken.stderr
+        sh("ip", "-n", os.path.basename(netns), "link", "set", "eth0", "mtu", "1500")
+    finally:
+        dele = cnitool("del")
+    assert dele.returncode == 0, dele.stdout + dele.stderr
+    assert "ADD cnitool-" in topo.daemon_log()  # the conflist's daemonSocket was used
+    topo.assert_clean()
