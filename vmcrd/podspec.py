@@ -1,0 +1,174 @@
+"""The VM pod: how a VirtualMachine becomes a pod, and the annotation contract with the CRI shim.
+
+The cluster-mode controller turns a VirtualMachine that should run into one pod with
+``runtimeClassName: kvm``. kubelet hands the pod's annotations to the CRI runtime in
+``RunPodSandbox`` (``PodSandboxConfig.annotations``), so the shim's kvm handler reads everything it
+needs from them. The contract (import these constants on the shim side, do not copy the strings):
+
+=====================================  ===============================================================
+annotation                             value
+=====================================  ===============================================================
+``edgevirt.io/vm-uid``                 the VirtualMachine's UID: the key of its writable disks
+                                       (overlay, emptyDisks), which survive stop/start of the VM
+``edgevirt.io/vm-name``                the VirtualMachine's name (namespace = the pod's)
+``edgevirt.io/image``                  the VM's boot image, exactly ``spec.image`` (OCI ref, file:///,
+                                       https://...#sha256=); authoritative over the container image
+``edgevirt.io/mac``                    MAC of the VM's NIC (``spec.networks[0].mac``); absent -> shim
+                                       picks one
+``edgevirt.io/cloud-init-user-data``   NoCloud user-data (``spec.cloudInit.userData``); absent -> none
+``edgevirt.io/kernel-boot``            JSON ``{"kernel":..,"initrd":..,"cmdline":..}``; absent -> disk boot
+``edgevirt.io/volumes``                JSON list of ``spec.volumes[]`` items as in the VM spec (name,
+                                       hotpluggable, one of emptyDisk/image/hostDisk, bus, readOnly,
+                                       cdrom); always present (``[]`` when none)
+``edgevirt.io/spec-hash``              hash of the boot-relevant spec (controller bookkeeping; the shim
+                                       ignores it)
+``edgevirt.io/state-request``          the restart request this pod was created for (bookkeeping)
+=====================================  ===============================================================
+
+Labels: ``edgevirt.io/vm=<name>``, ``edgevirt.io/vm-uid=<uid>``. The pod's single container is
+named ``compute``; its image is the VM image when that is an OCI reference (so kubelet's pull is
+the real pull) and :data:`PLACEHOLDER_IMAGE` otherwise (kubelet cannot parse ``file://`` or
+``https://`` references). Requests and limits are ``spec.cpu``/``spec.memory``; the shim gets
+them in the CRI ``LinuxContainerResources``. ``restartPolicy: Never``: the controller, not
+kubelet, decides whether a VM that ended runs again (runStrategy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from . import api
+
+ANN_VM_UID = "edgevirt.io/vm-uid"
+ANN_VM_NAME = "edgevirt.io/vm-name"
+ANN_IMAGE = "edgevirt.io/image"
+ANN_MAC = "edgevirt.io/mac"
+ANN_CLOUD_INIT_USER_DATA = "edgevirt.io/cloud-init-user-data"
+ANN_KERNEL_BOOT = "edgevirt.io/kernel-boot"
+ANN_VOLUMES = "edgevirt.io/volumes"
+ANN_SPEC_HASH = "edgevirt.io/spec-hash"
+ANN_STATE_REQUEST = api.STATE_REQUEST
+
+LABEL_VM = "edgevirt.io/vm"
+LABEL_VM_UID = "edgevirt.io/vm-uid"
+
+RUNTIME_CLASS = "kvm"
+CONTAINER_NAME = "compute"
+#: Container image when the VM image is not an OCI reference (kubelet must still pull something).
+PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
+#: Grace period of a VM pod: ACPI shutdown first, then destroy (DESIGN.md lifecycle).
+GRACE_PERIOD_SECONDS = 30
+
+#: Spec fields whose change needs a reboot (everything but hotpluggable volumes, paused, running,
+#: runStrategy). Hotpluggable volumes are mounted live by node mode.
+BOOT_FIELDS = ("cpu", "memory", "image", "kernelBoot", "cloudInit", "networks", "nodeName")
+
+_OCI_SCHEMES = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+def is_oci_ref(image: str) -> bool:
+    """True for registry references (``127.0.0.1:5000/vm/alpine:3.20``), False for ``file://``/``https://``."""
+    return bool(image) and not _OCI_SCHEMES.match(image)
+
+
+def boot_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The part of a VM spec that is fixed at boot: all of BOOT_FIELDS and the non-hotpluggable volumes."""
+    out = {k: spec.get(k) for k in BOOT_FIELDS}
+    out["volumes"] = [v for v in spec.get("volumes") or [] if not v.get("hotpluggable")]
+    return out
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """Stable hash of :func:`boot_spec`: differs exactly when a running VM needs a restart."""
+    blob = json.dumps(boot_spec(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _quantity(v: Any) -> str:
+    return str(v)
+
+
+def build_pod(vm: dict[str, Any], node: str | None, request: str = "") -> dict[str, Any]:
+    """The VM pod for ``vm`` (a VirtualMachine as a dict), pinned to ``node`` when given.
+
+    Pure function of its inputs: the same VM gives the same pod, so a restarted controller makes
+    the same object (and the API server's name uniqueness stops a duplicate)."""
+    meta = vm["metadata"]
+    spec = vm.get("spec") or {}
+    name, uid = meta["name"], meta["uid"]
+    image = spec.get("image", "")
+    ann: dict[str, str] = {
+        ANN_VM_UID: uid,
+        ANN_VM_NAME: name,
+        ANN_IMAGE: image,
+        ANN_VOLUMES: json.dumps(spec.get("volumes") or [], sort_keys=True, separators=(",", ":")),
+        ANN_SPEC_HASH: spec_hash(spec),
+    }
+    nets = spec.get("networks") or []
+    if nets and nets[0].get("mac"):
+        ann[ANN_MAC] = str(nets[0]["mac"]).lower()
+    user_data = (spec.get("cloudInit") or {}).get("userData")
+    if user_data:
+        ann[ANN_CLOUD_INIT_USER_DATA] = user_data
+    if spec.get("kernelBoot"):
+        ann[ANN_KERNEL_BOOT] = json.dumps(spec["kernelBoot"], sort_keys=True, separators=(",", ":"))
+    if request:
+        ann[ANN_STATE_REQUEST] = request
+    resources = {"cpu": _quantity(spec.get("cpu", 1)), "memory": _quantity(spec.get("memory", "256Mi"))}
+    pod_spec: dict[str, Any] = {
+        "runtimeClassName": RUNTIME_CLASS,
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [
+            {
+                "name": CONTAINER_NAME,
+                "image": image if is_oci_ref(image) else PLACEHOLDER_IMAGE,
+                "imagePullPolicy": "IfNotPresent",
+                "resources": {"requests": dict(resources), "limits": dict(resources)},
+            }
+        ],
+    }
+    if node:
+        pod_spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                    ]
+                }
+            }
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": api.pod_name(name),
+            "namespace": meta["namespace"],
+            "labels": {LABEL_VM: name, LABEL_VM_UID: uid},
+            "annotations": ann,
+            "ownerReferences": [
+                {
+                    "apiVersion": api.API_VERSION,
+                    "kind": api.KIND,
+                    "name": name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": pod_spec,
+    }
+
+
+def owned_by(pod: dict[str, Any], vm: dict[str, Any]) -> bool:
+    """True when ``pod`` is controlled by this very VM (same UID), not a namesake."""
+    for ref in pod.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("uid") == vm["metadata"]["uid"]:
+            return True
+    return False

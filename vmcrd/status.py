@@ -1,0 +1,178 @@
+"""VirtualMachine status from the VM and its pod: printableStatus, conditions, node, IPs.
+
+Ownership of status fields (each has one writer, so merge patches never fight):
+
+* cluster mode: ``printableStatus``, ``nodeName``, ``podName``, ``ipAddresses``, ``conditions``,
+  ``observedGeneration``;
+* node mode: ``accel``, ``domainState``, ``volumes``.
+
+The Paused condition is derived by cluster mode from node mode's ``domainState``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from . import api, podspec
+from .strategy import PodState, pod_state, wants_running
+
+IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+FAILURE_STATES = {api.FAILED, api.ERROR_IMAGE, api.UNSCHEDULABLE, api.CRASH_LOOP}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pod_condition(pod: dict, ctype: str) -> dict | None:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype:
+            return c
+    return None
+
+
+def _waiting_reason(pod: dict) -> tuple[str, str]:
+    st = pod.get("status") or {}
+    for cs in (st.get("containerStatuses") or []) + (st.get("initContainerStatuses") or []):
+        w = (cs.get("state") or {}).get("waiting")
+        if w and w.get("reason"):
+            return w["reason"], w.get("message", "")
+    return "", ""
+
+
+def printable(vm: dict, pod: dict | None, create_error: str = "") -> tuple[str, str]:
+    """(printableStatus, message) of a VM given its pod (or None)."""
+    spec = vm.get("spec") or {}
+    strategy = api.run_strategy(spec)
+    request = (vm["metadata"].get("annotations") or {}).get(api.STATE_REQUEST, "")
+    state = pod_state(pod)
+    if vm["metadata"].get("deletionTimestamp"):
+        return (api.STOPPING, "the VM is being deleted") if pod else (api.STOPPED, "the VM is being deleted")
+    if state is PodState.ABSENT:
+        if create_error:
+            return api.FAILED, create_error
+        if wants_running(strategy, request):
+            return api.STARTING, "creating the VM pod"
+        return api.STOPPED, ""
+    assert pod is not None
+    if state is PodState.TERMINATING:
+        return api.STOPPING, "the VM pod is shutting down"
+    if state is PodState.SUCCEEDED:
+        return api.STOPPED, "the guest shut down"
+    if state is PodState.FAILED:
+        return api.FAILED, (pod.get("status") or {}).get("message", "") or "the VM pod failed"
+    sched = _pod_condition(pod, "PodScheduled")
+    if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+        return api.UNSCHEDULABLE, sched.get("message", "")
+    reason, message = _waiting_reason(pod)
+    if reason in IMAGE_ERRORS:
+        return api.ERROR_IMAGE, f"{reason}: {message}".rstrip(": ")
+    if reason == "CrashLoopBackOff":
+        return api.CRASH_LOOP, message
+    ready = _pod_condition(pod, "Ready")
+    if (pod.get("status") or {}).get("phase") == "Running" and ready and ready.get("status") == "True":
+        if ((vm.get("status") or {}).get("domainState") or "").lower() == "paused":
+            return api.PAUSED, "the guest is suspended"
+        return api.RUNNING, ""
+    sandbox = _pod_condition(pod, "PodReadyToStartContainers")
+    if sandbox and sandbox.get("status") == "False" and sandbox.get("message"):
+        return api.STARTING, sandbox["message"]
+    return api.STARTING, "waiting for the VM pod to run"
+
+
+def restart_required(vm: dict, pod: dict | None) -> bool:
+    """The running pod was built from a different boot spec than the VM's current one."""
+    if pod_state(pod) is not PodState.ACTIVE:
+        return False
+    assert pod is not None
+    have = (pod["metadata"].get("annotations") or {}).get(podspec.ANN_SPEC_HASH)
+    return have is not None and have != podspec.spec_hash(vm.get("spec") or {})
+
+
+def set_condition(
+    conds: list[dict], ctype: str, status: bool, reason: str, message: str, generation: int
+) -> bool:
+    """Upsert a condition in place; lastTransitionTime changes only when status does. True if changed."""
+    s = "True" if status else "False"
+    for c in conds:
+        if c["type"] == ctype:
+            changed = (c.get("status"), c.get("reason"), c.get("message"), c.get("observedGeneration")) != (
+                s,
+                reason,
+                message,
+                generation,
+            )
+            if c.get("status") != s:
+                c["lastTransitionTime"] = now()
+            c.update(status=s, reason=reason, message=message, observedGeneration=generation)
+            return changed
+    conds.append(
+        {
+            "type": ctype,
+            "status": s,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now(),
+            "observedGeneration": generation,
+        }
+    )
+    return True
+
+
+def compute(vm: dict, pod: dict | None, create_error: str = "") -> dict[str, Any]:
+    """The cluster-mode part of the VM's status (a full replacement of those fields)."""
+    old = vm.get("status") or {}
+    spec = vm.get("spec") or {}
+    gen = int(vm["metadata"].get("generation") or 0)
+    pstatus, message = printable(vm, pod, create_error)
+    node = spec.get("nodeName") or ((pod or {}).get("spec") or {}).get("nodeName") or old.get("nodeName")
+    ips = [p["ip"] for p in ((pod or {}).get("status") or {}).get("podIPs") or [] if p.get("ip")]
+    if pod_state(pod) is not PodState.ACTIVE:
+        ips = []
+    conds = [dict(c) for c in old.get("conditions") or []]
+    set_condition(
+        conds,
+        api.COND_READY,
+        pstatus == api.RUNNING,
+        pstatus,
+        message or ("the guest is running" if pstatus == api.RUNNING else ""),
+        gen,
+    )
+    paused = pstatus == api.PAUSED
+    set_condition(
+        conds, api.COND_PAUSED, paused, "Suspended" if paused else "NotPaused", message if paused else "", gen
+    )
+    rr = restart_required(vm, pod)
+    set_condition(
+        conds,
+        api.COND_RESTART_REQUIRED,
+        rr,
+        "BootSpecChanged" if rr else "UpToDate",
+        (
+            "cpu, memory, image, kernelBoot, cloudInit, networks, nodeName or a non-hotpluggable volume "
+            "changed while the VM runs; restart it to apply (kubectl vm restart NAME)"
+        )
+        if rr
+        else "",
+        gen,
+    )
+    failed = pstatus in FAILURE_STATES
+    set_condition(
+        conds, api.COND_FAILURE, failed, pstatus if failed else "NoFailure", message if failed else "", gen
+    )
+    out: dict[str, Any] = {
+        "printableStatus": pstatus,
+        "podName": pod["metadata"]["name"] if pod else None,
+        "nodeName": node,
+        "ipAddresses": ips,
+        "conditions": conds,
+        "observedGeneration": gen,
+    }
+    return out
+
+
+def differs(vm: dict, new: dict[str, Any]) -> bool:
+    """Whether writing ``new`` would change the VM's status (ignoring fields node mode owns)."""
+    old = vm.get("status") or {}
+    return any(old.get(k) != v for k, v in new.items())
