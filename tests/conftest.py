@@ -95,3 +95,84 @@ def cluster() -> Iterator[Cluster]:
     if c.started_here and not os.environ.get("EDGEVIRT_KEEP_CLUSTER"):
         res = c.down()
         assert res.returncode == 0, f"deploy/local/down left things behind:\n{res.stdout}\n{res.stderr}"
+
+
+# --- libvirt fixtures (VM layer) ---
+# A real libvirtd + virtlogd (reused if one answers on /run/libvirt/libvirt-sock, else configured and
+# started per MACHINE.md by tests/libvirt_daemon.py and stopped at the end of the session), the
+# test guest kernel/initramfs (deploy/images/build_guest.py) and bootable disk
+# (deploy/images/build_vm_disk.py), and a DomainManager per test whose domains all carry a unique
+# name prefix: teardown destroys and undefines every domain with that prefix, even after a failure.
+@dataclass
+class VMEnv:
+    """What a VM-layer integration test gets: a manager, its state dir and a name prefix."""
+
+    manager: object  # cri_shim.vm.DomainManager
+    state_dir: Path
+    prefix: str
+
+    def name(self, suffix: str) -> str:
+        return f"{self.prefix}{suffix}"
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    """A libvirtd that answers on qemu:///system (started here only if none was running)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: runs libvirtd/virtlogd and QEMU guests")
+    import libvirt_daemon
+
+    state = libvirt_daemon.ensure_libvirtd()
+    yield state
+    libvirt_daemon.stop_started(state)
+
+
+@pytest.fixture(scope="session")
+def test_guest():
+    """The test guest (kernel + busybox initramfs) from deploy/images/build_guest.py."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "deploy/images"))
+    import build_guest
+
+    return build_guest.build_guest()
+
+
+@pytest.fixture(scope="session")
+def vm_disk():
+    """The bootable test disk + its OCI layout from deploy/images/build_vm_disk.py."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "deploy/images"))
+    import build_vm_disk
+
+    return build_vm_disk.build_vm_disk()
+
+
+@pytest.fixture
+def vm_env(libvirtd, tmp_path_factory) -> Iterator[VMEnv]:
+    """A DomainManager (TCG unless the probe says KVM works) with its own state dir."""
+    import secrets
+
+    import libvirt
+
+    from cri_shim.vm import DomainManager, ImageStore
+    from runtimeclass.probe import DEFAULT_CACHE, probe
+
+    state = tmp_path_factory.mktemp("vmstate")
+    images = ImageStore(state, file_roots=[Path.home() / ".cache/edgevirt", state / "imgroot"])
+    mgr = DomainManager(state, domain_type=probe(cache_file=DEFAULT_CACHE).domain_type, images=images)
+    env = VMEnv(manager=mgr, state_dir=state, prefix=f"evtest-{secrets.token_hex(3)}-")
+    try:
+        yield env
+    finally:
+        conn = libvirt.open("qemu:///system")
+        try:
+            for dom in conn.listAllDomains():
+                if dom.name().startswith(env.prefix):
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefineFlags(0)
+        finally:
+            conn.close()
+            mgr.close()

@@ -12,7 +12,6 @@ hostDisk paths must lie under an allowed root after resolving symlinks.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -177,5 +176,15 @@ class DiskManager:
         """Delete every disk of (scope, key). Idempotent."""
         d = self.dir_for(scope, key)
         shutil.rmtree(d, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            d.parent.rmdir()
+        self.prune(scope, key)
+
+    def prune(self, scope: str, key: str) -> None:
+        """Remove the (scope, key) directory and its parents up to ``disks/`` if they are empty."""
+        d = self.dir_for(scope, key)
+        for p in (d, d.parent, self.root):
+            try:
+                p.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return

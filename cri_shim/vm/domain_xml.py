@@ -107,7 +107,9 @@ def build_domain(spec: DomainSpec) -> ET.Element:
     _sub(devs, "emulator", str(spec.emulator or spec.qemu_binary))
     for d in spec.disks:
         devs.append(disk_element(d))
-    if any(d.bus == "scsi" for d in spec.disks):
+    if spec.scsi_controller or any(d.bus == "scsi" for d in spec.disks):
+        # defined up front so scsi volumes can be hot-plugged onto it (a controller hot-plugged
+        # together with the first disk is not scanned by the guest)
         _sub(devs, "controller", type="scsi", index="0", model="virtio-scsi")
     serial = _sub(devs, "serial", type="pty")
     if spec.console_log is not None:

@@ -158,6 +158,10 @@ class DomainExists(VMError):
     """A domain with this name is already defined."""
 
 
+def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
+    return None
+
+
 def _lv_error_code(e: libvirt.libvirtError) -> int:
     return e.get_error_code() or 0
 
@@ -184,6 +188,9 @@ class DomainManager:
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        # libvirt's default handler prints every error (also expected ones, like a lookup of a
+        # domain that does not exist) to stderr; errors reach us as exceptions anyway.
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -243,7 +250,9 @@ class DomainManager:
             qemu_binary=self.qemu_binary,
         )
         dspec.validate()  # fills uuid, checks cpu/memory/nics before any file is made
-        self.disks.dir_for(spec.disk_scope, key)  # validates scope and key
+        disk_dir = self.disks.dir_for(spec.disk_scope, key)  # validates scope and key
+        if not disk_dir.exists():
+            undo.append(lambda: self.disks.prune(spec.disk_scope, key))
         if spec.image is None and spec.kernel_boot is None:
             raise ValidationError("image", "neither image nor kernelBoot is set", "give an image reference")
         for i, v in enumerate(spec.volumes):
@@ -445,13 +454,18 @@ class DomainManager:
         if not dom.isActive():
             raise VMError(f"domain {name!r} is not running: no stats")
         try:
-            cpu = dom.getCPUStats(True)[0]
+            try:
+                cpu_ns = int(dom.getCPUStats(True)[0].get("cpu_time", 0))
+            except libvirt.libvirtError:
+                # no cpuacct cgroup (cgroup_controllers = [] on these nodes): libvirt then sums
+                # the QEMU threads' times from /proc for virDomainGetInfo
+                cpu_ns = int(dom.info()[4])
             mem = dom.memoryStats()
         except libvirt.libvirtError as e:
             raise VMError(f"stats of {name!r} failed: {e}") from None
         return DomainStats(
             timestamp_ns=time.time_ns(),
-            cpu_time_ns=int(cpu.get("cpu_time", 0)),
+            cpu_time_ns=cpu_ns,
             memory_actual_kib=int(mem.get("actual", 0)),
             memory_rss_kib=int(mem.get("rss", 0)),
             memory_available_kib=mem.get("available"),

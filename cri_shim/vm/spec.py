@@ -144,6 +144,7 @@ class DomainSpec:
     kernel_boot: KernelBoot | None = None
     emulator: Path | None = None
     qemu_binary: Path = Path("/usr/bin/qemu-system-x86_64")
+    scsi_controller: bool = True
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:

@@ -1,0 +1,236 @@
+"""The VM layer against a real libvirtd + QEMU (TCG here): boot from disk, console log in CRI format,
+stats, pause/resume, disk hotplug seen by the guest, ACPI shutdown, destroy-after-timeout, overlays
+kept across stop/start, and a start that fails halfway leaving nothing behind.
+
+The guest is deploy/images/build_guest.py's busybox initramfs; it prints ``EDGEVIRT-GUEST:`` lines
+on the serial console (``up``, ``blocks ...``, ``block+ vdb <sectors>``, ``block- vdb``,
+``acpi power button``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from cri_shim.vm import (
+    ConsoleLogConverter,
+    DomainNotFound,
+    KernelBoot,
+    NicSpec,
+    ValidationError,
+    VMError,
+    VMSpec,
+    VolumeSpec,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+CRI_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z stdout [PF] .*$")
+
+
+def wait_console(path: Path, needle: str, timeout: float = 90.0, after: int = 0) -> str:
+    """Wait until the raw console log (from byte ``after``) contains ``needle``; return that text."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        if path.exists():
+            text = path.read_bytes()[after:].decode(errors="replace")
+            if needle in text:
+                return text
+        time.sleep(0.25)
+    raise AssertionError(
+        f"{needle!r} not on the console within {timeout:.0f}s; console tail:\n{text[-2000:]}"
+    )
+
+
+def console_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def leftovers(env) -> dict[str, list[str]]:
+    """Domains with our prefix and files under the manager's per-domain and disk dirs."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        doms = [d.name() for d in conn.listAllDomains() if d.name().startswith(env.prefix)]
+    finally:
+        conn.close()
+    files = []
+    for sub in ("domains", "disks"):
+        root = env.state_dir / sub
+        if root.exists():
+            files += [str(p.relative_to(env.state_dir)) for p in root.rglob("*")]
+    return {"domains": doms, "files": sorted(files)}
+
+
+def test_disk_boot_console_stats_pause_hotplug_acpi(vm_env, vm_disk, tmp_path):
+    mgr = vm_env.manager
+    name = vm_env.name("disk")
+    console = tmp_path / "console.log"
+    spec = VMSpec(
+        name=name, uid="uid-disk-1", memory_mib=256, image=f"file://{vm_disk.qcow2}", console_log=console
+    )
+    t0 = time.monotonic()
+    uuid = mgr.create(spec)
+    assert mgr.state(name).phase == "running"
+    # boots from the disk: SYSLINUX from the disk's MBR/VBR, then the guest's init
+    text = wait_console(console, "EDGEVIRT-GUEST: blocks")
+    boot_s = time.monotonic() - t0
+    assert "SYSLINUX" in text, text[-1000:]
+    assert "EDGEVIRT-GUEST: blocks vda" in text
+    print(f"boot from disk to init markers: {boot_s:.1f}s wall")
+
+    facts = mgr.facts(name)
+    assert facts["uuid"] == uuid
+    assert facts["accel"] in ("tcg", "kvm")
+    assert facts["disks"]["vda"].endswith("/root.qcow2")
+
+    # console -> CRI log format
+    cri = tmp_path / "cri.log"
+    conv = ConsoleLogConverter(console, cri, state_file=tmp_path / "cri.state")
+    assert conv.pump() > 0
+    lines = cri.read_text().splitlines()
+    assert all(CRI_LINE.match(line) for line in lines), [x for x in lines if not CRI_LINE.match(x)][:3]
+    assert any(line.endswith(" stdout F EDGEVIRT-GUEST: up") for line in lines), lines[-5:]
+    assert not any("\x1b" in line for line in lines)
+
+    # stats
+    st1 = mgr.stats(name)
+    assert st1.cpu_time_ns > 0
+    assert st1.memory_rss_kib > 0
+    assert st1.memory_actual_kib == 256 * 1024
+
+    # pause / resume
+    mgr.suspend(name)
+    assert (mgr.state(name).phase, mgr.state(name).reason) == ("paused", "user")
+    mgr.suspend(name)  # idempotent
+    mgr.resume(name)
+    assert (mgr.state(name).phase, mgr.state(name).reason) == ("running", "unpaused")
+
+    # hotplug a 64Mi emptyDisk: the guest sees vdb with 131072 sectors; detach removes it
+    mark = console_size(console)
+    target = mgr.attach_volume(name, VolumeSpec(name="data", empty_disk="64Mi"))
+    assert target == "vdb"
+    assert mgr.attach_volume(name, VolumeSpec(name="data", empty_disk="64Mi")) == "vdb"  # idempotent
+    wait_console(console, "EDGEVIRT-GUEST: block+ vdb 131072", after=mark)
+    assert "vdb" in mgr.facts(name)["disks"]
+    mark = console_size(console)
+    assert mgr.detach_volume(name, "data") is True
+    wait_console(console, "EDGEVIRT-GUEST: block- vdb", after=mark)
+    assert "vdb" not in mgr.facts(name)["disks"]
+    assert mgr.detach_volume(name, "data") is False  # idempotent
+
+    # scsi hotplug (libvirt adds the virtio-scsi controller as needed)
+    mark = console_size(console)
+    target = mgr.attach_volume(name, VolumeSpec(name="scsidata", empty_disk="32Mi", bus="scsi"))
+    assert target == "sda"
+    wait_console(console, "EDGEVIRT-GUEST: block+ sda 65536", after=mark)
+    with pytest.raises(ValidationError, match=r"volume.bus: 'sata' cannot be hot-plugged"):
+        mgr.attach_volume(name, VolumeSpec(name="x", empty_disk="1Mi", bus="sata"))
+
+    # ACPI shutdown: the guest handles the power button and powers off
+    mark = console_size(console)
+    assert mgr.shutdown(name, timeout=60) == "shutdown"
+    wait_console(console, "EDGEVIRT-GUEST: acpi power button", after=mark, timeout=5)
+    st = mgr.state(name)
+    assert (st.phase, st.reason, st.exit_code) == ("shutoff", "shutdown", 0)
+    assert mgr.shutdown(name) == "not-running"
+
+    # the converter flushes the rest, then everything goes away
+    conv.pump(final=True)
+    assert "acpi power button" in cri.read_text()
+    overlay = Path(facts["disks"]["vda"])
+    assert overlay.exists()
+    assert mgr.remove(name, delete_disks=True) is True
+    assert mgr.remove(name) is False
+    with pytest.raises(DomainNotFound):
+        mgr.state(name)
+    assert not overlay.exists()
+    assert leftovers(vm_env) == {"domains": [], "files": []}
+
+
+def test_destroy_after_shutdown_timeout(vm_env, test_guest, tmp_path):
+    """A guest that does not (yet) handle the power button is destroyed after the timeout."""
+    mgr = vm_env.manager
+    name = vm_env.name("kill")
+    spec = VMSpec(
+        name=name,
+        uid="uid-kill",
+        kernel_boot=KernelBoot(kernel=test_guest.kernel, initrd=test_guest.initrd, cmdline="console=ttyS0"),
+        console_log=tmp_path / "console.log",
+        disk_scope="pod",
+    )
+    mgr.create(spec)
+    t0 = time.monotonic()
+    # right after start the guest is still in firmware/kernel: no button handler yet
+    assert mgr.shutdown(name, timeout=1.5) == "destroyed"
+    assert time.monotonic() - t0 < 10
+    st = mgr.state(name)
+    assert (st.phase, st.reason, st.exit_code) == ("shutoff", "destroyed", 137)
+    mgr.start(name, paused=True)
+    assert mgr.state(name).phase == "paused"
+    mgr.destroy(name)
+    assert mgr.remove(name) is True
+    assert leftovers(vm_env) == {"domains": [], "files": []}
+
+
+def test_failure_halfway_leaves_nothing(vm_env, vm_disk, tmp_path):
+    """Start fails in QEMU (tap device missing): domain, overlay, seed ISO and run dir are gone."""
+    mgr = vm_env.manager
+    name = vm_env.name("fail")
+    missing = tmp_path / "no-such-tap"
+    spec = VMSpec(
+        name=name,
+        uid="uid-fail",
+        image=f"file://{vm_disk.qcow2}",
+        nics=[NicSpec(mac="02:00:00:00:00:09", tap_device=missing)],
+        cni_result={"ips": [{"address": "10.99.0.5/24", "gateway": "10.99.0.1"}]},
+        volumes=[VolumeSpec(name="data", empty_disk="16Mi")],
+        console_log=tmp_path / "console.log",
+    )
+    with pytest.raises(VMError, match=r"cannot open tap device .*no-such-tap"):
+        mgr.create(spec)
+    assert leftovers(vm_env) == {"domains": [], "files": []}
+    # bad input is refused before anything is made
+    spec.nics = []
+    spec.image = "file:///etc/passwd"
+    with pytest.raises(ValidationError, match=r"^image: .* outside the allowed image roots; put it under"):
+        mgr.create(spec)
+    spec.image = f"file://{vm_disk.qcow2}"
+    spec.volumes = [VolumeSpec(name="data", empty_disk="lots")]
+    with pytest.raises(ValidationError, match=r"volumes\[data\].emptyDisk.capacity: 'lots' is not a size"):
+        mgr.create(spec)
+    assert leftovers(vm_env) == {"domains": [], "files": []}
+
+
+def test_overlay_kept_across_stop_start_and_pod_scope(vm_env, vm_disk, tmp_path):
+    mgr = vm_env.manager
+    name = vm_env.name("keep")
+    spec = VMSpec(name=name, uid="uid-keep", image=f"file://{vm_disk.qcow2}", console_log=tmp_path / "c.log")
+    mgr.create(spec, start=False)
+    assert mgr.state(name).phase == "shutoff"
+    overlay = Path(mgr.facts(name)["disks"]["vda"])
+    ino = overlay.stat().st_ino
+    mgr.remove(name)  # "stop": the VM's disk stays
+    assert overlay.stat().st_ino == ino
+    mgr.create(spec, start=False)  # "start" again: same disk
+    assert Path(mgr.facts(name)["disks"]["vda"]) == overlay
+    assert overlay.stat().st_ino == ino
+    mgr.remove(name, delete_disks=True)
+    assert not overlay.exists()
+    # pod-scoped disks go with the pod
+    pod = VMSpec(
+        name=name,
+        uid="uid-pod",
+        image=f"file://{vm_disk.qcow2}",
+        disk_scope="pod",
+        console_log=tmp_path / "d.log",
+    )
+    mgr.create(pod, start=False)
+    pod_overlay = Path(mgr.facts(name)["disks"]["vda"])
+    assert pod_overlay.exists()
+    mgr.remove(name)
+    assert not pod_overlay.exists()
+    assert leftovers(vm_env) == {"domains": [], "files": []}
