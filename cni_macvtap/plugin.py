@@ -159,11 +159,9 @@ def cmd_add(inv: Invocation, conf: config.NetConf) -> dict[str, Any]:
     undo: list[Callable[[], None]] = []
     try:
         with _enter(fd, inv.netns) as pod:
-            if pod.by_name(inv.ifname) is not None:
-                from .links import name_taken
-
-                raise name_taken(inv.ifname)
             try:
+                # Created under a random name, then renamed: if CNI_IFNAME exists the rename fails with
+                # EEXIST and only our temporary link is removed; the existing interface is never touched.
                 tmp_name = host.create_macvtap(master.index, fd, conf.mode, conf.mtu, conf.mac)
                 where = {"name": tmp_name}
 
@@ -179,9 +177,7 @@ def cmd_add(inv: Invocation, conf: config.NetConf) -> dict[str, Any]:
                 devt = devnode.devt_of(link.name, link.index)
                 pod.rename_up(link.index, inv.ifname)
                 where["name"] = inv.ifname
-                final = pod.by_name(inv.ifname)
-                if final is None:
-                    raise CNIError(LINK_FAILURE, f"the macvtap vanished after renaming it to {inv.ifname!r}")
+                final = link  # a rename changes neither MAC, MTU nor ifindex
                 result: dict[str, Any] = {
                     "interfaces": [
                         {"name": inv.ifname, "mac": final.mac, "mtu": final.mtu, "sandbox": inv.netns}

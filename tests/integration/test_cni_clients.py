@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,19 +22,28 @@ def topo(tmp_path: Path) -> Iterator[Topology]:
         yield t
 
 
-def install(bin_dir: Path) -> None:
-    out = subprocess.run(
-        [str(REPO / "deploy/cni/install-plugin"), "--dest", str(bin_dir)], capture_output=True, text=True
+def install(bin_dir: Path, native: bool = True) -> None:
+    cmd = [str(REPO / "deploy/cni/install-plugin"), "--dest", str(bin_dir)] + (
+        [] if native else ["--no-native"]
     )
+    out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (bin_dir / "macvtap").is_file() and os.access(bin_dir / "macvtap", os.X_OK)
     assert os.path.realpath(bin_dir / "host-local") == os.path.realpath(f"{REFERENCE_CNI}/host-local")
 
 
-def test_installed_plugin_works_from_the_bin_dir_without_daemon(topo: Topology) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["native-client", "python-launcher"])
+@pytest.mark.parametrize("with_daemon", [True, False], ids=["daemon", "no-daemon"])
+def test_installed_plugin_works_from_the_bin_dir(topo: Topology, native: bool, with_daemon: bool) -> None:
+    if native and shutil.which("cc") is None:
+        pytest.skip(
+            "no C compiler: install-plugin installs the Python launcher only (covered by the other case)"
+        )
     bin_dir = topo.tmp / "opt-cni-bin"
-    install(bin_dir)
-    conf = topo.conf(daemonSocket=str(topo.tmp / "nobody-listens.sock"))
+    install(bin_dir, native)
+    assert ((bin_dir / "macvtap").read_bytes()[:4] == b"\x7fELF") == native
+    sock = topo.socket if with_daemon else str(topo.tmp / "nobody-listens.sock")
+    conf = topo.conf(daemonSocket=sock, name=f"inst-{int(native)}-{int(with_daemon)}")
     netns = topo.new_pod()
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "inst", "CNI_IFNAME": "eth0", "CNI_NETNS": netns,
            "CNI_PATH": str(bin_dir), "PATH": "/usr/bin:/bin"}  # fmt: skip
@@ -45,6 +55,8 @@ def test_installed_plugin_works_from_the_bin_dir_without_daemon(topo: Topology) 
         cmd, input=json.dumps(conf).encode(), env={**env, "CNI_COMMAND": "DEL"}, capture_output=True
     )
     assert dele.returncode == 0, dele.stdout + dele.stderr
+    assert ("ADD inst/eth0 ok" in topo.daemon_log()) == with_daemon
+    assert topo.allocated_ips(conf["name"]) == []
     topo.assert_clean()
 
 

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Benchmark: macvtap CNI (daemon and standalone) against Debian's reference macvlan + host-local.
+
+Run as root from the repo root:  .venv/bin/python bench/cni/bench.py [--iterations N] [--write]
+
+Everything happens inside throwaway namespaces: a "host" netns with a veth master (vm0) and pod
+namespaces. Both plugins are executed from the same CNI bin dir (the real install-plugin launcher for
+ours), with host-local IPAM in temp dataDirs, alternating call by call so machine load hits both
+alike. Reported: ADD and DEL latency p50/p95, a parallel burst (24 pods, 8 at a time: ADD then DEL
+wall time), the ratios ours/reference, the standalone (no daemon) figures and the daemon's RSS.
+With --write the table replaces the "## macvtap CNI" section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "RESULTS.md"
+BURST_PODS, BURST_PARALLEL = 24, 8
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+class Bench:
+    def __init__(self, tmp: Path, iterations: int) -> None:
+        self.tmp = tmp
+        self.n = iterations
+        self.tag = f"evb{secrets.token_hex(3)}"
+        self.host = f"{self.tag}-host"
+        self.netns: list[str] = []
+        self.bin = tmp / "bin"
+
+    def netns_add(self, name: str) -> str:
+        sh("ip", "netns", "add", name)
+        self.netns.append(name)
+        return f"/run/netns/{name}"
+
+    def setup(self) -> None:
+        self.netns_add(self.host)
+        sh("ip", "-n", self.host, "link", "add", "vm0", "type", "veth", "peer", "name", "vp0")
+        sh("ip", "-n", self.host, "link", "set", "vm0", "up")
+        sh(str(REPO / "deploy/cni/install-plugin"), "--dest", str(self.bin))
+
+    def conf(self, kind: str, standalone: bool = False) -> bytes:
+        ipam = {"type": "host-local", "dataDir": str(self.tmp / f"ipam-{kind}"),
+                "ranges": [[{"subnet": "10.99.0.0/16" if kind == "ours" else "10.98.0.0/16"}]]}  # fmt: skip
+        doc = {"cniVersion": "1.0.0", "name": f"bench-{kind}", "master": "vm0", "ipam": ipam}
+        if kind == "ours":
+            doc.update(type="macvtap", deviceDir=str(self.tmp / "dev"), stateDir=str(self.tmp / "state"))
+            doc["daemonSocket"] = str(self.tmp / ("none.sock" if standalone else "macvtap.sock"))
+        else:
+            doc.update(type="macvlan", mode="bridge")
+        return json.dumps(doc).encode()
+
+    def call(self, kind: str, verb: str, cid: str, netns: str, standalone: bool = False) -> float:
+        binary = self.bin / ("macvtap" if kind == "ours" else "macvlan")
+        env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
+               "CNI_PATH": str(self.bin), "PATH": "/usr/bin:/bin"}  # fmt: skip
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{self.host}", str(binary)],
+            input=self.conf(kind, standalone), env=env, capture_output=True,
+        )  # fmt: skip
+        dt = (time.perf_counter() - t0) * 1000
+        if proc.returncode != 0:
+            raise SystemExit(f"{kind} {verb} failed: {proc.stdout.decode()} {proc.stderr.decode()}")
+        return dt
+
+    def baseline_nsenter(self) -> float:
+        t = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            subprocess.run(["nsenter", f"--net=/run/netns/{self.host}", "true"], check=True)
+            t.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(t)
+
+    def sequential(self, kinds: list[tuple[str, bool]]) -> dict[tuple[str, bool], dict[str, list[float]]]:
+        pods = {k: self.netns_add(f"{self.tag}-seq{i}") for i, k in enumerate(kinds)}
+        out = {k: {"ADD": [], "DEL": []} for k in kinds}
+        for i in range(self.n):
+            for verb in ("ADD", "DEL"):
+                order = kinds if i % 2 == 0 else list(reversed(kinds))
+                for k in order:
+                    out[k][verb].append(self.call(k[0], verb, f"seq-{k[0]}-{int(k[1])}-{i}", pods[k], k[1]))
+        return out
+
+    def burst(self, kind: str, standalone: bool, pods: list[str], round_: int) -> tuple[float, float]:
+        ids = [f"burst-{kind}-{int(standalone)}-{round_}-{j}" for j in range(BURST_PODS)]
+        with ThreadPoolExecutor(BURST_PARALLEL) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(lambda j: self.call(kind, "ADD", ids[j], pods[j], standalone), range(BURST_PODS)))
+            t1 = time.perf_counter()
+            list(pool.map(lambda j: self.call(kind, "DEL", ids[j], pods[j], standalone), range(BURST_PODS)))
+            t2 = time.perf_counter()
+        return (t1 - t0) * 1000, (t2 - t1) * 1000
+
+    def close(self) -> None:
+        for name in reversed(self.netns):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=3, help="burst rounds per implementation")
+    ap.add_argument(
+        "--write", action="store_true", help="replace the macvtap CNI section of bench/RESULTS.md"
+    )
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench needs root (namespaces and links)")
+    tmp = Path(tempfile.mkdtemp(prefix="evbench-"))
+    b = Bench(tmp, args.iterations)
+    daemon = None
+    try:
+        b.setup()
+        daemon = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{b.host}", str(b.bin / "macvtap"), "daemon", "--socket",
+             str(tmp / "macvtap.sock")], stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        while not (tmp / "macvtap.sock").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        kinds = [("ours", False), ("ref", False), ("ours", True)]
+        for k in kinds:  # warm-up: page cache, pyc files, host-local dirs
+            pod = b.netns_add(f"{b.tag}-warm{int(k[1])}{k[0]}")
+            b.call(k[0], "ADD", "warm", pod, k[1])
+            b.call(k[0], "DEL", "warm", pod, k[1])
+        seq = b.sequential(kinds)
+        bursts: dict[tuple[str, bool], list[tuple[float, float]]] = {k: [] for k in kinds}
+        pods = {k: [b.netns_add(f"{b.tag}-b{int(k[1])}{k[0]}{j}") for j in range(BURST_PODS)] for k in kinds}
+        for r in range(args.rounds):
+            for k in kinds if r % 2 == 0 else list(reversed(kinds)):
+                bursts[k].append(b.burst(k[0], k[1], pods[k], r))
+        rss_kb = 0
+        with open(f"/proc/{daemon.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss_kb = int(line.split()[1])
+        nsenter_ms = b.baseline_nsenter()
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait()
+        b.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def row(label: str, k: tuple[str, bool]) -> list[float]:
+        add, dele = seq[k]["ADD"], seq[k]["DEL"]
+        badd = statistics.median(x[0] for x in bursts[k])
+        bdel = statistics.median(x[1] for x in bursts[k])
+        return [pct(add, 50), pct(add, 95), pct(dele, 50), pct(dele, 95), badd, bdel]
+
+    ours, ref, alone = row("ours", kinds[0]), row("ref", kinds[1]), row("alone", kinds[2])
+    cols = ["ADD p50", "ADD p95", "DEL p50", "DEL p95", "burst ADD", "burst DEL"]
+    lines = [
+        "| ms | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+        "| macvtap + daemon | " + " | ".join(f"{v:.1f}" for v in ours) + " |",
+        "| reference macvlan + host-local | " + " | ".join(f"{v:.1f}" for v in ref) + " |",
+        "| **ratio ours/reference** | "
+        + " | ".join(f"**{o / r:.2f}**" for o, r in zip(ours, ref, strict=True))
+        + " |",
+        "| macvtap standalone (no daemon) | " + " | ".join(f"{v:.1f}" for v in alone) + " |",
+        "| ratio standalone/reference | "
+        + " | ".join(f"{o / r:.2f}" for o, r in zip(alone, ref, strict=True))
+        + " |",
+    ]
+    table = "\n".join(lines)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cmd = "sudo .venv/bin/python bench/cni/bench.py " + " ".join(sys.argv[1:])
+    section = f"""## macvtap CNI
+
+{stamp}, `{cmd.strip()}` ({args.iterations} sequential ADD+DEL per implementation, alternating call by
+call; burst = {BURST_PODS} pods, {BURST_PARALLEL} at a time, wall time of all ADDs then all DELs, median of
+{args.rounds} rounds). Each call is a fresh `nsenter --net=<host netns> <plugin>` process (nsenter alone:
+{nsenter_ms:.1f} ms, included in every figure for both sides). Host-local IPAM for both; our daemon
+delegates to the same host-local binary (no in-process IPAM).
+
+{table}
+
+Daemon RSS after the run: {rss_kb / 1024:.1f} MiB.
+"""
+    print(section)
+    if args.write:
+        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+        start = text.find("## macvtap CNI")
+        if start == -1:
+            text = text.rstrip("\n") + "\n\n" + section
+        else:
+            end = text.find("\n## ", start + 3)
+            text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
+        RESULTS.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
