@@ -1,0 +1,131 @@
+"""The gRPC server of edgevirt-cri: RuntimeService and ImageService of CRI runtime.v1 on a unix
+socket, with bytes in and bytes out (no (de)serialization in the server itself).
+
+Every runtime.v1 method is registered through one generic handler; a method this cri-api version
+does not define, or another API version (e.g. v1alpha2), answers UNIMPLEMENTED with a message."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from . import status as local
+from .errors import BackendError
+from .methods import IMAGE, METHODS, RUNTIME, Route
+from .router import Router
+
+log = logging.getLogger("edgevirt-cri.server")
+
+
+def _abort(context: grpc.ServicerContext, method: str, e: BackendError):
+    if e.code not in (grpc.StatusCode.NOT_FOUND,):
+        log.info("%s: %s: %s", method, e.code.name, e.message)
+    context.abort(e.code, e.message)
+
+
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e6 else None
+
+
+class CriHandler(grpc.GenericRpcHandler):
+    """Dispatches /runtime.v1.{RuntimeService,ImageService}/<Method> to the router."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method, (service, route) in METHODS.items():
+            if route is Route.EVENTS:
+                h = grpc.unary_stream_rpc_method_handler(self._events)
+            else:
+                h = grpc.unary_unary_rpc_method_handler(self._unary(method, route))
+            self._handlers[f"/{service}/{method}"] = h
+
+    def _unary(self, method: str, route: Route):
+        router = self.router
+        if method == "Version":
+            return lambda request, context: local.version(request)
+        if method == "Status":
+
+            def status(request: bytes, context: grpc.ServicerContext) -> bytes:
+                return local.status(router, request, min(_timeout(context) or 10.0, 10.0))
+
+            return status
+
+        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                return router.call(method, request, _timeout(context))
+            except BackendError as e:
+                _abort(context, method, e)
+
+        return unary
+
+    def _events(self, request: bytes, context: grpc.ServicerContext):
+        try:
+            yield from self.router.events(request)
+        except BackendError as e:
+            _abort(context, "GetContainerEvents", e)
+
+    def service(self, handler_call_details):
+        h = self._handlers.get(handler_call_details.method)
+        if h is not None:
+            return h
+        return grpc.unary_unary_rpc_method_handler(_unimplemented(handler_call_details.method))
+
+
+def _unimplemented(method: str):
+    def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
+        service = method.rsplit("/", 1)[0].lstrip("/")
+        if service in (RUNTIME, IMAGE):
+            msg = f"edgevirt-cri does not implement {method} (it serves CRI runtime.v1 as of cri-api v0.34.4)"
+        else:
+            msg = f"edgevirt-cri does not serve {service}: it speaks CRI runtime.v1 only ({RUNTIME}, {IMAGE})"
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, msg)
+
+    return answer
+
+
+def _claim_socket(path: Path) -> None:
+    """Make the socket's directory; remove a stale socket file, refuse a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise RuntimeError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: left by a killed server
+            return
+    raise RuntimeError(f"{path} is in use by a running server; stop it first or choose another --socket")
+
+
+def serve(router: Router, socket_path: str, mode: int = 0o660, workers: int = 32) -> grpc.Server:
+    """Start serving on `socket_path` (mode `mode`); returns the started server."""
+    path = Path(socket_path)
+    _claim_socket(path)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cri"),
+        handlers=[CriHandler(router)],
+        options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ],
+        maximum_concurrent_rpcs=None,
+    )
+    old = os.umask(0o117)
+    try:
+        server.add_insecure_port(f"unix://{path}")
+        server.start()
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    return server

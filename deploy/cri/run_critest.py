@@ -1,0 +1,115 @@
+"""Runs critest (cri-tools, pinned in deploy/versions.env) against containerd directly and against
+edgevirt-cri in front of that same containerd, in one run, and compares the results per spec.
+
+Both endpoints use a private containerd (own root, socket and pod network, see
+tests/integration/cri_env.py), so critest never touches the shared local cluster's pods or images.
+The images critest pulls are built locally and pushed to the local registry first
+(deploy/cri/critest_images.py); the local registry must be running (deploy/local/up registry).
+
+Usage: python deploy/cri/run_critest.py [--focus REGEX] [--skip REGEX] [--out DIR]
+Writes DIR/{containerd,edgevirt-cri}.json (ginkgo JSON reports) and logs, prints pass/fail/skip
+counts for both endpoints and every spec whose outcome differs. Exit 1 if the shim fails a spec
+containerd passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import critest_images  # noqa: E402
+from cri_env import PrivateContainerd, Shim  # noqa: E402
+
+CRITEST = str(REPO / ".local" / "bin" / "critest")
+# The one test image that cannot exist offline: it is named by the digest of upstream bytes.
+DEFAULT_SKIP = r"digest"
+
+
+def run_critest(endpoint: str, report: Path, focus: str | None, skip: str, log: Path) -> int:
+    argv = [
+        CRITEST,
+        f"--runtime-endpoint={endpoint}",
+        f"--image-endpoint={endpoint}",
+        f"--ginkgo.json-report={report}",
+        "--ginkgo.no-color",
+        f"--ginkgo.skip={skip}",
+    ]
+    if focus:
+        argv.append(f"--ginkgo.focus={focus}")
+    print(f"[run-critest] {' '.join(argv)}  (log {log})", flush=True)
+    with open(log, "wb") as f:
+        return subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=report.parent).returncode
+
+
+def outcomes(report: Path) -> dict[str, str]:
+    """spec full text -> passed|failed|skipped|pending|..."""
+    out: dict[str, str] = {}
+    for suite in json.loads(report.read_text()):
+        for spec in suite.get("SpecReports") or []:
+            if spec.get("LeafNodeType") != "It":
+                continue
+            name = " ".join([*spec.get("ContainerHierarchyTexts", []), spec.get("LeafNodeText", "")])
+            out[name] = spec.get("State", "unknown")
+    return out
+
+
+def counts(res: dict[str, str]) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for state in res.values():
+        c[state] = c.get(state, 0) + 1
+    return c
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--focus")
+    ap.add_argument("--skip", default=DEFAULT_SKIP)
+    ap.add_argument("--out", default=str(REPO / ".local" / "critest" / time.strftime("%Y%m%dT%H%M%S")))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    critest_images.ensure()
+    ctd = PrivateContainerd.create()
+    shim = None
+    try:
+        ctd.start()
+        shim = Shim.create(ctd.socket).start()
+        results = {}
+        for name, endpoint in (("containerd", f"unix://{ctd.socket}"), ("edgevirt-cri", shim.endpoint)):
+            t0 = time.monotonic()
+            rc = run_critest(endpoint, out / f"{name}.json", args.focus, args.skip, out / f"{name}.log")
+            results[name] = outcomes(out / f"{name}.json")
+            print(
+                f"[run-critest] {name}: exit {rc}, {counts(results[name])} in {time.monotonic() - t0:.0f}s",
+                flush=True,
+            )
+    finally:
+        if shim is not None:
+            (out / "edgevirt-cri.server.log").write_bytes(shim.log.read_bytes() if shim.log.exists() else b"")
+            shim.close()
+        ctd.close()
+    ref, ours = results["containerd"], results["edgevirt-cri"]
+    worse = sorted(k for k, v in ref.items() if v == "passed" and ours.get(k) != "passed")
+    differ = sorted(k for k in set(ref) | set(ours) if ref.get(k) != ours.get(k))
+    for k in differ:
+        print(f"[run-critest] differs: {k}: containerd={ref.get(k)} edgevirt-cri={ours.get(k)}")
+    for k in sorted(k for k, v in ref.items() if v != "passed" and v != "skipped"):
+        print(f"[run-critest] containerd itself: {ref[k]}: {k}")
+    print(f"[run-critest] reports in {out}")
+    if worse:
+        print(f"[run-critest] edgevirt-cri fails {len(worse)} spec(s) containerd passes")
+        return 1
+    print("[run-critest] edgevirt-cri passes every spec containerd passes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
