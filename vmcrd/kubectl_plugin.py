@@ -1,9 +1,271 @@
-"""The kubectl-vm plugin: kubectl vm start|stop|restart|pause|unpause|mount|unmount|console NAME."""
+"""The kubectl-vm plugin: kubectl vm start|stop|restart|pause|unpause|mount|unmount|console NAME.
 
+Every command is one write to the VirtualMachine that ``kubectl patch``/``kubectl annotate`` can do
+as well; the plugin prints that equivalent command. What it writes:
+
+========== ========================================================================================
+start      ``spec.running: true``, or ``runStrategy: Always`` (was Halted), or the annotation
+           ``edgevirt.io/state-request: start`` (Manual, RerunOnFailure, Once)
+stop       ``spec.running: false``, or ``runStrategy: Halted`` (was Always), or the annotation
+           ``edgevirt.io/state-request: stop`` (Manual, RerunOnFailure, Once)
+restart    the annotation ``edgevirt.io/state-request: restart:<unique id>``
+pause      ``spec.paused: true``; unpause: ``spec.paused: false``
+mount      a JSON patch adding a ``hotpluggable: true`` volume to ``spec.volumes``
+unmount    a JSON patch removing a hotpluggable volume from ``spec.volumes``
+console    ``kubectl attach -it <name>-vm -c compute`` (the guest's serial console), or with
+           ``--log`` ``kubectl logs -f`` of it
+========== ========================================================================================
+
+Flags: ``-n/--namespace``, ``--kubeconfig``, ``--context`` (kubectl does not pass its own to plugins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
 import sys
+import time
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from . import api
+
+
+class PluginError(Exception):
+    """A user-facing error: printed as ``error: ...`` with exit status 1."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="kubectl vm", description="Start, stop, pause and mount volumes into VMs."
+    )
+    p.add_argument("-n", "--namespace")
+    p.add_argument("--kubeconfig")
+    p.add_argument("--context")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd, help_ in [
+        ("start", "start the VM"),
+        ("stop", "stop the VM (graceful shutdown)"),
+        ("restart", "restart the VM (a new VM pod, same disks)"),
+        ("pause", "suspend the guest"),
+        ("unpause", "resume the guest"),
+    ]:
+        sp = sub.add_parser(cmd, help=help_)
+        sp.add_argument("name")
+    m = sub.add_parser("mount", help="add a hotpluggable volume (attached live while the VM runs)")
+    m.add_argument("name")
+    m.add_argument("--volume-name", required=True)
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--empty-disk", metavar="CAPACITY", help="a new blank disk, e.g. 1Gi")
+    src.add_argument("--image", metavar="REF", help="a disk image reference")
+    src.add_argument("--host-disk", metavar="PATH", help="a file under /var/lib/edgevirt/hostdisks/")
+    m.add_argument("--host-disk-type", choices=["Disk", "DiskOrCreate"], default="Disk")
+    m.add_argument("--capacity", help="size for --host-disk-type DiskOrCreate")
+    m.add_argument("--bus", choices=["virtio", "scsi"], default="virtio")
+    m.add_argument("--read-only", action="store_true")
+    m.add_argument("--cdrom", action="store_true")
+    u = sub.add_parser("unmount", help="remove a hotpluggable volume (detached live)")
+    u.add_argument("name")
+    u.add_argument("--volume-name", required=True)
+    c = sub.add_parser("console", help="the guest's serial console")
+    c.add_argument("name")
+    c.add_argument("--log", action="store_true", help="follow the console log instead of attaching")
+    return p.parse_args(argv)
+
+
+class Plugin:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        try:
+            config.load_kube_config(config_file=args.kubeconfig, context=args.context)
+            _, active = config.list_kube_config_contexts(config_file=args.kubeconfig)
+        except Exception as e:
+            raise PluginError(f"cannot load a kubeconfig ({e}); set KUBECONFIG or --kubeconfig") from None
+        if args.context:
+            contexts, _ = config.list_kube_config_contexts(config_file=args.kubeconfig)
+            active = next((c for c in contexts if c["name"] == args.context), active)
+        self.namespace = args.namespace or (active or {}).get("context", {}).get("namespace") or "default"
+        self.custom = client.CustomObjectsApi()
+
+    # ------------------------------------------------------------------ API
+    def get(self, name: str) -> dict:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+            )
+        except ApiException as e:
+            if e.status == 404:
+                raise PluginError(
+                    f'virtualmachine "{name}" not found in namespace "{self.namespace}"'
+                ) from None
+            raise PluginError(_message(e)) from None
+
+    def merge(self, name: str, body: dict) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object(
+                api.GROUP, api.VERSION, self.namespace, api.PLURAL, name, body
+            )
+        except ApiException as e:
+            raise PluginError(_message(e)) from None
+        self.say(
+            name,
+            f"kubectl patch vm {name} -n {self.namespace} --type merge -p {shlex.quote(json.dumps(body))}",
+        )
+
+    def json_patch(self, name: str, ops: list[dict]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object(
+                api.GROUP,
+                api.VERSION,
+                self.namespace,
+                api.PLURAL,
+                name,
+                ops,
+                _content_type="application/json-patch+json",
+            )
+        except ApiException as e:
+            raise PluginError(_message(e)) from None
+        self.say(
+            name, f"kubectl patch vm {name} -n {self.namespace} --type json -p {shlex.quote(json.dumps(ops))}"
+        )
+
+    def say(self, name: str, equivalent: str) -> None:
+        print(f"virtualmachine.edgevirt.io/{name} {self.args.command} requested")
+        print(f"  (same as: {equivalent})", file=sys.stderr)
+
+    def request(self, name: str, value: str) -> None:
+        self.merge(name, {"metadata": {"annotations": {api.STATE_REQUEST: value}}})
+
+    # ------------------------------------------------------------------ commands
+    def start(self, vm: dict) -> None:
+        name, spec = vm["metadata"]["name"], vm.get("spec") or {}
+        strategy = api.run_strategy(spec)
+        if "runStrategy" not in spec:
+            if spec.get("running"):
+                raise PluginError(f"VM {name} is already set to run (spec.running: true)")
+            return self.merge(name, {"spec": {"running": True}})
+        if strategy == "Always":
+            raise PluginError(f"VM {name} is already set to run (runStrategy: Always)")
+        if strategy == "Halted":
+            return self.merge(name, {"spec": {"runStrategy": "Always"}})
+        return self.request(name, "start")
+
+    def stop(self, vm: dict) -> None:
+        name, spec = vm["metadata"]["name"], vm.get("spec") or {}
+        strategy = api.run_strategy(spec)
+        if "runStrategy" not in spec:
+            if not spec.get("running"):
+                raise PluginError(f"VM {name} is already set to stop (spec.running is not true)")
+            return self.merge(name, {"spec": {"running": False}})
+        if strategy == "Halted":
+            raise PluginError(f"VM {name} is already set to stop (runStrategy: Halted)")
+        if strategy == "Always":
+            return self.merge(name, {"spec": {"runStrategy": "Halted"}})
+        return self.request(name, "stop")
+
+    def restart(self, vm: dict) -> None:
+        name = vm["metadata"]["name"]
+        st = (vm.get("status") or {}).get("printableStatus", api.STOPPED)
+        if st == api.STOPPED or api.run_strategy(vm.get("spec") or {}) == "Halted":
+            raise PluginError(f"VM {name} is not running ({st}): use kubectl vm start {name}")
+        self.request(name, f"restart:{time.time_ns():x}")
+
+    def pause(self, vm: dict) -> None:
+        self.merge(vm["metadata"]["name"], {"spec": {"paused": True}})
+
+    def unpause(self, vm: dict) -> None:
+        name = vm["metadata"]["name"]
+        if not (vm.get("spec") or {}).get("paused"):
+            raise PluginError(f"VM {name} is not paused (spec.paused is not true)")
+        self.merge(name, {"spec": {"paused": False}})
+
+    def mount(self, vm: dict) -> None:
+        a = self.args
+        vol: dict[str, Any] = {"name": a.volume_name, "hotpluggable": True, "bus": a.bus}
+        if a.empty_disk:
+            vol["emptyDisk"] = {"capacity": a.empty_disk}
+        elif a.image:
+            vol["image"] = a.image
+        else:
+            vol["hostDisk"] = {"path": a.host_disk, "type": a.host_disk_type}
+            if a.capacity:
+                vol["hostDisk"]["capacity"] = a.capacity
+        if a.read_only:
+            vol["readOnly"] = True
+        if a.cdrom:
+            vol["cdrom"] = True
+        vols = (vm.get("spec") or {}).get("volumes")
+        if any(v["name"] == a.volume_name for v in vols or []):
+            raise PluginError(f"VM {vm['metadata']['name']} already has a volume named {a.volume_name}")
+        rv = {"op": "test", "path": "/metadata/resourceVersion", "value": vm["metadata"]["resourceVersion"]}
+        op = (
+            {"op": "add", "path": "/spec/volumes/-", "value": vol}
+            if vols is not None
+            else {"op": "add", "path": "/spec/volumes", "value": [vol]}
+        )
+        self.json_patch(vm["metadata"]["name"], [rv, op])
+
+    def unmount(self, vm: dict) -> None:
+        name, vname = vm["metadata"]["name"], self.args.volume_name
+        vols = (vm.get("spec") or {}).get("volumes") or []
+        idx = next((i for i, v in enumerate(vols) if v["name"] == vname), None)
+        if idx is None:
+            raise PluginError(f"VM {name} has no volume named {vname}")
+        if not vols[idx].get("hotpluggable"):
+            raise PluginError(
+                f"volume {vname} of VM {name} is not hotpluggable: edit spec.volumes and restart the VM"
+            )
+        self.json_patch(
+            name,
+            [
+                {"op": "test", "path": f"/spec/volumes/{idx}/name", "value": vname},
+                {"op": "remove", "path": f"/spec/volumes/{idx}"},
+            ],
+        )
+
+    def console(self, vm: dict) -> None:
+        name = vm["metadata"]["name"]
+        st = vm.get("status") or {}
+        if not st.get("podName") or st.get("printableStatus") in (api.STOPPED, api.STOPPING):
+            raise PluginError(f"VM {name} is {st.get('printableStatus', api.STOPPED)}: it has no console now")
+        kubectl = shutil.which("kubectl")
+        if not kubectl:
+            raise PluginError("kubectl is not on PATH")
+        cmd = [kubectl, "-n", self.namespace]
+        if self.args.kubeconfig:
+            cmd += ["--kubeconfig", self.args.kubeconfig]
+        if self.args.context:
+            cmd += ["--context", self.args.context]
+        if self.args.log:
+            cmd += ["logs", "-f", st["podName"], "-c", "compute"]
+        else:
+            cmd += ["attach", "-it", st["podName"], "-c", "compute"]
+        os.execv(kubectl, cmd)
+
+
+def _message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body).get("message") or f"{e.status} {e.reason}"
+    except Exception:
+        return f"{e.status} {e.reason}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; the plugin is built by the VirtualMachine issue."""
-    print("kubectl-vm: not implemented yet (see the VirtualMachine issue)", file=sys.stderr)
-    return 2
+    args = parse_args(argv)
+    try:
+        plugin = Plugin(args)
+        vm = plugin.get(args.name)
+        getattr(plugin, args.command)(vm)
+    except PluginError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -123,10 +123,10 @@ def set_condition(
 def compute(vm: dict, pod: dict | None, create_error: str = "") -> dict[str, Any]:
     """The cluster-mode part of the VM's status (a full replacement of those fields)."""
     old = vm.get("status") or {}
-    spec = vm.get("spec") or {}
     gen = int(vm["metadata"].get("generation") or 0)
     pstatus, message = printable(vm, pod, create_error)
-    node = spec.get("nodeName") or ((pod or {}).get("spec") or {}).get("nodeName") or old.get("nodeName")
+    # the node the VM was actually placed on (its disks are there); a pin alone is not a placement
+    node = ((pod or {}).get("spec") or {}).get("nodeName") or old.get("nodeName")
     ips = [p["ip"] for p in ((pod or {}).get("status") or {}).get("podIPs") or [] if p.get("ip")]
     if pod_state(pod) is not PodState.ACTIVE:
         ips = []

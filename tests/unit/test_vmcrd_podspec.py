@@ -1,0 +1,205 @@
+"""VM pod derivation (vmcrd.podspec) and status derivation (vmcrd.status), property-based."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmcrd import api, podspec, status
+
+names = st.from_regex(r"[a-z]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
+macs = st.lists(st.integers(0, 255), min_size=6, max_size=6).map(lambda b: ":".join(f"{x:02x}" for x in b))
+volume = st.builds(
+    lambda name, hot, src, bus: {"name": name, "hotpluggable": hot, **src, "bus": bus},
+    names,
+    st.booleans(),
+    st.sampled_from(
+        [
+            {"emptyDisk": {"capacity": "1Gi"}},
+            {"image": "127.0.0.1:5000/vm/data:1"},
+            {"hostDisk": {"path": "/var/lib/edgevirt/hostdisks/a.img", "type": "Disk"}},
+        ]
+    ),
+    st.sampled_from(["virtio", "scsi"]),
+)
+specs = st.fixed_dictionaries(
+    {
+        "cpu": st.integers(1, 64),
+        "memory": st.sampled_from(["64Mi", "256Mi", "1Gi", "1500M"]),
+        "image": st.sampled_from(
+            [
+                "127.0.0.1:5000/vm/alpine-disk:3.20",
+                "file:///var/lib/images/a.qcow2",
+                "https://x/y.img#sha256=ab",
+            ]
+        ),
+    },
+    optional={
+        "running": st.booleans(),
+        "nodeName": names,
+        "networks": st.lists(st.fixed_dictionaries({"name": st.just("default"), "mac": macs}), max_size=1),
+        "cloudInit": st.fixed_dictionaries({"userData": st.text(max_size=200)}),
+        "kernelBoot": st.fixed_dictionaries(
+            {"kernel": st.just("/boot/vmlinuz"), "cmdline": st.text(max_size=30)}
+        ),
+        "volumes": st.lists(volume, max_size=4, unique_by=lambda v: v["name"]),
+        "paused": st.booleans(),
+    },
+)
+
+
+def make_vm(spec: dict, name: str = "web", uid: str = "11111111-2222-3333-4444-555555555555") -> dict:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name, "namespace": "ns1", "uid": uid, "generation": 3},
+        "spec": spec,
+    }
+
+
+@given(specs, names, st.one_of(st.none(), names))
+def test_pod_carries_the_contract(spec, name, node):
+    vm = make_vm(spec, name)
+    pod = podspec.build_pod(vm, node)
+    m, ps = pod["metadata"], pod["spec"]
+    assert m["name"] == f"{name}-vm" and m["namespace"] == "ns1"
+    (ref,) = m["ownerReferences"]
+    assert ref["uid"] == vm["metadata"]["uid"] and ref["controller"] and ref["kind"] == "VirtualMachine"
+    assert ps["runtimeClassName"] == "kvm" and ps["restartPolicy"] == "Never"
+    (c,) = ps["containers"]
+    want = {"cpu": str(spec["cpu"]), "memory": spec["memory"]}
+    assert c["resources"]["requests"] == want == c["resources"]["limits"]
+    ann = m["annotations"]
+    assert ann[podspec.ANN_VM_UID] == vm["metadata"]["uid"]
+    assert ann[podspec.ANN_IMAGE] == spec["image"]
+    assert json.loads(ann[podspec.ANN_VOLUMES]) == spec.get("volumes", [])
+    assert c["image"] == (spec["image"] if spec["image"].startswith("127.") else podspec.PLACEHOLDER_IMAGE)
+    if spec.get("networks"):
+        assert ann[podspec.ANN_MAC] == spec["networks"][0]["mac"]
+    else:
+        assert podspec.ANN_MAC not in ann
+    if (spec.get("cloudInit") or {}).get("userData"):
+        assert ann[podspec.ANN_CLOUD_INIT_USER_DATA] == spec["cloudInit"]["userData"]
+    else:
+        assert podspec.ANN_CLOUD_INIT_USER_DATA not in ann
+    if spec.get("kernelBoot"):
+        assert json.loads(ann[podspec.ANN_KERNEL_BOOT]) == spec["kernelBoot"]
+    terms = (
+        (ps.get("affinity") or {})
+        .get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution")
+    )
+    if node:
+        assert terms["nodeSelectorTerms"][0]["matchFields"][0]["values"] == [node]
+    else:
+        assert terms is None
+    assert all(v is None or isinstance(v, str) for v in ann.values())
+    assert podspec.build_pod(vm, node) == pod  # deterministic: a restarted controller builds the same pod
+
+
+@given(specs, st.booleans(), st.booleans())
+def test_spec_hash_ignores_run_state_pause_and_hotplug(spec, running, paused):
+    h = podspec.spec_hash(spec)
+    other = {**spec, "running": running, "paused": paused}
+    other["volumes"] = [
+        *spec.get("volumes", []),
+        {"name": "zz-hot", "hotpluggable": True, "emptyDisk": {"capacity": "1Gi"}},
+    ]
+    assert podspec.spec_hash(other) == h
+
+
+@given(specs, st.sampled_from(["cpu", "memory", "image", "kernelBoot", "cloudInit", "nodeName", "cold"]))
+def test_spec_hash_changes_with_boot_fields(spec, field):
+    changed = dict(spec)
+    if field == "cpu":
+        changed["cpu"] = spec["cpu"] + 1
+    elif field == "memory":
+        changed["memory"] = spec["memory"] + "0"
+    elif field == "image":
+        changed["image"] = spec["image"] + "x"
+    elif field == "kernelBoot":
+        changed["kernelBoot"] = {"kernel": "/other"}
+    elif field == "cloudInit":
+        changed["cloudInit"] = {"userData": (spec.get("cloudInit") or {}).get("userData", "") + "x"}
+    elif field == "nodeName":
+        changed["nodeName"] = (spec.get("nodeName") or "") + "x"
+    else:
+        changed["volumes"] = [*spec.get("volumes", []), {"name": "zz-cold", "emptyDisk": {"capacity": "1Gi"}}]
+    assert podspec.spec_hash(changed) != podspec.spec_hash(spec)
+
+
+def test_oci_reference_detection():
+    assert podspec.is_oci_ref("127.0.0.1:5000/vm/alpine-disk:3.20")
+    assert podspec.is_oci_ref("busybox")
+    assert not podspec.is_oci_ref("file:///x.qcow2")
+    assert not podspec.is_oci_ref("https://example/x.img#sha256=00")
+    assert not podspec.is_oci_ref("")
+
+
+def pod(phase: str = "Pending", **extra) -> dict:
+    p = {
+        "metadata": {"name": "web-vm", "annotations": {}},
+        "spec": {"nodeName": "n1"},
+        "status": {"phase": phase},
+    }
+    p["status"].update(extra)
+    return p
+
+
+def cond(st_: dict, t: str) -> dict:
+    return next(c for c in st_["conditions"] if c["type"] == t)
+
+
+def test_status_running_ready_paused_and_ips():
+    vm = make_vm({"running": True, "image": "x", "cpu": 1, "memory": "64Mi"})
+    ready = pod("Running", conditions=[{"type": "Ready", "status": "True"}], podIPs=[{"ip": "10.0.0.5"}])
+    ready["metadata"]["annotations"][podspec.ANN_SPEC_HASH] = podspec.spec_hash(vm["spec"])
+    s = status.compute(vm, ready)
+    assert s["printableStatus"] == "Running" and s["ipAddresses"] == ["10.0.0.5"] and s["nodeName"] == "n1"
+    assert cond(s, "Ready")["status"] == "True" and cond(s, "RestartRequired")["status"] == "False"
+    assert all(c["observedGeneration"] == 3 for c in s["conditions"])
+    vm["status"] = {**s, "domainState": "Paused"}
+    s2 = status.compute(vm, ready)
+    assert s2["printableStatus"] == "Paused" and cond(s2, "Paused")["status"] == "True"
+    assert cond(s2, "Ready")["status"] == "False"
+    assert cond(s2, "Failure")["lastTransitionTime"] == cond(s, "Failure")["lastTransitionTime"]
+
+
+def test_status_failures_name_the_cause():
+    vm = make_vm({"running": True, "image": "x"})
+    unsched = pod(
+        conditions=[
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}
+        ]
+    )
+    s = status.compute(vm, unsched)
+    assert s["printableStatus"] == "Unschedulable" and cond(s, "Failure")["message"] == "0/1 nodes"
+    img = pod(
+        containerStatuses=[{"state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]
+    )
+    assert status.compute(vm, img)["printableStatus"] == "ErrorImage"
+    assert status.compute(vm, pod("Failed", message="oom"))["printableStatus"] == "Failed"
+    assert status.compute(vm, pod("Succeeded"))["printableStatus"] == "Stopped"
+    assert status.compute(vm, None, "RuntimeClass missing")["printableStatus"] == "Failed"
+
+
+@given(st.booleans(), st.sampled_from(api.STRATEGIES))
+def test_status_without_pod_is_starting_or_stopped(running, strategy):
+    vm = make_vm({"runStrategy": strategy, "image": "x"})
+    s = status.compute(vm, None)
+    assert s["printableStatus"] == (
+        "Starting" if strategy in ("Always", "RerunOnFailure", "Once") else "Stopped"
+    )
+    assert s["podName"] is None and s["ipAddresses"] == []
+
+
+def test_restart_required_when_boot_spec_changed():
+    vm = make_vm({"running": True, "image": "x", "cpu": 1})
+    p = pod("Running", conditions=[{"type": "Ready", "status": "True"}])
+    p["metadata"]["annotations"][podspec.ANN_SPEC_HASH] = podspec.spec_hash(vm["spec"])
+    assert not status.restart_required(vm, p)
+    vm["spec"]["cpu"] = 2
+    assert status.restart_required(vm, p)
+    assert cond(status.compute(vm, p), "RestartRequired")["reason"] == "BootSpecChanged"
