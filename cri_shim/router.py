@@ -34,6 +34,11 @@ from .state import IdIndex
 
 log = logging.getLogger("edgevirt-cri.router")
 
+# CRI api.proto: these "must not return an error if the [sandbox|container] has already been removed"
+# (StopPodSandbox: "if all relevant resources have already been reclaimed"). containerd 1.6 answers
+# NotFound for StopPodSandbox of an unknown sandbox; the shim answers success, as the contract says.
+IDEMPOTENT = frozenset({"StopPodSandbox", "RemovePodSandbox", "RemoveContainer"})
+
 # How many (method, backend, request) answers of fan-out calls are kept for a backend that goes down.
 LAST_ANSWERS = 256
 
@@ -171,7 +176,14 @@ class Router:
 
     def _by_sandbox(self, method: str, request: bytes, sandbox_id: str, timeout: float | None) -> bytes:
         backend = self._owner("sandbox", sandbox_id, timeout)
-        raw = backend.invoke(method, request, timeout)
+        try:
+            raw = backend.invoke(method, request, timeout)
+        except BackendError as e:
+            if method in IDEMPOTENT and e.code == grpc.StatusCode.NOT_FOUND:
+                # CRI: "idempotent, must not return an error if [it] has already been removed".
+                self.index.remove_sandbox(sandbox_id)
+                return b""
+            raise
         if method == "CreateContainer":
             cid = self.api.CreateContainerResponse.FromString(raw).container_id
             try:
@@ -184,7 +196,13 @@ class Router:
 
     def _by_container(self, method: str, request: bytes, container_id: str, timeout: float | None) -> bytes:
         backend = self._owner("container", container_id, timeout)
-        raw = backend.invoke(method, request, timeout)
+        try:
+            raw = backend.invoke(method, request, timeout)
+        except BackendError as e:
+            if method in IDEMPOTENT and e.code == grpc.StatusCode.NOT_FOUND:
+                self.index.remove_container(container_id)
+                return b""
+            raise
         if method == "RemoveContainer":
             self.index.remove_container(container_id)
         return raw

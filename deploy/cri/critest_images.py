@@ -8,7 +8,7 @@ and gcr.io/k8s-staging-cri-tools/test-image-* (tags, three distinct images, USER
 a predefined supplementary group). Not buildable: test-image-digest@sha256:9700f9a2... (a digest of
 upstream bytes); critest's "digest" tests are skipped for both endpoints.
 
-Usage: python deploy/cri/critest_images.py   (idempotent: an image already in the registry is kept)
+Usage: python deploy/cri/critest_images.py [--force]  (an image already in the registry is kept)
 """
 
 from __future__ import annotations
@@ -42,46 +42,29 @@ def _rootfs(root: Path, www: str | None = None) -> None:
         (root / "www" / "index.html").write_text(www)
 
 
+def _web(port: int) -> list[str]:
+    script = f"mkdir -p /var/run && echo $$ > /var/run/nginx.pid && exec httpd -f -p {port} -h /www"
+    return [
+        "--config.entrypoint",
+        "sh",
+        "--config.entrypoint",
+        "-c",
+        "--config.entrypoint",
+        script,
+        "--config.exposedports",
+        f"{port}/tcp",
+    ]
+
+
 # repo -> (tags, umoci config args, page served or None)
 IMAGES: dict[str, tuple[list[str], list[str], str | None]] = {
     f"{E2E}/busybox": (["1.29-2"], ["--config.cmd", "sh"], None),
-    f"{E2E}/nginx": (
-        ["1.14-2"],
-        [
-            "--config.entrypoint",
-            "httpd",
-            "--config.cmd",
-            "-f",
-            "--config.cmd",
-            "-p",
-            "--config.cmd",
-            "80",
-            "--config.cmd",
-            "-h",
-            "--config.cmd",
-            "/www",
-            "--config.exposedports",
-            "80/tcp",
-        ],
-        "<html><body>edgevirt test web server</body></html>\n",
-    ),
+    # nginx stand-ins: busybox httpd, pid written where nginx writes it (critest's HostPID test reads it).
+    f"{E2E}/nginx": (["1.14-2"], _web(80), "<html><body>edgevirt test web server</body></html>\n"),
     f"{STAGING}/hostnet-nginx-amd64": (
         ["latest"],
-        [
-            "--config.entrypoint",
-            "httpd",
-            "--config.cmd",
-            "-f",
-            "--config.cmd",
-            "-p",
-            "--config.cmd",
-            "12003",
-            "--config.cmd",
-            "-h",
-            "--config.cmd",
-            "/www",
-        ],
-        "<html><body>edgevirt hostnet test web server</body></html>\n",
+        _web(12003),
+        "<html><body>edgevirt hostnet</body></html>\n",
     ),
     f"{STAGING}/test-image-latest": (["latest"], ["--config.cmd", "sh"], None),
     f"{STAGING}/test-image-tag": (["test", "all"], ["--config.cmd", "sh"], None),
@@ -125,12 +108,16 @@ IMAGES: dict[str, tuple[list[str], list[str], str | None]] = {
 }
 
 
-def ensure() -> list[str]:
-    """Build and push what is missing; returns the repos pushed."""
+PATH_ENV = ["--config.env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+
+
+def ensure(force: bool = False) -> list[str]:
+    """Build and push what is missing (everything with force); returns the repos pushed."""
     pushed = []
     for repo, (tags, config, www) in IMAGES.items():
-        if all(images.in_registry(repo, t) for t in tags):
+        if not force and all(images.in_registry(repo, t) for t in tags):
             continue
+        config = PATH_ENV + config
         with tempfile.TemporaryDirectory(prefix="critest-img-") as d:
             root, layout = Path(d) / "rootfs", Path(d) / "layout"
             _rootfs(root, www)
@@ -142,5 +129,5 @@ def ensure() -> list[str]:
 
 
 if __name__ == "__main__":
-    ensure()
+    ensure(force="--force" in sys.argv)
     print("[critest-images] all critest images are in the local registry")

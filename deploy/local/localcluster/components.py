@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from .paths import (
     ETCD_CLIENT,
     ETCD_PEER,
     REGISTRY_ADDR,
+    REPO,
     SERVICE_CIDR,
     Paths,
     node_name,
@@ -162,6 +165,45 @@ def _containerd_argv(p: Paths) -> list[str]:
     return [p.tool("containerd"), "--config", str(configs.containerd(p, cni_bin_dirs()))]
 
 
+# --- edgevirt-cri (kubelet's CRI endpoint, in front of containerd) ---
+def cri_enabled() -> bool:
+    """kubelet talks to edgevirt-cri unless EDGEVIRT_LOCAL_CRI=containerd (straight to containerd)."""
+    return os.environ.get("EDGEVIRT_LOCAL_CRI", "edgevirt-cri") != "containerd"
+
+
+def _cri_argv(p: Paths) -> list[str]:
+    venv_python = REPO / ".venv" / "bin" / "python"
+    python = str(venv_python) if venv_python.exists() else sys.executable
+    return [python, "-m", "cri_shim.cli", "--config", str(configs.edgevirt_cri(p))]
+
+
+def _cri_prepare(p: Paths) -> None:
+    p.cri_sock.parent.mkdir(parents=True, exist_ok=True)
+    p.cri_state.mkdir(parents=True, exist_ok=True)
+    _apply_runtimeclasses(p)
+
+
+RUNTIMECLASSES = REPO / "deploy" / "manifests" / "runtimeclasses.yaml"
+
+
+def _apply_runtimeclasses(p: Paths) -> None:
+    """RuntimeClasses runc, kata, kvm (kubectl apply: idempotent). Needs the API server; skipped
+    with a note when it is not running (e.g. `up edgevirt-cri` alone)."""
+    try:
+        if not health.https_ok(f"https://127.0.0.1:{APISERVER_PORT}/readyz", p, "admin"):
+            return
+    except OSError:
+        print("[edgevirt-local] edgevirt-cri: API server not up; RuntimeClasses not applied", flush=True)
+        return
+    res = subprocess.run(
+        [p.tool("kubectl"), f"--kubeconfig={p.kubeconfig}", "apply", "-f", str(RUNTIMECLASSES)],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"kubectl apply -f {RUNTIMECLASSES} failed: {res.stderr.strip()}")
+
+
 # --- libvirt ---
 LIBVIRT_SOCK = Path("/var/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/var/run/libvirt/virtlogd-sock")
@@ -183,9 +225,10 @@ def _libvirtd_argv(p: Paths) -> list[str]:
 # --- kubelet ---
 def _kubelet_argv(p: Paths) -> list[str]:
     node = node_name()
+    endpoint = p.cri_sock if cri_enabled() else p.containerd_sock
     return [
         p.tool("kubelet"),
-        f"--config={configs.kubelet(p, node)}",
+        f"--config={configs.kubelet(p, node, endpoint)}",
         f"--kubeconfig={_kubeconfig(p, 'kubelet')}",
         f"--root-dir={p.kubelet_dir}",
         f"--hostname-override={node}",
@@ -227,6 +270,13 @@ COMPONENTS: list[Component] = [
         _containerd_argv,
         lambda p: health.unix_ok(p.containerd_sock),
         prepare=_containerd_prepare,
+    ),
+    Component(
+        "edgevirt-cri",
+        _cri_argv,
+        lambda p: health.unix_ok(p.cri_sock),
+        prepare=_cri_prepare,
+        env={"PYTHONPATH": str(REPO)},
     ),
     Component(
         "virtlogd",

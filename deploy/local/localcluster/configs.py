@@ -139,9 +139,32 @@ def pod_network(paths: Paths) -> Path:
     return _write(paths.cni_conf_dir / "10-edgevirt-pods.conflist", json.dumps(conf, indent=2) + "\n")
 
 
-def kubelet(paths: Paths, node: str) -> Path:
+def edgevirt_cri(paths: Paths) -> Path:
+    """edgevirt-cri in front of the cluster's containerd: handlers "", runc and kata pass through to
+    containerd; kvm is added when the VM backend exists (see deploy/cri/edgevirt-cri.yaml)."""
+    return _write(
+        paths.etc / "edgevirt-cri.yaml",
+        f"""# Written by deploy/local (localcluster/configs.py); edits are overwritten.
+socket: {paths.cri_sock}
+socket_mode: "0660"
+state_dir: {paths.cri_state}
+backends:
+  containerd:
+    type: containerd
+    socket: {paths.containerd_sock}
+handlers:
+  "": containerd
+  runc: containerd
+  kata: containerd
+""",
+    )
+
+
+def kubelet(paths: Paths, node: str, runtime_endpoint: Path | None = None) -> Path:
     """kubelet: cgroupfs driver (no systemd here), cgroup v1 allowed, swap tolerated, served on
-    127.0.0.1 only, x509 + webhook authn/authz against the API server."""
+    127.0.0.1 only, x509 + webhook authn/authz against the API server. Its CRI endpoint is
+    `runtime_endpoint` (the cluster passes edgevirt-cri's socket), containerd's by default."""
+    endpoint = runtime_endpoint or paths.containerd_sock
     return _write(
         paths.etc / "kubelet.yaml",
         f"""apiVersion: kubelet.config.k8s.io/v1beta1
@@ -156,7 +179,7 @@ cgroupDriver: cgroupfs
 failCgroupV1: false
 failSwapOn: false
 memorySwap: {{}}
-containerRuntimeEndpoint: unix://{paths.containerd_sock}
+containerRuntimeEndpoint: unix://{endpoint}
 staticPodPath: ""
 authentication:
   anonymous: {{enabled: false}}

@@ -83,6 +83,16 @@ class Paths:
         return self.run / "containerd" / "containerd.sock"
 
     @property
+    def cri_sock(self) -> Path:
+        """edgevirt-cri's socket: kubelet's runtime and image endpoint."""
+        return self.run / "edgevirt-cri" / "cri.sock"
+
+    @property
+    def cri_state(self) -> Path:
+        """edgevirt-cri's ID -> backend records (kept across restarts of the shim)."""
+        return self.data / "edgevirt-cri"
+
+    @property
     def kubelet_dir(self) -> Path:
         return self.data / "kubelet"
 
