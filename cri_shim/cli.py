@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for h, why in unavailable.items():
         log.warning("not serving handler %r: %s", h, why)
+    threading.Thread(
+        target=lambda: log.info("pruned %d stale ID record(s)", router.prune()), daemon=True
+    ).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -311,6 +311,32 @@ class Router:
         finally:
             stop.set()
 
+    def prune(self) -> int:
+        """Forget recorded IDs their backend no longer has (removed while the shim was down, e.g.
+        by `crictl rmp` straight to containerd). A backend that does not answer is left alone.
+        Returns how many records were dropped."""
+        before = len(self.index.sandboxes) + len(self.index.containers)
+        for backend in self._order:
+            try:
+                pods = self.api.ListPodSandboxResponse.FromString(
+                    backend.invoke("ListPodSandbox", b"", 30)
+                ).items
+                ctrs = self.api.ListContainersResponse.FromString(
+                    backend.invoke("ListContainers", b"", 30)
+                ).containers
+            except BackendError as e:
+                log.warning("not pruning records of backend %s: %s", backend.name, e.message)
+                continue
+            live_pods = {p.id for p in pods}
+            live_ctrs = {c.id for c in ctrs}
+            for sid, name in list(self.index.sandboxes.items()):
+                if name == backend.name and sid not in live_pods:
+                    self.index.remove_sandbox(sid)
+            for cid, (name, _) in list(self.index.containers.items()):
+                if name == backend.name and cid not in live_ctrs:
+                    self.index.remove_container(cid)
+        return before - len(self.index.sandboxes) - len(self.index.containers)
+
     def ordered(self) -> list[Backend]:
         """The backends, the default handler's first."""
         return list(self._order)

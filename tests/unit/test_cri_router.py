@@ -269,3 +269,36 @@ def test_status_is_not_ready_when_the_default_backend_is_down(tmp_path):
     assert conds["RuntimeReady"].status is False and conds["NetworkReady"].status is False
     assert "containerd" in conds["RuntimeReady"].message
     assert sorted(h.name for h in st.runtime_handlers) == ["kvm"]
+
+
+def test_removes_of_unknown_ids_succeed_as_cri_requires(tmp_path):
+    r, ctd, _vm = make_router(tmp_path)
+
+    def not_found(req):
+        raise BackendError(grpc.StatusCode.NOT_FOUND, "an error occurred when try to find sandbox: not found")
+
+    ctd.stop_pod_sandbox = not_found  # what containerd 1.6 answers for an unknown sandbox
+    unknown = "e" * 64
+    assert (
+        r.call("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=unknown).SerializeToString()) == b""
+    )
+    assert (
+        r.call("RemoveContainer", api.RemoveContainerRequest(container_id=unknown).SerializeToString()) == b""
+    )
+    # Not for calls that must report a missing object.
+    with pytest.raises(BackendError) as e:
+        r.call("PodSandboxStatus", api.PodSandboxStatusRequest(pod_sandbox_id=unknown).SerializeToString())
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_prune_drops_records_of_ids_the_backend_no_longer_has(tmp_path):
+    r, ctd, vm = make_router(tmp_path)
+    a, b = run_pod(r, "runc", "a"), run_pod(r, "kvm", "b")
+    ca = create_ctr(r, a, "x")
+    # Removed behind the shim's back (e.g. crictl rmp straight to containerd while the shim was down).
+    del ctd.sandboxes[a]
+    del ctd.containers[ca]
+    vm.down = True  # a backend that does not answer keeps its records
+    assert r.prune() == 2
+    assert r.index.sandbox_backend(a) is None and r.index.container_backend(ca) is None
+    assert r.index.sandbox_backend(b) == "kvm"
