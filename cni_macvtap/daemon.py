@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from . import plugin, wire
+from . import ipam, plugin, wire
 from .cli import DEFAULT_SOCKET
 from .client import own_netns
 from .errors import DECODING_FAILURE, CNIError
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     daemon = Daemon(args.socket)
     daemon.bind()
+    ipam.IN_PROCESS = os.environ.get("MACVTAP_DAEMON_EXEC_IPAM", "") != "1"
     daemon.warm()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -39,6 +39,35 @@ def find_plugin(name: str, path: Sequence[str]) -> str:
     )
 
 
+IN_PROCESS = False  # `macvtap daemon` turns this on: host-local is then served by cni_macvtap.hostlocal
+
+
+def delegate(
+    name: str, command: str, environ: Mapping[str, str], path: Sequence[str], stdin: bytes
+) -> dict[str, Any] | None:
+    """IPAM for ADD, DEL and CHECK: in-process host-local when enabled and the config is in the served
+    subset (same on-disk state, same results), else the plugin binary from CNI_PATH."""
+    if IN_PROCESS and name == "host-local" and command in ("ADD", "DEL", "CHECK"):
+        from . import hostlocal
+
+        try:
+            doc = json.loads(stdin)
+        except ValueError:
+            doc = None
+        cfg = hostlocal.supported(doc, environ) if isinstance(doc, dict) else None
+        if cfg is not None:
+            find_plugin(name, path)  # same "not on CNI_PATH" failure as without the daemon
+            cid, ifname = environ.get("CNI_CONTAINERID", ""), environ.get("CNI_IFNAME", "")
+            if command == "ADD":
+                return hostlocal.add(cfg, cid, ifname)
+            if command == "DEL":
+                hostlocal.delete(cfg, cid, ifname)
+            else:
+                hostlocal.check(cfg, cid, ifname)
+            return None
+    return exec_plugin(name, command, environ, path, stdin)
+
+
 def _with_version(stdin: bytes, version: str) -> bytes:
     doc = json.loads(stdin)
     doc["cniVersion"] = version

@@ -186,11 +186,9 @@ def cmd_add(inv: Invocation, conf: config.NetConf) -> dict[str, Any]:
                     "routes": [],
                 }
                 if conf.ipam_type:
-                    raw = ipam.exec_plugin(conf.ipam_type, "ADD", inv.environ, inv.path, inv.stdin)
+                    raw = ipam.delegate(conf.ipam_type, "ADD", inv.environ, inv.path, inv.stdin)
                     undo.append(
-                        lambda: ipam.exec_plugin(
-                            conf.ipam_type or "", "DEL", inv.environ, inv.path, inv.stdin
-                        )
+                        lambda: ipam.delegate(conf.ipam_type or "", "DEL", inv.environ, inv.path, inv.stdin)
                     )
                     got = versions.normalize_result(raw or {})
                     for ip in got["ips"]:
@@ -260,7 +258,7 @@ def cmd_del(inv: Invocation, conf: config.NetConf) -> None:
     if inv.netns:
         _delete_link_in(inv.netns, inv.ifname)
     if conf.ipam_type:
-        ipam.exec_plugin(conf.ipam_type, "DEL", inv.environ, inv.path, inv.stdin)
+        ipam.delegate(conf.ipam_type, "DEL", inv.environ, inv.path, inv.stdin)
     devnode.remove(devnode.node_path(conf.device_dir, inv.container_id, inv.ifname))
     state.remove(rec_path)
 
@@ -314,7 +312,7 @@ def cmd_check(inv: Invocation, conf: config.NetConf) -> None:
                 f"prevResult ip {ip.get('address')} points at interface index {idx}, which does not exist"
             )
     if conf.ipam_type:
-        ipam.exec_plugin(conf.ipam_type, "CHECK", inv.environ, inv.path, inv.stdin)
+        ipam.delegate(conf.ipam_type, "CHECK", inv.environ, inv.path, inv.stdin)
 
 
 def cmd_status(inv: Invocation, conf: config.NetConf) -> None:
@@ -358,7 +356,7 @@ def cmd_gc(inv: Invocation, conf: config.NetConf) -> None:
                         CNI_ARGS=str(rec.get("args", "")),
                     )
                     stdin = str(rec["config"]).encode() if rec.get("config") else inv.stdin
-                    ipam.exec_plugin(conf.ipam_type, "DEL", env, inv.path, stdin)
+                    ipam.delegate(conf.ipam_type, "DEL", env, inv.path, stdin)
                 devnode.remove(str(rec.get("devicePath") or devnode.node_path(conf.device_dir, cid, ifname)))
                 state.remove(path)
             except CNIError as exc:
