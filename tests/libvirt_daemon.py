@@ -114,11 +114,17 @@ def _read_pid(path: Path) -> int | None:
         pid = int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+    # a daemon whose parent does not reap it stays a zombie after exiting: that counts as gone
+    return _read_pid_of(pid)
+
+
+def _read_pid_of(pid: int) -> int | None:
+    """``pid`` if that process exists and is not a zombie."""
     try:
-        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return pid
+    return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else pid
 
 
 def _wait_for(pred, timeout: float, what: str) -> None:
@@ -164,6 +170,19 @@ def stop_started(state: DaemonState) -> None:
         if started and pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+
+def restart_libvirtd(state: DaemonState, timeout: float = 30.0) -> None:
+    """Restart a libvirtd that ``state`` says we started (virtlogd keeps running). Updates ``state``."""
+    if not (state.started_libvirtd and state.libvirtd_pid):
+        raise RuntimeError("refusing to restart a libvirtd this process did not start")
+    os.kill(state.libvirtd_pid, signal.SIGTERM)
+    _wait_for(
+        lambda: _read_pid(LIBVIRTD_PIDFILE) is None and not libvirtd_answers(), timeout, "libvirtd to stop"
+    )
+    subprocess.run(["libvirtd", "-d"], check=True)
+    _wait_for(libvirtd_answers, timeout, "libvirtd to answer again")
+    state.libvirtd_pid = _read_pid(LIBVIRTD_PIDFILE)
 
 
 if __name__ == "__main__":
