@@ -49,7 +49,7 @@ BUSYBOX = Path("/bin/busybox")
 # MACHINE.md gives: virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
 # failover, net_failover, virtio_net.
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "cdrom", "isofs", "crc32c_generic", "ext4")
-# ACPI power button -> /dev/input/event* for busybox acpid (graceful shutdown), virtio-scsi for hotplug.
+# ACPI power button -> /dev/input/event* (graceful shutdown), virtio-scsi + sd_mod for hotplug on scsi.
 MODULES += ("button", "evdev", "virtio_scsi", "sd_mod")
 
 INIT = r"""#!/bin/busybox sh
@@ -88,12 +88,12 @@ else
 fi
 say "up"
 if [ -n "$off" ]; then sleep "$off"; poweroff -f; fi
-# ACPI power button (libvirt shutdown) -> poweroff; block devices appearing/leaving -> markers
-mkdir -p /etc/acpi/PWRF
-printf '#!/bin/sh\necho "EDGEVIRT-GUEST: acpi power button" >/dev/ttyS0\npoweroff -f\n' \
-  > /etc/acpi/PWRF/00000080
-chmod 755 /etc/acpi/PWRF/00000080
-acpid -c /etc/acpi || say "error acpid"
+# ACPI power button (libvirt shutdown) -> poweroff (any event of that input device);
+# block devices appearing/leaving -> markers
+for e in /sys/class/input/event*; do
+  [ "$(cat $e/device/name 2>/dev/null)" = "Power Button" ] || continue
+  (head -c 1 /dev/input/${e##*/} >/dev/null && say "acpi power button" && poweroff -f) &
+done
 blocks=" $(ls /sys/block | tr '\n' ' ')"
 say "blocks$blocks"
 while true; do
