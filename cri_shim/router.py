@@ -164,6 +164,11 @@ class Router:
                 continue
             status = getattr(self.api, f"{method}Response").FromString(raw).status
             full = status.id or id_
+            known = (
+                self.index.sandbox_backend(full) if kind == "sandbox" else self.index.container_backend(full)
+            )
+            if known == backend.name:
+                return backend  # `id_` was a prefix of an ID already recorded
             try:
                 if kind == "sandbox":
                     self.index.add_sandbox(full, backend.name)

@@ -28,10 +28,9 @@ from localcluster import configs, leftovers  # noqa: E402
 from localcluster.components import cni_bin_dirs  # noqa: E402
 from localcluster.paths import Paths  # noqa: E402
 
+NET_LOCKS = Path("/run/edgevirt-cri-test")
 CRICTL = str(REPO / ".local" / "bin" / "crictl")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
-PRIVATE_BRIDGE = "edgevirt-t0"
-PRIVATE_CIDR = "10.245.0.0/24"
 
 
 def wait_until(what: str, check, timeout: float = 60, interval: float = 0.1):
@@ -62,15 +61,47 @@ def _sock_ok(path: Path) -> bool:
 @dataclass
 class PrivateContainerd:
     """containerd 1.6 with its CRI plugin, configured like the cluster's (same config writer) but
-    with its own directories, socket and pod network (bridge edgevirt-t0, 10.245.0.0/24)."""
+    with its own directories, socket and pod network (bridge edgevirt-t<net>, 10.<245+net>.0.0/24)."""
 
     root: Path
+    net: int = 0
     proc: subprocess.Popen | None = None
 
     @classmethod
     def create(cls) -> PrivateContainerd:
+        """Claims a free pod network n (bridge edgevirt-t<n>, subnet 10.<245+n>.0.0/24) with a lock
+        file, so several private containerds (tests, critest, bench) never share a bridge."""
         root = Path(tempfile.mkdtemp(prefix="edgevirt-cri-ctd-", dir="/var/tmp"))
-        return cls(root=root)
+        NET_LOCKS.mkdir(parents=True, exist_ok=True)
+        for n in range(10):
+            lock = NET_LOCKS / f"net{n}"
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = int(lock.read_text() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and Path(f"/proc/{owner}").exists():
+                    continue
+                lock.unlink(missing_ok=True)  # its owner is gone
+                try:
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return cls(root=root, net=n)
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"no free test pod network: 10 lock files in {NET_LOCKS} are held")
+
+    @property
+    def bridge(self) -> str:
+        return f"edgevirt-t{self.net}"
+
+    @property
+    def cidr(self) -> str:
+        return f"10.{245 + self.net}.0.0/24"
 
     @property
     def paths(self) -> Paths:
@@ -90,18 +121,18 @@ class PrivateContainerd:
         cfg = configs.containerd(p, cni_bin_dirs())
         conf = {
             "cniVersion": "1.0.0",
-            "name": "edgevirt-cri-test",
+            "name": f"edgevirt-cri-test{self.net}",
             "plugins": [
                 {
                     "type": "bridge",
-                    "bridge": PRIVATE_BRIDGE,
+                    "bridge": self.bridge,
                     "isGateway": True,
                     "ipMasq": False,
                     "hairpinMode": True,
                     "ipam": {
                         "type": "host-local",
                         "dataDir": str(p.cni_data_dir / "host-local"),
-                        "ranges": [[{"subnet": PRIVATE_CIDR}]],
+                        "ranges": [[{"subnet": self.cidr}]],
                         "routes": [{"dst": "0.0.0.0/0"}],
                     },
                 },
@@ -171,8 +202,9 @@ class PrivateContainerd:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(proc.name), signal.SIGKILL)
         leftovers.unmount_all(self.root)
-        subprocess.run(["ip", "link", "delete", PRIVATE_BRIDGE], capture_output=True)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+        (NET_LOCKS / f"net{self.net}").unlink(missing_ok=True)
 
 
 def crictl(
