@@ -41,12 +41,14 @@ class PluginError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    # the connection flags are accepted before and after the command (kubectl users write both)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", "--namespace", default=argparse.SUPPRESS)
+    common.add_argument("--kubeconfig", default=argparse.SUPPRESS)
+    common.add_argument("--context", default=argparse.SUPPRESS)
     p = argparse.ArgumentParser(
-        prog="kubectl vm", description="Start, stop, pause and mount volumes into VMs."
+        prog="kubectl vm", description="Start, stop, pause and mount volumes into VMs.", parents=[common]
     )
-    p.add_argument("-n", "--namespace")
-    p.add_argument("--kubeconfig")
-    p.add_argument("--context")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd, help_ in [
         ("start", "start the VM"),
@@ -55,9 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("pause", "suspend the guest"),
         ("unpause", "resume the guest"),
     ]:
-        sp = sub.add_parser(cmd, help=help_)
+        sp = sub.add_parser(cmd, help=help_, parents=[common])
         sp.add_argument("name")
-    m = sub.add_parser("mount", help="add a hotpluggable volume (attached live while the VM runs)")
+    m = sub.add_parser(
+        "mount", help="add a hotpluggable volume (attached live while it runs)", parents=[common]
+    )
     m.add_argument("name")
     m.add_argument("--volume-name", required=True)
     src = m.add_mutually_exclusive_group(required=True)
@@ -69,13 +73,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--bus", choices=["virtio", "scsi"], default="virtio")
     m.add_argument("--read-only", action="store_true")
     m.add_argument("--cdrom", action="store_true")
-    u = sub.add_parser("unmount", help="remove a hotpluggable volume (detached live)")
+    u = sub.add_parser("unmount", help="remove a hotpluggable volume (detached live)", parents=[common])
     u.add_argument("name")
     u.add_argument("--volume-name", required=True)
-    c = sub.add_parser("console", help="the guest's serial console")
+    c = sub.add_parser("console", help="the guest's serial console", parents=[common])
     c.add_argument("name")
     c.add_argument("--log", action="store_true", help="follow the console log instead of attaching")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("namespace", "kubeconfig", "context"):
+        setattr(args, flag, getattr(args, flag, None))
+    return args
 
 
 class Plugin:

@@ -1,0 +1,574 @@
+"""edgevirt-controller on the real API server, run as subprocesses with service-account
+kubeconfigs bound to deploy/manifests/vmcrd-rbac.yaml (so the RBAC is exercised too).
+
+What needs the kvm runtime handler (a VM pod that actually runs: Running, IP, hotplug into a live
+domain, pause) is not here: on this node RunPodSandbox of a kvm pod fails until edgevirt-cri
+serves the kvm handler, so VM pods stay Pending (scheduled, sandbox failing) and the VMs Starting.
+Everything the controller decides from that is real: pod creation with the contract, ownership,
+deletion, recreation, status, conditions, events, leader election, crash recovery, finalizer.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+CONTROLLER = str(VENV_BIN / "edgevirt-controller")
+
+
+def wait_for(what: str, check, timeout: float = 120, interval: float = 0.5):
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def installed(cluster):
+    """CRD + RBAC applied (as `kubectl apply -k deploy/` would), and the kvm RuntimeClass present."""
+    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/virtualmachine-crd.yaml"))
+    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/vmcrd-rbac.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s")
+    created = cluster.kubectl("get", "runtimeclass", "kvm", check=False).returncode != 0
+    if created:  # deploy/manifests/runtimeclasses.yaml (CRI part) not applied yet: same object
+        cluster.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input="apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: kvm}\nhandler: kvm\n",
+        )
+    yield cluster
+    if created:
+        cluster.kubectl("delete", "runtimeclass", "kvm", "--ignore-not-found", check=False)
+
+
+def sa_kubeconfig(cluster, sa: str, path: Path) -> Path:
+    admin = yaml.safe_load(cluster.paths.kubeconfig.read_text())
+    c = admin["clusters"][0]["cluster"]
+    token = cluster.kubectl("create", "token", sa, "-n", "edgevirt-system", "--duration=2h").stdout.strip()
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": c}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": "local", "user": sa}}],
+        "current-context": sa,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path, identity: str) -> None:
+        self.identity = identity
+        self.log = log
+        self.p = subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+    def kill9(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGKILL)
+        self.p.wait(30)
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def ns(installed):
+    name = f"vmcrd-{uuid.uuid4().hex[:6]}"
+    installed.kubectl("create", "namespace", name)
+    yield name
+    # controllers are stopped by now (fixture order); drop finalizers nothing would remove, then delete
+    vms = installed.kubectl_json("get", "vm", "-n", name)["items"]
+    for vm in vms:
+        installed.kubectl(
+            "patch",
+            "vm",
+            vm["metadata"]["name"],
+            "-n",
+            name,
+            "--type",
+            "merge",
+            "-p",
+            '{"metadata":{"finalizers":null}}',
+            check=False,
+        )
+    installed.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    installed.kubectl(
+        "delete", "lease", f"vmcrd-{name}", "-n", "edgevirt-system", "--ignore-not-found", check=False
+    )
+
+
+@pytest.fixture
+def controllers(installed, ns, tmp_path):
+    """Factory: start an edgevirt-controller subprocess (cluster or node mode) for ``ns``."""
+    procs: list[Proc] = []
+    kc = {
+        sa: sa_kubeconfig(installed, sa, tmp_path / f"{sa}.kubeconfig")
+        for sa in ("edgevirt-controller", "edgevirt-node")
+    }
+
+    def start(mode: str = "cluster", identity: str | None = None, *extra: str) -> Proc:
+        identity = identity or f"{mode}-{uuid.uuid4().hex[:6]}"
+        args = [CONTROLLER, "--mode", mode, "--namespace", ns, "-v"]
+        if mode == "cluster":
+            args += [
+                "--kubeconfig",
+                str(kc["edgevirt-controller"]),
+                "--identity",
+                identity,
+                "--lease-namespace",
+                "edgevirt-system",
+                "--lease-name",
+                f"vmcrd-{ns}",
+                "--lease-duration",
+                "6",
+                "--renew",
+                "1",
+                "--resync",
+                "30",
+            ]
+        else:
+            args += ["--kubeconfig", str(kc["edgevirt-node"]), "--node", installed.node]
+        p = Proc([*args, *extra], tmp_path / f"{identity}.log", identity)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stop()
+    for p in procs:  # shown when a test failed
+        print(f"--- {p.identity} ---\n{p.output()[-4000:]}")
+
+
+# ------------------------------------------------------------------ helpers
+VM_YAML = """apiVersion: edgevirt.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: {name}}}
+spec:
+  {run}
+  cpu: 2
+  memory: 300Mi
+  image: 127.0.0.1:5000/vm/alpine-disk:3.20
+  kernelBoot: {{kernel: /boot/vmlinuz, cmdline: console=ttyS0}}
+  cloudInit: {{userData: "#cloud-config\\nhostname: {name}\\n"}}
+  networks: [{{name: default, mac: "02:00:00:00:00:2a"}}]
+  volumes:
+  - {{name: data, hotpluggable: true, emptyDisk: {{capacity: 64Mi}}}}
+  - {{name: cold, image: 127.0.0.1:5000/vm/data:1, bus: sata}}
+"""
+
+
+def make_vm(k, ns: str, name: str = "web", run: str = "running: true") -> dict:
+    k.kubectl("apply", "-n", ns, "-f", "-", input=VM_YAML.format(name=name, run=run))
+    return k.kubectl_json("get", "vm", name, "-n", ns)
+
+
+def get(k, ns: str, kind: str, name: str) -> dict | None:
+    r = k.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def vm_pods(k, ns: str) -> list[dict]:
+    return k.kubectl_json("get", "pods", "-n", ns, "-l", "edgevirt.io/vm")["items"]
+
+
+def live_pod(k, ns: str, name: str = "web-vm") -> dict | None:
+    p = get(k, ns, "pod", name)
+    return p if p and not p["metadata"].get("deletionTimestamp") else None
+
+
+def cond(vm: dict, t: str) -> dict:
+    return next(c for c in vm.get("status", {}).get("conditions", []) if c["type"] == t)
+
+
+def events(k, ns: str, name: str = "web") -> list[dict]:
+    return [
+        e
+        for e in k.kubectl_json("get", "events", "-n", ns)["items"]
+        if e["involvedObject"].get("kind") == "VirtualMachine" and e["involvedObject"]["name"] == name
+    ]
+
+
+def reasons(k, ns: str, name: str = "web") -> set[str]:
+    return {e["reason"] for e in events(k, ns, name)}
+
+
+def status_settled(k, ns: str, name: str = "web"):
+    """The VM once the controller has computed status for its current generation."""
+    vm = get(k, ns, "vm", name)
+    if vm and vm.get("status", {}).get("observedGeneration") == vm["metadata"]["generation"]:
+        return vm
+    return None
+
+
+# ------------------------------------------------------------------ tests
+def test_running_true_makes_one_owned_vm_pod_with_the_contract(installed, ns, controllers):
+    k = installed
+    controllers("cluster")
+    vm = make_vm(k, ns)
+    pod = wait_for("the VM pod", lambda: live_pod(k, ns))
+    m, spec = pod["metadata"], pod["spec"]
+    (ref,) = m["ownerReferences"]
+    assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+        "VirtualMachine",
+        "web",
+        vm["metadata"]["uid"],
+        True,
+    )
+    assert spec["runtimeClassName"] == "kvm" and spec["restartPolicy"] == "Never"
+    (c,) = spec["containers"]
+    assert c["image"] == "127.0.0.1:5000/vm/alpine-disk:3.20"
+    assert c["resources"]["requests"] == {"cpu": "2", "memory": "300Mi"} == c["resources"]["limits"]
+    ann = m["annotations"]
+    assert ann["edgevirt.io/vm-uid"] == vm["metadata"]["uid"]
+    assert ann["edgevirt.io/mac"] == "02:00:00:00:00:2a"
+    assert ann["edgevirt.io/cloud-init-user-data"] == "#cloud-config\nhostname: web\n"
+    assert json.loads(ann["edgevirt.io/kernel-boot"]) == {
+        "kernel": "/boot/vmlinuz",
+        "cmdline": "console=ttyS0",
+    }
+    vols = json.loads(ann["edgevirt.io/volumes"])
+    assert [v["name"] for v in vols] == ["data", "cold"] and vols[0]["emptyDisk"] == {"capacity": "64Mi"}
+    assert ann["edgevirt.io/image"] == "127.0.0.1:5000/vm/alpine-disk:3.20"
+    # scheduled to this node; the VM remembers its node; status and conditions are there
+    vm = wait_for(
+        "status.nodeName",
+        lambda: (v := get(k, ns, "vm", "web")) and v.get("status", {}).get("nodeName") and v,
+    )
+    st = vm["status"]
+    assert st["nodeName"] == k.node and st["podName"] == "web-vm"
+    assert st["printableStatus"] == "Starting"  # the kvm handler does not run it on this node yet
+    assert st["observedGeneration"] == vm["metadata"]["generation"]
+    assert {c["type"] for c in st["conditions"]} == {"Ready", "Paused", "RestartRequired", "Failure"}
+    for c_ in st["conditions"]:
+        assert c_["lastTransitionTime"] and c_["observedGeneration"] == vm["metadata"]["generation"]
+    assert cond(vm, "Ready")["status"] == "False"
+    assert vm["metadata"]["finalizers"] == ["edgevirt.io/node-cleanup"]
+    wait_for(
+        "events SuccessfulCreate and Starting", lambda: {"SuccessfulCreate", "Starting"} <= reasons(k, ns)
+    )
+    assert len(vm_pods(k, ns)) == 1
+    row = k.kubectl("get", "vm", "web", "-n", ns, "--no-headers").stdout.split()
+    assert row[:3] == ["web", "Starting", k.node]
+
+
+def test_stop_deletes_pod_and_always_recreates_a_deleted_pod(installed, ns, controllers):
+    k = installed
+    controllers("cluster")
+    make_vm(k, ns)
+    first = wait_for("the VM pod", lambda: live_pod(k, ns))
+    wait_for(
+        "placed on the node", lambda: get(k, ns, "vm", "web").get("status", {}).get("nodeName") == k.node
+    )
+    k.kubectl("delete", "pod", "web-vm", "-n", ns, "--wait=false")
+    second = wait_for(
+        "a new VM pod",
+        lambda: (p := live_pod(k, ns)) and p["metadata"]["uid"] != first["metadata"]["uid"] and p,
+    )
+    # the VM was placed on a node by now: the new pod is pinned there
+    terms = second["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"][0]["matchFields"][0]["values"] == [k.node]
+    k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"running":false}}')
+    wait_for("the VM pod gone", lambda: get(k, ns, "pod", "web-vm") is None)
+    vm = wait_for(
+        "status Stopped",
+        lambda: (v := status_settled(k, ns)) and v["status"]["printableStatus"] == "Stopped" and v,
+    )
+    assert "podName" not in vm["status"] and vm["status"]["ipAddresses"] == []
+    assert vm["status"]["nodeName"] == k.node  # stays: its disks are there
+    wait_for("events", lambda: {"SuccessfulDelete", "Stopped"} <= reasons(k, ns))
+    assert vm_pods(k, ns) == []
+
+
+def test_kill9_and_restart_makes_no_duplicate_and_catches_up(installed, ns, controllers):
+    k = installed
+    c1 = controllers("cluster")
+    make_vm(k, ns)
+    pod = wait_for("the VM pod", lambda: live_pod(k, ns))
+    c1.kill9()
+    # while no controller runs: a boot field changes and the pod is deleted
+    k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"cpu":1}}')
+    controllers("cluster")  # takes over once the killed one's Lease expires
+    vm = wait_for("status for generation 2", lambda: status_settled(k, ns))
+    assert vm["metadata"]["generation"] == 2
+    assert cond(vm, "RestartRequired")["status"] == "True"
+    assert cond(vm, "RestartRequired")["reason"] == "BootSpecChanged"
+    pods = vm_pods(k, ns)
+    assert [p["metadata"]["uid"] for p in pods] == [pod["metadata"]["uid"]]  # same pod, not a second
+    wait_for("RestartRequired event", lambda: "RestartRequired" in reasons(k, ns))
+    # restart through the annotation (what `kubectl vm restart` writes): a new pod with the new spec
+    k.kubectl("annotate", "vm", "web", "-n", ns, "edgevirt.io/state-request=restart:t1")
+    new = wait_for(
+        "the restarted pod",
+        lambda: (p := live_pod(k, ns)) and p["metadata"]["uid"] != pod["metadata"]["uid"] and p,
+    )
+    assert new["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "1"
+    assert new["metadata"]["annotations"]["edgevirt.io/state-request"] == "restart:t1"
+    vm = wait_for(
+        "request consumed",
+        lambda: (
+            (v := get(k, ns, "vm", "web"))
+            and "edgevirt.io/state-request" not in v["metadata"].get("annotations", {})
+            and v
+        ),
+    )
+    wait_for(
+        "RestartRequired False", lambda: cond(get(k, ns, "vm", "web"), "RestartRequired")["status"] == "False"
+    )
+    assert len(vm_pods(k, ns)) == 1
+
+
+def test_two_controllers_one_acts_and_the_other_takes_over(installed, ns, controllers):
+    k = installed
+    a = controllers("cluster", "ctl-a")
+    b = controllers("cluster", "ctl-b")
+    lease = wait_for(
+        "a lease holder",
+        lambda: (
+            (l_ := get(k, "edgevirt-system", "lease", f"vmcrd-{ns}"))
+            and l_["spec"].get("holderIdentity")
+            and l_
+        ),
+    )
+    leader = lease["spec"]["holderIdentity"]
+    standby = {"ctl-a": b, "ctl-b": a}[leader]
+    make_vm(k, ns)
+    wait_for("the VM pod", lambda: live_pod(k, ns))
+    wait_for("Starting event", lambda: "Starting" in reasons(k, ns))
+    assert {e["source"]["host"] for e in events(k, ns)} == {leader}
+    (a if leader == "ctl-a" else b).kill9()
+    wait_for(
+        "the standby to lead",
+        lambda: (
+            get(k, "edgevirt-system", "lease", f"vmcrd-{ns}")["spec"].get("holderIdentity")
+            == standby.identity
+        ),
+    )
+    k.kubectl("delete", "pod", "web-vm", "-n", ns, "--wait=false")
+    wait_for(
+        "a new VM pod by the new leader",
+        lambda: (
+            "SuccessfulCreate"
+            in {e["reason"] for e in events(k, ns) if e["source"]["host"] == standby.identity}
+        ),
+    )
+    assert len(vm_pods(k, ns)) <= 1
+
+
+def test_manual_strategy_acts_only_on_requests(installed, ns, controllers):
+    k = installed
+    controllers("cluster")
+    make_vm(k, ns, run="runStrategy: Manual")
+    vm = wait_for("status", lambda: status_settled(k, ns))
+    assert vm["status"]["printableStatus"] == "Stopped" and vm_pods(k, ns) == []
+    k.kubectl("annotate", "vm", "web", "-n", ns, "edgevirt.io/state-request=start")
+    wait_for("the VM pod", lambda: live_pod(k, ns))
+    wait_for(
+        "start consumed",
+        lambda: "edgevirt.io/state-request" not in get(k, ns, "vm", "web")["metadata"].get("annotations", {}),
+    )
+    k.kubectl("delete", "pod", "web-vm", "-n", ns, "--wait=false")
+    wait_for("the pod gone", lambda: get(k, ns, "pod", "web-vm") is None)
+    vm = wait_for(
+        "Stopped", lambda: (v := get(k, ns, "vm", "web"))["status"]["printableStatus"] == "Stopped" and v
+    )
+    assert vm_pods(k, ns) == []  # Manual: not recreated
+    k.kubectl("annotate", "vm", "web", "-n", ns, "edgevirt.io/state-request=start")
+    wait_for("the VM pod again", lambda: live_pod(k, ns))
+    k.kubectl("annotate", "--overwrite", "vm", "web", "-n", ns, "edgevirt.io/state-request=stop")
+    wait_for("the pod gone after stop", lambda: get(k, ns, "pod", "web-vm") is None)
+    assert get(k, ns, "vm", "web")["metadata"]["annotations"]["edgevirt.io/state-request"] == "stop"
+
+
+def test_unschedulable_vm_reports_failure_and_is_deleted_without_node_state(installed, ns, controllers):
+    k = installed
+    controllers("cluster")
+    k.kubectl(
+        "apply",
+        "-n",
+        ns,
+        "-f",
+        "-",
+        input=VM_YAML.format(name="ghost", run="running: true\n  nodeName: no-such-node"),
+    )
+    vm = wait_for(
+        "Unschedulable",
+        lambda: (
+            (v := get(k, ns, "vm", "ghost"))
+            and v.get("status", {}).get("printableStatus") == "Unschedulable"
+            and v
+        ),
+    )
+    f = cond(vm, "Failure")
+    assert f["status"] == "True" and f["reason"] == "Unschedulable" and f["message"]
+    assert "nodeName" not in vm["status"]
+    wait_for("Unschedulable event", lambda: "Unschedulable" in reasons(k, ns, "ghost"))
+    # never placed on a node: no node-local state; the finalizer goes after the pod
+    k.kubectl("delete", "vm", "ghost", "-n", ns, "--wait=false")
+    wait_for("the VM gone", lambda: get(k, ns, "vm", "ghost") is None)
+    wait_for("its pod gone", lambda: get(k, ns, "pod", "ghost-vm") is None)
+
+
+def test_pod_name_taken_by_a_foreign_pod_is_reported_not_adopted(installed, ns, controllers):
+    k = installed
+    k.kubectl(
+        "run",
+        "web-vm",
+        "-n",
+        ns,
+        "--image=busybox:latest",
+        "--restart=Never",
+        "--labels=edgevirt.io/vm=web",
+        "--command",
+        "--",
+        "sleep",
+        "3600",
+    )
+    controllers("cluster")
+    make_vm(k, ns)
+    vm = wait_for(
+        "Failure",
+        lambda: (
+            (v := get(k, ns, "vm", "web"))
+            and v.get("status")
+            and cond(v, "Failure")["status"] == "True"
+            and v
+        ),
+    )
+    assert "not owned by this VirtualMachine" in cond(vm, "Failure")["message"]
+    assert "ownerReferences" not in get(k, ns, "pod", "web-vm")["metadata"]
+
+
+def test_finalizer_waits_for_node_mode_to_remove_node_local_state(installed, ns, controllers, tmp_path):
+    k = installed
+    from cri_shim.vm import DiskManager
+
+    controllers("cluster")
+    vm = make_vm(k, ns)
+    uid = vm["metadata"]["uid"]
+    wait_for(
+        "placed on the node", lambda: get(k, ns, "vm", "web").get("status", {}).get("nodeName") == k.node
+    )
+    state = tmp_path / "vmstate"
+    disk_dir = DiskManager(state).dir_for("vm", uid)  # what the kvm handler keeps for this VM
+    disk_dir.mkdir(parents=True)
+    (disk_dir / "root.qcow2").write_bytes(b"overlay")
+    k.kubectl("delete", "vm", "web", "-n", ns, "--wait=false")
+    wait_for("the pod gone", lambda: get(k, ns, "pod", "web-vm") is None)
+    vm = wait_for(
+        "status Stopped while deleting",
+        lambda: (v := get(k, ns, "vm", "web")) and v["status"]["printableStatus"] == "Stopped" and v,
+    )
+    assert vm["metadata"]["finalizers"] == ["edgevirt.io/node-cleanup"] and disk_dir.exists()
+    controllers("node", "node-1", "--state-dir", str(state))
+    wait_for("the VM gone", lambda: get(k, ns, "vm", "web") is None)
+    assert not disk_dir.exists()
+    ev = [e for e in k.kubectl_json("get", "events", "-n", ns)["items"] if e["reason"] == "NodeStateRemoved"]
+    assert ev and ev[0]["involvedObject"]["uid"] == uid
+
+
+def test_plugin_commands_write_what_kubectl_patch_would(installed, ns, controllers):
+    k = installed
+    env = {**k.env, "PATH": f"{VENV_BIN}:{k.env['PATH']}"}
+
+    def vm_cmd(*args: str, check: bool = True):
+        r = subprocess.run(
+            [str(k.paths.tool("kubectl")), "vm", *args, "-n", ns],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check:
+            assert r.returncode == 0, r.stderr
+        return r
+
+    make_vm(k, ns, run="running: false")
+    vm_cmd("start", "web")
+    assert get(k, ns, "vm", "web")["spec"]["running"] is True
+    assert "kubectl patch vm web" in vm_cmd("stop", "web").stderr
+    assert get(k, ns, "vm", "web")["spec"]["running"] is False
+    r = vm_cmd("stop", "web", check=False)
+    assert r.returncode == 1 and "already set to stop" in r.stderr
+    vm_cmd("pause", "web")
+    assert get(k, ns, "vm", "web")["spec"]["paused"] is True
+    vm_cmd("unpause", "web")
+    assert get(k, ns, "vm", "web")["spec"]["paused"] is False
+    vm_cmd("mount", "web", "--volume-name", "scratch", "--empty-disk", "128Mi", "--bus", "scsi")
+    vols = get(k, ns, "vm", "web")["spec"]["volumes"]
+    assert vols[-1] == {
+        "name": "scratch",
+        "hotpluggable": True,
+        "bus": "scsi",
+        "emptyDisk": {"capacity": "128Mi"},
+        "readOnly": False,
+        "cdrom": False,
+    }
+    r = vm_cmd("mount", "web", "--volume-name", "bad", "--host-disk", "/etc/passwd", check=False)
+    assert r.returncode == 1 and "hostDisk.path" in r.stderr
+    r = vm_cmd("unmount", "web", "--volume-name", "cold", check=False)
+    assert r.returncode == 1 and "not hotpluggable" in r.stderr
+    vm_cmd("unmount", "web", "--volume-name", "scratch")
+    assert [v["name"] for v in get(k, ns, "vm", "web")["spec"]["volumes"]] == ["data", "cold"]
+    r = vm_cmd("restart", "web", check=False)
+    assert r.returncode == 1 and "not running" in r.stderr
+    r = vm_cmd("console", "web", check=False)
+    assert r.returncode == 1 and "no console" in r.stderr
+    # strategies: Halted <-> Always; Manual uses the request annotation
+    k.kubectl(
+        "patch",
+        "vm",
+        "web",
+        "-n",
+        ns,
+        "--type",
+        "json",
+        "-p",
+        '[{"op":"remove","path":"/spec/running"},{"op":"add","path":"/spec/runStrategy","value":"Halted"}]',
+    )
+    vm_cmd("start", "web")
+    assert get(k, ns, "vm", "web")["spec"]["runStrategy"] == "Always"
+    vm_cmd("stop", "web")
+    assert get(k, ns, "vm", "web")["spec"]["runStrategy"] == "Halted"
+    k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"runStrategy":"Manual"}}')
+    vm_cmd("start", "web")
+    assert get(k, ns, "vm", "web")["metadata"]["annotations"]["edgevirt.io/state-request"] == "start"
+    r = vm_cmd("start", "nope", check=False)
+    assert r.returncode == 1 and 'virtualmachine "nope" not found' in r.stderr
+    # restart on a VM the controller runs: annotation restart:<id>, then a new pod
+    controllers("cluster")
+    pod = wait_for("the VM pod", lambda: live_pod(k, ns))
+    wait_for(
+        "Starting", lambda: get(k, ns, "vm", "web").get("status", {}).get("printableStatus") == "Starting"
+    )
+    vm_cmd("restart", "web")
+    wait_for(
+        "a new pod after restart",
+        lambda: (p := live_pod(k, ns)) and p["metadata"]["uid"] != pod["metadata"]["uid"],
+    )

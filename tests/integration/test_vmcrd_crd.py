@@ -1,0 +1,166 @@
+"""The VirtualMachine CRD on the real API server: apply, explain, admission (schema + CEL), columns."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "deploy/manifests/virtualmachine-crd.yaml"
+
+VM = """apiVersion: edgevirt.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: {name}}}
+spec:
+{spec}
+"""
+
+
+@pytest.fixture(scope="module")
+def crd(cluster):
+    cluster.kubectl("apply", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s")
+    return cluster
+
+
+@pytest.fixture
+def ns(crd):
+    name = f"vmcrd-crd-{uuid.uuid4().hex[:6]}"
+    crd.kubectl("create", "namespace", name)
+    yield name
+    crd.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def apply_vm(cluster, ns: str, spec: str, name: str = "t", check: bool = False):
+    body = VM.format(name=name, spec="\n".join("  " + line for line in spec.strip().splitlines()))
+    return cluster.kubectl("apply", "-n", ns, "-f", "-", input=body, check=check)
+
+
+def test_kustomization_applies_crd_and_rbac(crd):
+    out = crd.kubectl("apply", "-k", str(REPO / "deploy"), "--dry-run=server").stdout
+    assert "customresourcedefinition.apiextensions.k8s.io/virtualmachines.edgevirt.io" in out
+    assert "clusterrole.rbac.authorization.k8s.io/edgevirt-controller" in out
+    assert "clusterrole.rbac.authorization.k8s.io/edgevirt-node" in out
+    crd.kubectl("apply", "-f", str(REPO / "deploy/manifests/controller.yaml"), "--dry-run=server")
+
+
+def test_names_short_names_and_status_subresource(crd):
+    c = crd.kubectl_json("get", "crd", "virtualmachines.edgevirt.io")
+    assert c["spec"]["names"]["shortNames"] == ["vm", "vms"]
+    assert c["spec"]["scope"] == "Namespaced"
+    (v,) = c["spec"]["versions"]
+    assert v["name"] == "v1alpha1" and v["subresources"] == {"status": {}}
+    res = crd.kubectl("api-resources", "--api-group=edgevirt.io").stdout
+    assert "vm,vms" in res and "VirtualMachine" in res
+
+
+def test_explain_shows_descriptions(crd):
+    out = " ".join(crd.kubectl("explain", "vm.spec.volumes").stdout.split())  # undo line wrapping
+    assert "hotpluggable: true may be added to or removed from a Running VM" in out
+    assert "emptyDisk" in out and "hostDisk" in out and "bus" in out
+    out = " ".join(crd.kubectl("explain", "vm.spec.runStrategy").stdout.split())
+    assert "RerunOnFailure" in out and "KubeVirt" in out
+    out = " ".join(crd.kubectl("explain", "vm.spec").stdout.split())
+    assert "RestartRequired" in out
+
+
+@pytest.mark.parametrize(
+    ("spec", "needles"),
+    [
+        (
+            "running: true\nrunStrategy: Always\nimage: x",
+            ["spec.runStrategy", "mutually exclusive"],
+        ),
+        (
+            "image: x\nvolumes:\n- {name: data, emptyDisk: {capacity: 1Gi}}\n- {name: data, image: img2}",
+            ["spec.volumes", "unique"],
+        ),
+        (
+            "image: x\nvolumes:\n- {name: h, hostDisk: {path: /etc/shadow}}",
+            ["spec.volumes[0].hostDisk.path", "/var/lib/edgevirt/hostdisks/"],
+        ),
+        (
+            "image: x\nvolumes:\n- {name: h, hostDisk: {path: /var/lib/edgevirt/hostdisks/../../etc/shadow}}",
+            ["spec.volumes[0].hostDisk.path", "without '..'"],
+        ),
+        ("image: x\nmemory: lots", ["spec.memory", "quantity"]),
+        ("image: x\nmemory: 1Ki", ["spec.memory", "between 32Mi and 1Ti"]),
+        (
+            "image: x\nvolumes:\n- {name: d, hotpluggable: true, bus: sata, emptyDisk: {capacity: 1Gi}}",
+            ["spec.volumes[0].bus", "hotpluggable volume needs bus virtio or scsi"],
+        ),
+        ("image: x\nvolumes:\n- {name: d}", ["spec.volumes[0]", "exactly one source"]),
+        (
+            "image: x\nvolumes:\n- {name: d, emptyDisk: {capacity: 1Gi}, image: img2}",
+            ["spec.volumes[0]", "exactly one source"],
+        ),
+        ("image: x\nrunStrategy: Sometimes", ["spec.runStrategy", "Unsupported value"]),
+        ("image: x\nnetworks: [{name: default, mac: 'zz:00:00:00:00:01'}]", ["spec.networks[0].mac"]),
+        ("image: x\ncpu: 0", ["spec.cpu"]),
+        ("running: true", ["spec.image", "Required value"]),
+        (
+            "image: x\nvolumes:\n- {name: c, cdrom: true, emptyDisk: {capacity: 1Gi}}",
+            ["spec.volumes[0].cdrom", "cdrom needs an image or hostDisk"],
+        ),
+    ],
+)
+def test_invalid_specs_are_refused_naming_the_field(crd, ns, spec, needles):
+    res = apply_vm(crd, ns, spec)
+    assert res.returncode != 0, f"accepted: {spec}"
+    for n in needles:
+        assert n in res.stderr, res.stderr
+    assert crd.kubectl("get", "vm", "-n", ns, "-o", "name").stdout == ""
+
+
+def test_long_name_refused(crd, ns):
+    res = apply_vm(crd, ns, "image: x", name="a" * 64)
+    assert res.returncode != 0 and "at most 63 characters" in res.stderr
+
+
+def test_valid_spec_gets_defaults_and_columns(crd, ns):
+    spec = """
+running: false
+image: 127.0.0.1:5000/vm/alpine-disk:3.20
+kernelBoot: {kernel: /boot/vmlinuz, cmdline: console=ttyS0}
+cloudInit: {userData: "#cloud-config\\n"}
+networks: [{name: default, mac: "02:00:00:00:00:01"}]
+volumes:
+- {name: data, hotpluggable: true, emptyDisk: {capacity: 1Gi}}
+- name: host
+  hostDisk: {path: /var/lib/edgevirt/hostdisks/a.img, type: DiskOrCreate, capacity: 1Gi}
+  bus: sata
+"""
+    apply_vm(crd, ns, spec, name="web", check=True)
+    vm = crd.kubectl_json("get", "vm", "web", "-n", ns)
+    assert vm["spec"]["cpu"] == 1 and vm["spec"]["memory"] == "256Mi"
+    assert vm["spec"]["volumes"][0]["bus"] == "virtio" and vm["spec"]["volumes"][0]["readOnly"] is False
+    head = crd.kubectl("get", "vm", "-n", ns).stdout.splitlines()[0].split()
+    assert head == ["NAME", "STATUS", "NODE", "IP", "AGE"]
+    wide = crd.kubectl("get", "vms", "-n", ns, "-o", "wide").stdout.splitlines()[0].split()
+    assert wide[:5] == ["NAME", "STATUS", "NODE", "IP", "AGE"] and "STRATEGY" in wide
+    # status is a subresource: a write to the main resource does not change it
+    crd.kubectl(
+        "patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"status":{"printableStatus":"Running"}}'
+    )
+    assert "status" not in crd.kubectl_json("get", "vm", "web", "-n", ns) or (
+        crd.kubectl_json("get", "vm", "web", "-n", ns)["status"].get("printableStatus") != "Running"
+    )
+    crd.kubectl(
+        "patch",
+        "vm",
+        "web",
+        "-n",
+        ns,
+        "--subresource",
+        "status",
+        "--type",
+        "merge",
+        "-p",
+        '{"status":{"printableStatus":"Running","nodeName":"n1","ipAddresses":["10.0.0.9"]}}',
+    )
+    row = crd.kubectl("get", "vm", "web", "-n", ns, "--no-headers").stdout.split()
+    assert row[:4] == ["web", "Running", "n1", "10.0.0.9"]
