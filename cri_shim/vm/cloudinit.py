@@ -67,6 +67,8 @@ def network_config_from_cni(
     for k, ip in enumerate(result.get("ips") or []):
         f = f"{field}.ips[{k}]"
         try:
+            if "/" not in str(ip["address"]):
+                raise ValueError("no prefix length")
             iface = ipaddress.ip_interface(ip["address"])
         except (KeyError, TypeError, ValueError):
             raise ValidationError(

@@ -20,7 +20,7 @@ DISK_FORMATS = ("qcow2", "raw")
 DOMAIN_TYPES = ("kvm", "qemu")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]{1,2}$")
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_RE = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffe\uffff]")  # also not representable in XML
 MAX_NAME = 200
 
 
@@ -125,8 +125,12 @@ class KernelBoot:
         self.kernel = check_abs_path(f"{field}.kernel", self.kernel)
         if self.initrd is not None:
             self.initrd = check_abs_path(f"{field}.initrd", self.initrd)
-        if "\x00" in self.cmdline or len(self.cmdline) > 4096:
-            raise ValidationError(f"{field}.cmdline", "contains NUL or is over 4096 bytes", "shorten it")
+        if CONTROL_RE.search(self.cmdline) or len(self.cmdline) > 4096:
+            raise ValidationError(
+                f"{field}.cmdline",
+                "has control characters or is over 4096 bytes",
+                "use one line of printable text",
+            )
 
 
 @dataclasses.dataclass
@@ -187,6 +191,8 @@ class DomainSpec:
         for k in self.metadata:
             if not re.match(r"^[a-zA-Z][a-zA-Z0-9_-]{0,62}$", k):
                 raise ValidationError(f"metadata.{k}", "is not a valid key", "use [a-zA-Z][a-zA-Z0-9_-]*")
+            if CONTROL_RE.search(self.metadata[k]):
+                raise ValidationError(f"metadata.{k}", "has control characters", "use printable text")
         assign_targets(self.disks)
 
 
