@@ -193,8 +193,10 @@ def main() -> int:
 {stamp}, `{cmd.strip()}` ({args.iterations} sequential ADD+DEL per implementation, alternating call by
 call; burst = {BURST_PODS} pods, {BURST_PARALLEL} at a time, wall time of all ADDs then all DELs, median of
 {args.rounds} rounds). Each call is a fresh `nsenter --net=<host netns> <plugin>` process (nsenter alone:
-{nsenter_ms:.1f} ms, included in every figure for both sides). Host-local IPAM for both; our daemon
-delegates to the same host-local binary (no in-process IPAM).
+{nsenter_ms:.1f} ms, included in every figure for both sides). host-local IPAM for both: the reference
+execs Debian's binary, our daemon serves the same store in-process (identical on-disk state, see
+tests/integration/test_cni_hostlocal.py), standalone ours execs the binary. Our executable is the
+native thin client installed by deploy/cni/install-plugin.
 
 {table}
 
