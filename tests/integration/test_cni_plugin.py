@@ -347,3 +347,17 @@ def test_concurrent_adds_and_dels(topo: Topology) -> None:
         for r in pool.map(delete, range(len(pods))):
             assert r.code == 0, r.stdout + r.stderr
     topo.assert_clean()
+
+
+def test_static_ipam_is_delegated_too(topo: Topology) -> None:
+    netns = topo.new_pod()
+    address = f"{topo.prefix}.77/24"
+    conf = topo.conf(
+        "1.0.0", ipam={"type": "static", "addresses": [{"address": address, "gateway": topo.gateway}]}
+    )
+    res = run(topo, "ADD", conf, netns=netns)
+    assert res.code == 0, res.stdout + res.stderr
+    assert res.json()["ips"] == [{"address": address, "gateway": topo.gateway, "interface": 0}]
+    assert run(topo, "CHECK", with_prev(conf, res.json()), netns=netns).code == 0
+    assert run(topo, "DEL", conf, netns=netns).code == 0
+    topo.assert_clean()
