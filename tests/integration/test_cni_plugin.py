@@ -10,12 +10,15 @@ import ipaddress
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cni_env import MASTER, Topology, links, sh, topology, tree
+from cni_env import MASTER, REPO, Topology, links, sh, topology, tree
 
 pytestmark = pytest.mark.root
 
@@ -361,3 +364,29 @@ def test_static_ipam_is_delegated_too(topo: Topology) -> None:
     assert run(topo, "CHECK", with_prev(conf, res.json()), netns=netns).code == 0
     assert run(topo, "DEL", conf, netns=netns).code == 0
     topo.assert_clean()
+
+
+def test_a_daemon_in_another_netns_hands_the_call_back(tmp_path: Path) -> None:
+    """The daemon acts only on its own network namespace: a caller elsewhere runs the call in-process."""
+    with topology(tmp_path) as t:
+        # a daemon in the peer netns, listening on the socket the config names
+        daemon = subprocess.Popen(
+            ["ip", "netns", "exec", t.peer, sys.executable, "-m", "cni_macvtap", "daemon", "--socket",
+             t.socket],
+            cwd=REPO, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            while not os.path.exists(t.socket):
+                assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+                time.sleep(0.05)
+            netns = t.new_pod()
+            conf = t.conf()
+            res = t.plugin("ADD", conf, netns=netns, daemon=True)
+            assert res.code == 0, res.stdout + res.stderr
+            assert links(os.path.basename(netns))["eth0"]["address"] == res.json()["interfaces"][0]["mac"]
+            assert t.plugin("DEL", conf, netns=netns, daemon=True).code == 0
+            t.assert_clean()
+        finally:
+            daemon.terminate()
+            _, err = daemon.communicate(timeout=30)
+        assert b"ADD c1/eth0" not in err  # the daemon never did the work
