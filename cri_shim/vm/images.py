@@ -365,7 +365,9 @@ class ImageStore:
         fmt, vsize = check_disk_file(path, field)
         img = BaseImage(path=path, format=fmt, digest=f"sha256:{digest}", virtual_size=vsize, ref=ref)
         tmp = self._ref_file(key).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "digest": digest, "format": fmt, "virtual_size": vsize}))
+        tmp.write_text(
+            json.dumps({"key": key, "ref": ref, "digest": digest, "format": fmt, "virtual_size": vsize})
+        )
         tmp.replace(self._ref_file(key))
         return img
 
@@ -374,5 +376,7 @@ class ImageStore:
             d = json.loads(self._ref_file(key).read_text())
             path = self.blobs / d["digest"]
             if d["key"] == key and path.is_file():
-                return BaseImage(path, d["format"], f"sha256:{d['digest']}", int(d["virtual_size"]), key)
+                return BaseImage(
+                    path, d["format"], f"sha256:{d['digest']}", int(d["virtual_size"]), d.get("ref", key)
+                )
         return None
