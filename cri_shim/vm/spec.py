@@ -88,6 +88,12 @@ class DiskSpec:
             )
         if self.cdrom and self.bus == "virtio":
             raise ValidationError(f"{field}.bus", "a cdrom cannot be on virtio", "use scsi or sata for cdrom")
+        if self.bus == "sata" and self.read_only and not self.cdrom:
+            raise ValidationError(
+                f"{field}.readOnly",
+                "QEMU cannot make a sata disk read-only",
+                "use bus virtio or scsi, or cdrom: true",
+            )
         if self.target and not TARGET_RE.match(self.target):
             raise ValidationError(
                 f"{field}.target", f"{self.target!r} is not a disk target", "use e.g. vdb or sdc"

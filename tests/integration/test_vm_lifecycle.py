@@ -200,3 +200,44 @@ def test_overlay_kept_across_stop_start_and_pod_scope(vm_env, vm_disk, tmp_path)
     mgr.remove(name)
     assert not pod_overlay.exists()
     assert leftovers(vm_env) == {"domains": [], "files": []}
+
+
+def test_define_time_volumes_seed_and_buses(vm_env, vm_disk, tmp_path):
+    """Every disk kind on every bus at define time; QEMU really opens them (paused start)."""
+    from cri_shim.vm import CloudInit, HostDisk
+    from cri_shim.vm.disks import DiskManager
+
+    mgr = vm_env.manager
+    hostroot = tmp_path / "hostdisks"
+    hostroot.mkdir()
+    mgr.disks = DiskManager(vm_env.state_dir, host_disk_roots=[hostroot])
+    name = vm_env.name("vols")
+    spec = VMSpec(
+        name=name,
+        uid="uid-vols",
+        image=f"file://{vm_disk.qcow2}",
+        cloud_init=CloudInit(instance_id="uid-vols", hostname="vols", user_data="#cloud-config\n{}\n"),
+        cni_result={"ips": [{"address": "10.66.0.5/24", "gateway": "10.66.0.1"}]},
+        nics=[],
+        volumes=[
+            VolumeSpec(name="fast", empty_disk="8Mi"),
+            VolumeSpec(name="scsi", empty_disk="8Mi", bus="scsi", format="raw", read_only=True),
+            VolumeSpec(name="sata", empty_disk="8Mi", bus="sata"),
+            VolumeSpec(
+                name="host", host_disk=HostDisk(path=f"{hostroot}/h.img", type="DiskOrCreate", capacity="4Mi")
+            ),
+            VolumeSpec(name="cd", image=f"file://{vm_disk.qcow2}", cdrom=True, bus="sata"),
+        ],
+        console_log=tmp_path / "console.log",
+    )
+    mgr.create(spec, paused=True)
+    assert mgr.state(name).phase == "paused"
+    disks = mgr.facts(name)["disks"]
+    assert set(disks) == {"vda", "vdb", "vdc", "sda", "sdb", "sdc", "sdd"}, disks
+    assert disks["vdc"] == f"{hostroot}/h.img"
+    assert disks["sdd"].endswith("/seed.iso")
+    xml = mgr.xml(name)
+    assert xml.count("<readonly />") + xml.count("<readonly/>") == 3  # scsi ro, cdrom, seed
+    mgr.remove(name, delete_disks=True)
+    assert (hostroot / "h.img").exists()  # hostDisk belongs to the host, not to the VM
+    assert leftovers(vm_env) == {"domains": [], "files": []}

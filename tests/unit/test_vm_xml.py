@@ -160,6 +160,7 @@ def test_any_name_is_escaped_or_refused_by_field(name):
         ({"disks": [DiskSpec(name="d", path=Path("/a"), bus="usb")]}, "disks[0].bus"),
         ({"disks": [DiskSpec(name="d", path=Path("/a"), format="vmdk")]}, "disks[0].format"),
         ({"disks": [DiskSpec(name="d", path=Path("/a"), cdrom=True)]}, "disks[0].bus"),
+        ({"disks": [DiskSpec(name="d", path=Path("/a"), bus="sata", read_only=True)]}, "disks[0].readOnly"),
         ({"disks": [DiskSpec(name="d", path=Path("/a"), serial="a b")]}, "disks[0].serial"),
         ({"disks": [DiskSpec(name="d", path=Path("/a")), DiskSpec(name="d", path=Path("/b"))]}, "disks"),
         ({"nics": [NicSpec(mac="zz:00:00:00:00:01", tap_device=Path("/dev/tap1"))]}, "networks[0].mac"),
