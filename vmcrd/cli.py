@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lease-duration", type=int, default=15, help="seconds (default 15)")
     p.add_argument("--renew", type=float, default=5.0, help="lease renew period in seconds (default 5)")
     p.add_argument("--identity", default=f"{socket.gethostname()}_{os.getpid()}")
+    p.add_argument("--workers", type=int, default=2, help="cluster mode: reconcile workers (default 2)")
     p.add_argument("--resync", type=float, default=300.0, help="seconds between full resyncs (default 300)")
     p.add_argument("--state-dir", type=Path, default=None, help="node mode: the libvirt layer's state dir")
     p.add_argument("--libvirt-uri", default="qemu:///system")
@@ -97,7 +98,7 @@ def run_cluster(args: argparse.Namespace, ac, stop: threading.Event) -> int:
             stop.wait(0.5)
 
     threading.Thread(target=watch_leadership, daemon=True).start()
-    ctl.run(stop, leading=elector.is_leader)
+    ctl.run(stop, leading=elector.is_leader, workers=max(1, args.workers))
     if lost.is_set():
         log.error("lost leadership: exiting")
         return 1

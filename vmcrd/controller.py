@@ -78,18 +78,30 @@ class ClusterController:
             self.queue.add(f"{ns}/{name[:-3]}")
 
     # ---------------------------------------------------------------- run
-    def run(self, stop: threading.Event, leading: threading.Event | None = None) -> None:
+    def run(self, stop: threading.Event, leading: threading.Event | None = None, workers: int = 2) -> None:
+        """Informers and resync start at once (a standby keeps warm caches); workers act only while
+        ``leading`` is set."""
         self.vms.start(stop)
         self.pods.start(stop)
         threading.Thread(target=self._resync_loop, args=(stop,), name="resync", daemon=True).start()
+        threads = [
+            threading.Thread(target=self._worker, args=(stop, leading), name=f"worker-{i}", daemon=True)
+            for i in range(1, workers)
+        ]
+        for t in threads:
+            t.start()
+        self._worker(stop, leading)
+        for t in threads:
+            t.join(5)
+
+    def _worker(self, stop: threading.Event, leading: threading.Event | None) -> None:
         while not stop.is_set():
+            if leading is not None and not leading.wait(0.5):
+                continue
             key = self.queue.get(stop)
             if key is None:
                 break
             try:
-                if leading is not None and not leading.is_set():
-                    self.queue.add_after(key, 1.0)
-                    continue
                 if not (self.vms.synced.is_set() and self.pods.synced.is_set()):
                     self.queue.add_after(key, 0.2)
                     continue
