@@ -70,7 +70,7 @@ class Informer:
         with self.lock:
             return self.cache.get(key)
 
-    def keys(self) -> list[str]:
+    def cached_keys(self) -> list[str]:
         with self.lock:
             return list(self.cache)
 
