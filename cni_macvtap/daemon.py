@@ -1,8 +1,10 @@
 """`macvtap daemon`: keeps pyroute2 and a netlink socket warm and serves plugin calls over a unix socket.
 
-One thread per connection; each request carries its own environment and stdin, so two containers'
-calls never share state beyond the locked host netlink socket. Operations on the same attachment are
-serialised by plugin.run. A request from a process in another network namespace is sent back to
+By default one worker process per CPU accepts on the shared socket (pre-forked by a supervisor that
+restarts any worker that dies); inside a worker each connection gets its own thread. Each request
+carries its own environment and stdin, so two containers' calls never share state beyond the locked
+host netlink socket. Operations on the same attachment are serialised by plugin.run (thread lock plus
+a record lock shared by all processes). A request from a process in another network namespace is sent back to
 run in-process (the daemon only acts on the namespace it lives in).
 """
 
@@ -84,7 +86,7 @@ class Daemon:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def stop(self) -> None:
-        """Stop serving and remove the socket file."""
+        """Stop serving and remove the socket file (the process that bound it)."""
         self._stop.set()
         if self._sock is not None:
             self._sock.close()
@@ -125,27 +127,91 @@ class Daemon:
             _log(f"client went away before the reply: {exc}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`macvtap daemon [--socket PATH]`."""
-    parser = argparse.ArgumentParser(prog="macvtap daemon", description="resident macvtap CNI worker")
-    parser.add_argument(
-        "--socket", default=DEFAULT_SOCKET, help=f"unix socket path (default {DEFAULT_SOCKET})"
-    )
-    args = parser.parse_args(argv)
-    daemon = Daemon(args.socket)
-    daemon.bind()
-    ipam.IN_PROCESS = os.environ.get("MACVTAP_DAEMON_EXEC_IPAM", "") != "1"
-    daemon.warm()
+def _serve_worker(daemon: Daemon) -> None:
+    """One worker: warm up, then accept on the shared socket until SIGTERM."""
 
     def on_signal(signum: int, _frame: object) -> None:
-        _log(f"signal {signum}: stopping")
         daemon._stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    _log(f"listening on {args.socket} (pid {os.getpid()})")
+    daemon.warm()
+    daemon.serve()
+
+
+def _supervise(daemon: Daemon, workers: int) -> None:
+    """Pre-fork `workers` processes that all accept on the socket (one GIL each, so a burst of calls uses
+    every core), restart any that dies, stop them all on SIGTERM. The supervisor itself never starts a
+    thread or imports pyroute2, so forking from it is safe."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        _log(f"signal {signum}: stopping")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    children: dict[int, int] = {}
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _serve_worker(daemon)
+            except BaseException as exc:  # a worker must never fall back into the supervisor's loop
+                _log(f"worker {os.getpid()} failed: {exc!r}")
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    for slot in range(workers):
+        spawn(slot)
+    _log(f"listening on {daemon.path} (pid {os.getpid()}, workers {sorted(children)})")
+    while not stop.is_set():
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = 0, 0
+        if pid and pid in children:
+            slot = children.pop(pid)
+            _log(f"worker {pid} exited ({status}); starting a new one")
+            spawn(slot)
+        else:
+            stop.wait(0.2)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`macvtap daemon [--socket PATH] [--workers N]`."""
+    parser = argparse.ArgumentParser(prog="macvtap daemon", description="resident macvtap CNI worker")
+    parser.add_argument(
+        "--socket", default=DEFAULT_SOCKET, help=f"unix socket path (default {DEFAULT_SOCKET})"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: one per CPU); 1 serves from this process",
+    )
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    daemon = Daemon(args.socket)
+    daemon.bind()
+    ipam.IN_PROCESS = os.environ.get("MACVTAP_DAEMON_EXEC_IPAM", "") != "1"
     try:
-        daemon.serve()
+        if args.workers == 1:
+            _log(f"listening on {args.socket} (pid {os.getpid()})")
+            _serve_worker(daemon)
+        else:
+            _supervise(daemon, args.workers)
     finally:
         daemon.stop()
     return 0

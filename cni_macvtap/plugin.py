@@ -7,11 +7,13 @@ so both give byte-identical answers. pyroute2 is imported only when a verb needs
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sys
 import threading
 import traceback
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -34,15 +36,41 @@ if TYPE_CHECKING:
 
 _locks_guard = threading.Lock()
 _locks: dict[tuple[str, str, str], threading.Lock] = {}
+_lock_files: dict[str, int] = {}  # state dir -> fd of its ".locks" file, open for the process lifetime
+
+
+def _lock_file(state_dir: str, create: bool) -> int | None:
+    with _locks_guard:
+        fd = _lock_files.get(state_dir)
+        if fd is None:
+            if not create and not os.path.isdir(state_dir):
+                return None  # no records there yet: nothing another process could be changing
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                fd = os.open(os.path.join(state_dir, ".locks"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return None
+            _lock_files[state_dir] = fd
+        return fd
 
 
 @contextlib.contextmanager
-def _attachment_lock(key: tuple[str, str, str]) -> Iterator[None]:
-    """Serialise operations on one attachment inside this process (the daemon runs many threads)."""
+def _attachment_lock(state_dir: str, key: tuple[str, str, str], create: bool = False) -> Iterator[None]:
+    """Serialise operations on one attachment: a thread lock inside this process (the daemon runs many
+    threads) plus a POSIX record lock on one byte of <stateDir>/.locks chosen by the attachment's hash,
+    which serialises daemon workers and standalone calls too (a collision only serialises more)."""
     with _locks_guard:
         lock = _locks.setdefault(key, threading.Lock())
     with lock:
-        yield
+        fd = _lock_file(state_dir, create)
+        offset = zlib.crc32("\0".join(key).encode("utf-8", "surrogateescape")) & 0x7FFFFFFF
+        if fd is not None:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset, 0)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset, 0)
 
 
 _host: HostLinks | None = None
@@ -100,7 +128,7 @@ def _dispatch(inv: Invocation, conf: config.NetConf) -> dict[str, Any] | None:
             f"config version {conf.cni_version} does not allow CHECK: it needs cniVersion 0.4.0 or later",
         )
     key = (conf.name, inv.container_id, inv.ifname)
-    with _attachment_lock(key):
+    with _attachment_lock(conf.state_dir, key, create=inv.command == "ADD"):
         if inv.command == "ADD":
             return cmd_add(inv, conf)
         if inv.command == "DEL":
@@ -342,7 +370,7 @@ def cmd_gc(inv: Invocation, conf: config.NetConf) -> None:
     for cid, ifname, path in list(state.records(conf.state_dir, conf.name)):
         if (cid, ifname) in valid:
             continue
-        with _attachment_lock((conf.name, cid, ifname)):
+        with _attachment_lock(conf.state_dir, (conf.name, cid, ifname)):
             rec = state.read(path) or {}
             try:
                 if rec.get("netns"):

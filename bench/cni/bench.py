@@ -40,6 +40,24 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+def daemon_rss_kb(pid: int) -> list[int]:
+    """VmRSS of the daemon process and of its children (the workers)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    out = []
+    for p in pids:
+        with open(f"/proc/{p}/status") as f:
+            out += [int(line.split()[1]) for line in f if line.startswith("VmRSS:")]
+    return out
+
+
 class Bench:
     def __init__(self, tmp: Path, iterations: int) -> None:
         self.tmp = tmp
@@ -151,11 +169,7 @@ def main() -> int:
         for r in range(args.rounds):
             for k in kinds if r % 2 == 0 else list(reversed(kinds)):
                 bursts[k].append(b.burst(k[0], k[1], pods[k], r))
-        rss_kb = 0
-        with open(f"/proc/{daemon.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss_kb = int(line.split()[1])
+        rss = daemon_rss_kb(daemon.pid)
         nsenter_ms = b.baseline_nsenter()
     finally:
         if daemon is not None:
@@ -188,6 +202,7 @@ def main() -> int:
     table = "\n".join(lines)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cmd = "sudo .venv/bin/python bench/cni/bench.py " + " ".join(sys.argv[1:])
+    rss_text = " + ".join(f"{kb / 1024:.1f}" for kb in rss)
     section = f"""## macvtap CNI
 
 {stamp}, `{cmd.strip()}` ({args.iterations} sequential ADD+DEL per implementation, alternating call by
@@ -200,7 +215,8 @@ native thin client installed by deploy/cni/install-plugin.
 
 {table}
 
-Daemon RSS after the run: {rss_kb / 1024:.1f} MiB.
+Daemon RSS after the run (`macvtap daemon`, default one worker per CPU): {rss_text}
+= {sum(rss) / 1024:.1f} MiB (supervisor + workers).
 """
     print(section)
     if args.write:
