@@ -161,7 +161,13 @@ def vm_env(libvirtd, tmp_path_factory) -> Iterator[VMEnv]:
 
     state = tmp_path_factory.mktemp("vmstate")
     images = ImageStore(state, file_roots=[Path.home() / ".cache/edgevirt", state / "imgroot"])
-    mgr = DomainManager(state, domain_type=probe(cache_file=DEFAULT_CACHE).domain_type, images=images)
+    mgr = DomainManager(
+        state,
+        domain_type=probe(cache_file=DEFAULT_CACHE).domain_type,
+        images=images,
+        # one stable wrapper path for all sessions: libvirt caches capabilities per emulator path
+        wrapper_dir=REPO / ".local/state/vm-tests/bin",
+    )
     env = VMEnv(manager=mgr, state_dir=state, prefix=f"evtest-{secrets.token_hex(3)}-")
     try:
         yield env

@@ -11,7 +11,8 @@ destroyed and undefined, files it created deleted) and the error is raised: noth
 that did not create the domain.
 
 Files: ``<state>/domains/<uuid>/`` (seed ISO, default console log), ``<state>/disks/{vm,pod}/<key>/``
-(see :mod:`.disks`), ``<state>/images/`` (see :mod:`.images`), ``<state>/bin/edgevirt-qemu``.
+(see :mod:`.disks`), ``<state>/images/`` (see :mod:`.images`), ``<state>/bin/edgevirt-qemu``
+(``wrapper_dir``; libvirt keeps a capability cache file per emulator path: keep it stable).
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class DomainManager:
         images: ImageStore | None = None,
         disks: DiskManager | None = None,
         qemu_binary: Path = Path("/usr/bin/qemu-system-x86_64"),
+        wrapper_dir: Path | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.uri = uri
@@ -185,6 +187,8 @@ class DomainManager:
         self.images = images if images is not None else ImageStore(self.state_dir)
         self.disks = disks if disks is not None else DiskManager(self.state_dir)
         self.qemu_binary = qemu_binary
+        # libvirt caches QEMU capabilities per emulator path: keep the wrapper at a stable path
+        self.wrapper_dir = wrapper_dir if wrapper_dir is not None else self.state_dir / "bin"
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -284,7 +288,7 @@ class DomainManager:
             dspec.disks.append(DiskSpec(name="cidata", path=seed, format="raw", bus="sata", cdrom=True))
         dspec.console_log = spec.console_log or run / "console.log"
         if dspec.nics:
-            dspec.emulator = install_wrapper(self.state_dir / "bin")
+            dspec.emulator = install_wrapper(self.wrapper_dir)
         dspec.metadata = {
             "uid": spec.uid,
             "diskScope": spec.disk_scope,
