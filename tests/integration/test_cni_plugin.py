@@ -390,3 +390,39 @@ def test_a_daemon_in_another_netns_hands_the_call_back(tmp_path: Path) -> None:
             daemon.terminate()
             _, err = daemon.communicate(timeout=30)
         assert b"ADD c1/eth0" not in err  # the daemon never did the work
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def test_a_killed_daemon_worker_is_replaced(dtopo: Topology) -> None:
+    assert dtopo.daemon is not None
+    if (os.cpu_count() or 1) == 1:
+        pytest.skip("one CPU: the daemon serves from a single process, there is no worker to replace")
+    workers = _children(dtopo.daemon.pid)
+    assert len(workers) == os.cpu_count()
+    os.kill(workers[0], 9)
+    deadline = time.monotonic() + 60
+    while "starting a new one" not in dtopo.daemon_log():
+        assert time.monotonic() < deadline, dtopo.daemon_log()
+        time.sleep(0.1)
+    netns = dtopo.new_pod()
+    conf = dtopo.conf()
+    for cid in ("after1", "after2", "after3", "after4"):  # whichever worker accepts, the calls succeed
+        res = run(dtopo, "ADD", conf, netns=netns, container_id=cid, ifname=f"e-{cid}")
+        assert res.code == 0, res.stdout + res.stderr
+    for cid in ("after1", "after2", "after3", "after4"):
+        assert run(dtopo, "DEL", conf, netns=netns, container_id=cid, ifname=f"e-{cid}").code == 0
+    assert workers[0] not in _children(dtopo.daemon.pid)
+    assert len(_children(dtopo.daemon.pid)) == len(workers)
+    dtopo.assert_clean()
