@@ -1,1 +1,7 @@
-"""RuntimeClass definitions and the node probe that tells which runtimes really work on a node."""
+"""RuntimeClass definitions and the node probe that tells which runtimes really work on a node.
+
+``runtimeclass.probe`` is the node capability probe: it boots a real guest under KVM with a timeout
+(``/dev/kvm`` existing proves nothing on PVM hosts), checks QEMU TCG, Kata and libvirt, and maps the
+result to the node labels ``edgevirt.io/kvm``, ``edgevirt.io/accel`` and ``edgevirt.io/kata``.
+CLI: ``python -m runtimeclass.probe [--labels]``.
+"""

@@ -262,7 +262,9 @@ class DomainManager:
         for i, v in enumerate(spec.volumes):
             v.validate(f"volumes[{i}]")
         run = self.run_dir(dspec.uuid)
-        run.mkdir(parents=True, exist_ok=False)
+        if run.exists():  # left by a crash between mkdir and define: no domain has this uuid (checked)
+            shutil.rmtree(run)
+        run.mkdir(parents=True)
         undo.append(lambda: shutil.rmtree(run, ignore_errors=True))
         if spec.image is not None:
             base = self.images.resolve(spec.image, "image")
@@ -327,6 +329,15 @@ class DomainManager:
                     raise VMError(f"libvirt lookup of {spec.name!r} failed: {e}") from None
             else:
                 raise DomainExists(f"name: a domain named {spec.name!r} exists; remove it first")
+            if spec.uuid:
+                try:
+                    other = self.conn.lookupByUUIDString(spec.uuid)
+                except libvirt.libvirtError:
+                    pass
+                else:
+                    raise DomainExists(
+                        f"uuid: domain {other.name()!r} already has uuid {spec.uuid}; use another"
+                    )
             undo: list[Callable[[], None]] = []
             try:
                 dspec = self.build(spec, undo)

@@ -18,7 +18,9 @@ from vm_env import console_size, leftovers, wait_console
 
 from cri_shim.vm import (
     ConsoleLogConverter,
+    DomainExists,
     DomainNotFound,
+    HostDisk,
     KernelBoot,
     NicSpec,
     ValidationError,
@@ -165,6 +167,14 @@ def test_failure_halfway_leaves_nothing(vm_env, vm_disk, tmp_path):
     with pytest.raises(ValidationError, match=r"^image: .* outside the allowed image roots; put it under"):
         mgr.create(spec)
     spec.image = f"file://{vm_disk.qcow2}"
+    # fails after the overlay, the run dir and the first volume were made: all undone
+    spec.volumes = [
+        VolumeSpec(name="data", empty_disk="16Mi"),
+        VolumeSpec(name="host", host_disk=HostDisk(path="/etc/passwd", type="Disk")),
+    ]
+    with pytest.raises(ValidationError, match=r"^volumes\[host\].hostDisk"):
+        mgr.create(spec)
+    assert leftovers(vm_env) == {"domains": [], "files": []}
     spec.volumes = [VolumeSpec(name="data", empty_disk="lots")]
     with pytest.raises(ValidationError, match=r"volumes\[data\].emptyDisk.capacity: 'lots' is not a size"):
         mgr.create(spec)
@@ -184,6 +194,14 @@ def test_overlay_kept_across_stop_start_and_pod_scope(vm_env, vm_disk, tmp_path)
     mgr.create(spec, start=False)  # "start" again: same disk
     assert Path(mgr.facts(name)["disks"]["vda"]) == overlay
     assert overlay.stat().st_ino == ino
+    # a second VM may not take this one's name or uuid, and its failed attempt touches nothing of it
+    with pytest.raises(DomainExists, match=r"^name: a domain named .* exists; remove it first"):
+        mgr.create(spec, start=False)
+    uuid = mgr.facts(name)["uuid"]
+    twin = VMSpec(name=vm_env.name("twin"), uid="uid-twin", uuid=uuid, image=spec.image)
+    with pytest.raises(DomainExists, match=r"^uuid: domain .* already has uuid"):
+        mgr.create(twin, start=False)
+    assert mgr.run_dir(uuid).is_dir() and overlay.exists()
     mgr.remove(name, delete_disks=True)
     assert not overlay.exists()
     # pod-scoped disks go with the pod
