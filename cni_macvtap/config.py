@@ -135,6 +135,8 @@ def _attachments(doc: dict[str, Any]) -> tuple[tuple[str, str], ...] | None:
     if key not in doc:
         return None
     value = doc[key]
+    if value is None:  # a Go runtime marshals an empty attachment list as null
+        return ()
     if not isinstance(value, list):
         raise _bad(key, f"is {value!r}", 'give a list of {"containerID": ..., "ifname": ...} objects')
     out = []

@@ -169,3 +169,12 @@ def test_wire_roundtrip_over_a_socketpair() -> None:
         a.sendall(b"JUNK" + b"\0" * 16)
         with pytest.raises(wire.ProtocolError):
             wire.recv_request(b)
+
+
+def test_gc_valid_attachments_null_means_none_are_valid() -> None:
+    inv = from_environ({"CNI_COMMAND": "GC", "CNI_PATH": "/x"}, b"")
+    conf = config.parse(inv, {**CONF, "cniVersion": "1.1.0", "cni.dev/valid-attachments": None})
+    assert conf.valid_attachments == ()
+    listed = [{"containerID": "a", "ifname": "eth0"}]
+    conf = config.parse(inv, {**CONF, "cniVersion": "1.1.0", "cni.dev/valid-attachments": listed})
+    assert conf.valid_attachments == (("a", "eth0"),)
