@@ -1,0 +1,223 @@
+"""Node mode of edgevirt-controller with a real libvirt domain and the real API server.
+
+The kvm handler (edgevirt-cri) does not run VM pods on this node yet, so the two things it will
+do are done here by hand, as it will do them: the domain is created through the libvirt layer
+(``cri_shim.vm.DomainManager``) with the VM's UID in its metadata, and the VM pod is stood in
+for by a runc pod named ``<vm>-vm`` on this node with the VM pod's label and volumes annotation
+(node mode only reads the pod's phase, node and annotations). Everything node mode does is real:
+status from the domain, suspend/resume from ``spec.paused``, live attach/detach of hotpluggable
+volumes seen by the guest, and the finalizer's cleanup of domain and disks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from vm_env import console_size, wait_console
+
+from cri_shim.vm import DiskManager, VMSpec
+from vmcrd import api
+from vmcrd.kube import api_client
+from vmcrd.node import NodeController
+
+pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.timeout(400)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+STANDIN_POD = """apiVersion: v1
+kind: Pod
+metadata:
+  name: web-vm
+  labels: {{edgevirt.io/vm: web}}
+  annotations: {{edgevirt.io/vm-uid: "{uid}", edgevirt.io/volumes: "[]"}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: compute, image: "busybox:latest", command: [sleep, "3600"]}}
+"""
+
+
+def wait_for(what: str, check, timeout: float = 120, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture
+def ns(cluster):
+    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/virtualmachine-crd.yaml"))
+    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/vmcrd-rbac.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s")
+    name = f"vmcrd-node-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    for vm in cluster.kubectl_json("get", "vm", "-n", name)["items"]:
+        cluster.kubectl(
+            "patch",
+            "vm",
+            vm["metadata"]["name"],
+            "-n",
+            name,
+            "--type",
+            "merge",
+            "-p",
+            '{"metadata":{"finalizers":null}}',
+            check=False,
+        )
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def node_kubeconfig(cluster, path: Path) -> Path:
+    admin = yaml.safe_load(cluster.paths.kubeconfig.read_text())
+    token = cluster.kubectl(
+        "create", "token", "edgevirt-node", "-n", "edgevirt-system", "--duration=1h"
+    ).stdout
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": "node", "user": {"token": token.strip()}}],
+        "contexts": [{"name": "node", "context": {"cluster": "local", "user": "node"}}],
+        "current-context": "node",
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def vm(cluster, ns: str) -> dict:
+    return cluster.kubectl_json("get", "vm", "web", "-n", ns)
+
+
+def status_volume(cluster, ns: str, name: str) -> dict | None:
+    return next((v for v in vm(cluster, ns).get("status", {}).get("volumes", []) if v["name"] == name), None)
+
+
+def test_node_mode_pause_hotplug_status_and_cleanup(cluster, ns, vm_env, vm_disk, tmp_path):
+    k = cluster
+    mgr = vm_env.manager
+    body = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "web", "namespace": ns, "finalizers": [api.FINALIZER]},
+        "spec": {
+            "running": True,
+            "nodeName": k.node,
+            "image": f"file://{vm_disk.qcow2}",
+            "memory": "256Mi",
+            "volumes": [{"name": "data", "hotpluggable": True, "emptyDisk": {"capacity": "64Mi"}}],
+        },
+    }
+    k.kubectl("apply", "-f", "-", input=json.dumps(body))
+    uid = vm(k, ns)["metadata"]["uid"]
+    # what the kvm handler will do for the VM pod: a domain with the VM's UID, disks keyed by it
+    console = tmp_path / "console.log"
+    dom = vm_env.name("web")
+    mgr.create(
+        VMSpec(name=dom, uid=uid, memory_mib=256, image=f"file://{vm_disk.qcow2}", console_log=console)
+    )
+    wait_console(console, "EDGEVIRT-GUEST: blocks")
+    mark = console_size(console)
+    k.kubectl("apply", "-n", ns, "-f", "-", input=STANDIN_POD.format(uid=uid, node=k.node))
+    k.kubectl("wait", "--for=condition=Ready", "pod/web-vm", "-n", ns, "--timeout=120s")
+
+    ctl = NodeController(
+        api_client(str(node_kubeconfig(k, tmp_path / "node.kubeconfig"))),
+        k.node,
+        namespace=ns,
+        state_dir=vm_env.state_dir,
+        resync=5,
+    )
+    ctl._manager = mgr  # the test's manager: same state dir, image roots and QEMU wrapper path
+    stop = threading.Event()
+    t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        # mount: the hotpluggable volume is attached live; the guest sees the 64Mi disk
+        v = wait_for(
+            "data Mounted", lambda: (s := status_volume(k, ns, "data")) and s["phase"] == "Mounted" and s
+        )
+        assert v["target"] == "vdb"
+        wait_console(console, "EDGEVIRT-GUEST: block+ vdb 131072", after=mark)
+        st = vm(k, ns)["status"]
+        assert st["accel"] in ("tcg", "kvm") and st["domainState"] == "Running"
+        # pause / unpause through spec.paused
+        k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"paused":true}}')
+        wait_for("domainState Paused", lambda: vm(k, ns)["status"].get("domainState") == "Paused")
+        assert mgr.state(dom).phase == "paused"
+        k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"paused":false}}')
+        wait_for("domainState Running", lambda: vm(k, ns)["status"].get("domainState") == "Running")
+        assert mgr.state(dom).phase == "running"
+        # unmount: removed from the spec -> detached from the guest
+        mark = console_size(console)
+        k.kubectl(
+            "patch",
+            "vm",
+            "web",
+            "-n",
+            ns,
+            "--type",
+            "json",
+            "-p",
+            '[{"op":"remove","path":"/spec/volumes/0"}]',
+        )
+        wait_for("data gone from status", lambda: status_volume(k, ns, "data") is None)
+        wait_console(console, "EDGEVIRT-GUEST: block- vdb", after=mark)
+        assert "vdb" not in mgr.facts(dom)["disks"]
+        # a second mount, on scsi
+        mark = console_size(console)
+        k.kubectl(
+            "patch",
+            "vm",
+            "web",
+            "-n",
+            ns,
+            "--type",
+            "json",
+            "-p",
+            json.dumps(
+                [
+                    {
+                        "op": "add",
+                        "path": "/spec/volumes/-",
+                        "value": {
+                            "name": "scratch",
+                            "hotpluggable": True,
+                            "bus": "scsi",
+                            "emptyDisk": {"capacity": "32Mi"},
+                        },
+                    }
+                ]
+            ),
+        )
+        v = wait_for(
+            "scratch Mounted",
+            lambda: (s := status_volume(k, ns, "scratch")) and s["phase"] == "Mounted" and s,
+        )
+        assert v["target"] == "sda"
+        wait_console(console, "EDGEVIRT-GUEST: block+ sda 65536", after=mark)
+        reasons = {e["reason"] for e in k.kubectl_json("get", "events", "-n", ns)["items"]}
+        assert {"VolumeMounted", "VolumeUnmounted", "Suspended", "Resumed"} <= reasons
+        # deletion: the finalizer waits for the pod, then node mode removes domain and disks
+        disk_dir = DiskManager(vm_env.state_dir).dir_for("vm", uid)
+        assert disk_dir.exists()
+        k.kubectl("delete", "vm", "web", "-n", ns, "--wait=false")
+        assert vm(k, ns)["metadata"]["finalizers"] == [api.FINALIZER]  # the pod still exists
+        k.kubectl("delete", "pod", "web-vm", "-n", ns, "--wait=false")  # cluster mode's job
+        wait_for("the VM gone", lambda: k.kubectl("get", "vm", "web", "-n", ns, check=False).returncode != 0)
+        assert not mgr.exists(dom)
+        assert not disk_dir.exists()
+    finally:
+        stop.set()
+        t.join(10)
