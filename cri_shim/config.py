@@ -5,7 +5,7 @@ exist and which runtime handler goes to which backend. Errors name the field and
     socket_mode: "0660"                 # default
     state_dir: /var/lib/edgevirt/cri    # ID -> backend records (must survive a restart of the shim)
     backends:
-      containerd: {type: containerd, socket: /run/containerd/containerd.sock, timeout: 120}
+      containerd: {type: containerd, socket: /run/containerd/containerd.sock}   # timeout: seconds
       kvm: {type: plugin, factory: "package.module:create", options: {...}}   # optional
     handlers:                           # runtime_handler -> backend; "" is the default handler
       "": containerd
@@ -37,7 +37,7 @@ class BackendConfig:
     name: str
     type: str
     socket: str = ""
-    timeout: float = 120.0
+    timeout: float | None = None  # deadline for calls that come without one; None: no deadline
     factory: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -117,9 +117,14 @@ def parse(data: Any, source: str = "(inline)") -> Config:
             if kind == "containerd":
                 b.socket = str(spec.get("socket", DEFAULT_CONTAINERD_SOCKET))
                 try:
-                    b.timeout = float(spec.get("timeout", b.timeout))
+                    raw = spec.get("timeout")
+                    b.timeout = None if raw is None else float(raw)
+                    if b.timeout is not None and b.timeout <= 0:
+                        raise ValueError
                 except (TypeError, ValueError):
-                    raise ConfigError(f"{where}.timeout: {spec.get('timeout')!r} must be seconds") from None
+                    raise ConfigError(
+                        f"{where}.timeout: {spec.get('timeout')!r} must be a positive number of seconds"
+                    ) from None
             else:
                 b.factory = str(spec.get("factory", ""))
                 if ":" not in b.factory:

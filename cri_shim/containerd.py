@@ -44,9 +44,11 @@ class ContainerdBackend(Backend):
 
     serves_images = True
 
-    def __init__(self, name: str, socket: str, timeout: float = 120.0) -> None:
+    def __init__(self, name: str, socket: str, timeout: float | None = None) -> None:
         self.name = name
         self.address = socket if "://" in socket else f"unix://{socket}"
+        # Deadline for calls whose client sent none (kubelet sends none for PullImage: a long pull
+        # must not be cut short). None: the client's deadline, or no deadline, as with containerd.
         self.default_timeout = timeout
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._calls: dict[str, grpc.UnaryUnaryMultiCallable] = {}
@@ -74,7 +76,9 @@ class ContainerdBackend(Backend):
 
     def invoke(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
         try:
-            return self._call(method)(request, timeout=timeout or self.default_timeout)
+            return self._call(method)(
+                request, timeout=timeout if timeout is not None else self.default_timeout
+            )
         except grpc.RpcError as e:
             raise self._error(method, e) from None
 

@@ -26,8 +26,9 @@ sys.path.insert(0, str(REPO / "deploy" / "local"))
 
 from localcluster import configs, leftovers  # noqa: E402
 from localcluster.components import cni_bin_dirs  # noqa: E402
-from localcluster.paths import Paths  # noqa: E402
+from localcluster.paths import REGISTRY_ADDR, Paths  # noqa: E402
 
+EXTRA_MIRRORS = ("k8s.gcr.io",)
 NET_LOCKS = Path("/run/edgevirt-cri-test")
 CRICTL = str(REPO / ".local" / "bin" / "crictl")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -119,6 +120,15 @@ class PrivateContainerd:
     def _write_configs(self) -> Path:
         p = self.paths
         cfg = configs.containerd(p, cni_bin_dirs())
+        # critest also pulls k8s.gcr.io/pause:3.9 ("same image from different registries"): mirror
+        # that old registry name to the local registry too, like the cluster's mirrors.
+        for upstream in EXTRA_MIRRORS:
+            hosts = p.etc / "containerd" / "certs.d" / upstream / "hosts.toml"
+            hosts.parent.mkdir(parents=True, exist_ok=True)
+            hosts.write_text(
+                f'server = "https://{upstream}"\n\n[host."http://{REGISTRY_ADDR}"]\n'
+                '  capabilities = ["pull", "resolve"]\n  skip_verify = true\n'
+            )
         conf = {
             "cniVersion": "1.0.0",
             "name": f"edgevirt-cri-test{self.net}",

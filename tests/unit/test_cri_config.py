@@ -35,6 +35,8 @@ def test_the_example_config_is_valid():
         ("backends: {c: {type: containerd}}\nhandlers: {runc: c}", 'default handler ""'),
         ("backends: {k: {type: plugin, factory: nomodule}}\nhandlers: {'': k}", "backends.k.factory"),
         ("workers: 1", "workers"),
+        ("backends: {c: {type: containerd, timeout: soon}}\nhandlers: {'': c}", "backends.c.timeout"),
+        ("backends: {c: {type: containerd, timeout: -1}}\nhandlers: {'': c}", "positive number of seconds"),
         ("[1, 2]", "top level must be a mapping"),
     ],
 )
