@@ -217,6 +217,13 @@ native thin client installed by deploy/cni/install-plugin.
 
 Daemon RSS after the run (`macvtap daemon`, default one worker per CPU): {rss_text}
 = {sum(rss) / 1024:.1f} MiB (supervisor + workers).
+
+Reading it: the ratios come from calls alternated within one run; the 2-core machine was shared with
+other builds and test suites, so absolute figures move between runs (the reference ADD p50 ranged from
+9 to 18 ms in runs this day). Standalone is dominated by starting Python and importing pyroute2
+(~190 ms), which is why the daemon exists. DEL is mostly the kernel unregistering the link (~16 ms
+for both). Before the native client and the in-process host-local, the same bench gave ADD 2.1x and
+burst 2.5x the reference; one daemon process (no workers) gave burst ADD 1.35x.
 """
     print(section)
     if args.write:
