@@ -134,3 +134,12 @@ class FakeBackend(TypedBackend):
         return api.ListImagesResponse(
             images=[api.Image(id=f"sha256:{self.name}", repo_tags=[f"{self.name}:1"])]
         )
+
+
+def create(name: str, options: dict) -> FakeBackend:
+    """A `type: plugin` factory (config `factory: cri_fake:create`); options.unavailable makes the
+    backend report itself unavailable on this node."""
+    backend = FakeBackend(name)
+    reason = options.get("unavailable")
+    backend.unavailable_reason = lambda: reason
+    return backend

@@ -137,3 +137,30 @@ def test_a_plugin_backend_that_cannot_load_leaves_its_handler_unregistered(tmp_p
     finally:
         for b in backends.values():
             b.close()
+
+
+@pytest.mark.parametrize("unavailable", [None, "no usable accelerator: /dev/kvm hangs and qemu is missing"])
+def test_a_plugin_backend_is_registered_only_when_available(tmp_path, unavailable):
+    cfg = config.parse(
+        {
+            "backends": {
+                "containerd": {"type": "containerd", "socket": str(tmp_path / "absent.sock")},
+                "kvm": {
+                    "type": "plugin",
+                    "factory": "cri_fake:create",
+                    "options": {"unavailable": unavailable},
+                },
+            },
+            "handlers": {"": "containerd", "kvm": "kvm"},
+        }
+    )
+    backends, handlers, down = backends_mod.build(cfg)
+    try:
+        if unavailable is None:
+            assert handlers == {"": "containerd", "kvm": "kvm"} and isinstance(backends["kvm"], FakeBackend)
+        else:
+            assert handlers == {"": "containerd"} and "kvm" not in backends
+            assert unavailable in down["kvm"]
+    finally:
+        for b in backends.values():
+            b.close()
