@@ -488,7 +488,7 @@ class DomainManager:
         )
 
     def facts(self, name: str) -> dict[str, Any]:
-        """State, accel, vCPUs, memory and disks (target -> file), for node-mode status."""
+        """State, accel, vCPUs, memory, disks (target -> file) and the console pty, for node mode."""
         dom = self._dom(name)
         xml = dom.XMLDesc(0)
         root = ET.fromstring(xml)
@@ -503,6 +503,7 @@ class DomainManager:
             "vcpus": int(root.findtext("vcpu") or 0),
             "memoryKiB": int(root.findtext("memory") or 0),
             "disks": domain_xml.disk_targets(xml),
+            "console": pty.get("path") if (pty := root.find("devices/serial/source")) is not None else None,
             "metadata": domain_xml.read_metadata(xml),
         }
 

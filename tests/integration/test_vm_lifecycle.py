@@ -37,8 +37,13 @@ def test_disk_boot_console_stats_pause_hotplug_acpi(vm_env, vm_disk, tmp_path):
     mgr = vm_env.manager
     name = vm_env.name("disk")
     console = tmp_path / "console.log"
+    # the image is the OCI containerDisk (disk under /disk/), fetched with skopeo from its OCI layout
     spec = VMSpec(
-        name=name, uid="uid-disk-1", memory_mib=256, image=f"file://{vm_disk.qcow2}", console_log=console
+        name=name,
+        uid="uid-disk-1",
+        memory_mib=256,
+        image=f"oci:{vm_disk.oci_layout}:{vm_disk.tag}",
+        console_log=console,
     )
     t0 = time.monotonic()
     uuid = mgr.create(spec)
@@ -52,6 +57,7 @@ def test_disk_boot_console_stats_pause_hotplug_acpi(vm_env, vm_disk, tmp_path):
 
     facts = mgr.facts(name)
     assert facts["uuid"] == uuid
+    assert facts["console"].startswith("/dev/pts/")
     assert facts["accel"] in ("tcg", "kvm")
     assert facts["disks"]["vda"].endswith("/root.qcow2")
 
