@@ -572,3 +572,69 @@ def test_plugin_commands_write_what_kubectl_patch_would(installed, ns, controlle
         "a new pod after restart",
         lambda: (p := live_pod(k, ns)) and p["metadata"]["uid"] != pod["metadata"]["uid"],
     )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "phase", "outcome"),
+    [
+        ("Always", "Failed", "recreated"),
+        ("Always", "Succeeded", "recreated"),
+        ("RerunOnFailure", "Failed", "recreated"),
+        ("RerunOnFailure", "Succeeded", "stays-stopped"),
+        ("Manual", "Failed", "stays-failed"),
+        ("Once", "Succeeded", "halted"),
+        ("Once", "Failed", "halted"),
+    ],
+)
+def test_pod_endings_follow_the_run_strategy(installed, ns, controllers, strategy, phase, outcome):
+    """The VM pod ends (its phase is set as kubelet would when the guest powers off or crashes; the pod
+    is pinned to a node that does not exist, so no kubelet overwrites that phase)."""
+    k = installed
+    controllers("cluster")
+    run = f"runStrategy: {strategy}\n  nodeName: no-such-node"
+    make_vm(k, ns, run=run)
+    if strategy == "Manual":
+        k.kubectl("annotate", "vm", "web", "-n", ns, "edgevirt.io/state-request=start")
+    first = wait_for("the VM pod", lambda: live_pod(k, ns))
+    k.kubectl(
+        "patch",
+        "pod",
+        "web-vm",
+        "-n",
+        ns,
+        "--subresource",
+        "status",
+        "--type",
+        "merge",
+        "-p",
+        json.dumps({"status": {"phase": phase, "message": f"guest ended ({phase})"}}),
+    )
+    if outcome == "recreated":
+        wait_for(
+            "a new pod", lambda: (p := live_pod(k, ns)) and p["metadata"]["uid"] != first["metadata"]["uid"]
+        )
+        wait_for("SuccessfulDelete", lambda: "SuccessfulDelete" in reasons(k, ns))
+    elif outcome == "halted":
+        vm = wait_for(
+            "runStrategy Halted",
+            lambda: (v := get(k, ns, "vm", "web"))["spec"].get("runStrategy") == "Halted" and v,
+        )
+        wait_for("the pod gone", lambda: get(k, ns, "pod", "web-vm") is None)
+        vm = wait_for(
+            "Stopped",
+            lambda: (v := status_settled(k, ns)) and v["status"]["printableStatus"] == "Stopped" and v,
+        )
+        assert "Halted" in reasons(k, ns)
+    else:
+        want = "Stopped" if outcome == "stays-stopped" else "Failed"
+        vm = wait_for(
+            want,
+            lambda: (
+                (v := get(k, ns, "vm", "web")) and v.get("status", {}).get("printableStatus") == want and v
+            ),
+        )
+        pod = get(k, ns, "pod", "web-vm")
+        assert pod["metadata"]["uid"] == first["metadata"]["uid"] and pod["status"]["phase"] == phase
+        if want == "Failed":
+            f = cond(vm, "Failure")
+            assert f["status"] == "True" and f["message"] == "guest ended (Failed)"
