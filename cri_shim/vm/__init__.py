@@ -8,6 +8,7 @@
 * :mod:`.images` - image references -> verified base disks in a content-addressed cache
 * :mod:`.disks` - qcow2 overlays (per VM or per pod), emptyDisk, hostDisk
 * :mod:`.cloudinit` - NoCloud seed ISO, network-config v2 from a CNI result
+* :mod:`.cni` - NICs (MAC + tap device node) from a macvtap CNI result
 * :mod:`.console_log` - serial console -> CRI log format
 * :mod:`.manager` - :class:`DomainManager`, the one owner of every domain operation
 
@@ -15,6 +16,7 @@ The node's acceleration (``kvm`` vs TCG) comes from :mod:`runtimeclass.probe`.
 """
 
 from .cloudinit import CloudInit, network_config_from_cni
+from .cni import nics_from_cni_result
 from .console_log import ConsoleLogConverter
 from .disks import DiskManager
 from .errors import ImageError, ValidationError, VMError
@@ -54,4 +56,5 @@ __all__ = [
     "ValidationError",
     "VolumeSpec",
     "network_config_from_cni",
+    "nics_from_cni_result",
 ]

@@ -172,3 +172,54 @@ def test_tap_fd_nic_pings_and_survives_reset_restart(vm_env, test_guest, topo, t
     assert mgr.shutdown(name, timeout=30) == "shutdown"
     assert mgr.remove(name) is True
     assert leftovers(vm_env) == {"domains": [], "files": []}
+
+
+def test_macvtap_cni_result_to_running_vm(vm_env, test_guest, tmp_path):
+    """The VM pod's network path without kubelet: the real macvtap plugin's ADD result becomes the
+    VM's NIC (MAC + tap device node) and its IP; the peer pings the guest; DEL after remove."""
+    from cni_env import topology
+
+    from cri_shim.vm import nics_from_cni_result
+
+    mgr = vm_env.manager
+    name = vm_env.name("cni")
+    with topology(tmp_path / "cni", daemon=False) as topo:
+        netns = topo.new_pod()
+        conf = topo.conf("1.0.0")
+        res = topo.plugin("ADD", conf, container_id="vmpod1", netns=netns, daemon=False)
+        assert res.code == 0, res.stdout + res.stderr
+        result = res.json()
+        nics = nics_from_cni_result(result, "vmpod1", device_dir=topo.device_dir)
+        ip = result["ips"][0]
+        cmdline = f"console=ttyS0 panic=-1 quiet edgevirt.ip={ip['address']} edgevirt.gw={ip['gateway']}"
+        console = tmp_path / "console.log"
+        spec = VMSpec(
+            name=name,
+            uid="uid-cni",
+            kernel_boot=KernelBoot(kernel=test_guest.kernel, initrd=test_guest.initrd, cmdline=cmdline),
+            nics=nics,
+            cni_result=result,  # also renders the NoCloud network-config onto a seed ISO
+            console_log=console,
+            disk_scope="pod",
+        )
+        mgr.create(spec)
+        try:
+            text = wait_console(console, "EDGEVIRT-GUEST: up")
+            assert f"EDGEVIRT-GUEST: ip eth0 {ip['address']} mac {nics[0].mac}" in text, text[-800:]
+            addr = ip["address"].split("/")[0]
+            out = ""
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                ping = ["busybox", "ping", "-c", "5", "-i", "0.2", "-W", "2", addr]
+                r = sh("ip", "netns", "exec", topo.peer, *ping, check=False)
+                out = r.stdout + r.stderr
+                if " 0% packet loss" in out:
+                    break
+                time.sleep(0.5)
+            assert " 0% packet loss" in out, out
+        finally:
+            mgr.remove(name)
+        res = topo.plugin("DEL", conf, container_id="vmpod1", netns=netns, daemon=False)
+        assert res.code == 0, res.stdout + res.stderr
+        assert not nics[0].tap_device.exists()
+    assert leftovers(vm_env) == {"domains": [], "files": []}

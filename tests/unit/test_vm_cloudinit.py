@@ -119,3 +119,20 @@ def test_seed_iso_has_cidata_label_and_files(tmp_path):
     ).stdout
     assert yaml.safe_load(got) == nc
     assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]  # no temp files left
+
+
+def test_nics_from_macvtap_result():
+    from pathlib import Path
+
+    from cri_shim.vm.cni import nics_from_cni_result
+
+    nics = nics_from_cni_result(CNI_1_0, "abc123")
+    assert [(n.mac, n.tap_device) for n in nics] == [(MAC, Path("/run/edgevirt/macvtap/abc123/eth0"))]
+    for cid in ("", "../x", "a/b"):
+        with pytest.raises(ValidationError) as ei:
+            nics_from_cni_result(CNI_1_0, cid)
+        assert ei.value.field == "containerID"
+    with pytest.raises(ValidationError, match=r"^cniResult.interfaces: no interface inside the pod sandbox"):
+        nics_from_cni_result({"interfaces": [{"name": "vm0", "mac": MAC}]}, "abc")
+    with pytest.raises(ValidationError, match=r"^cniResult.interfaces\[0\].name"):
+        nics_from_cni_result({"interfaces": [{"name": "../../x", "mac": MAC, "sandbox": "n"}]}, "abc")
