@@ -7,14 +7,16 @@ concurrent use of one socket); the pod side gets a fresh socket per call from ne
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -22,6 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import netns
 from .errors import INVALID_CONFIG, LINK_FAILURE, TRY_AGAIN, CNIError
 
+T = TypeVar("T")
 MACVTAP_MODES = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8, "source": 16}
 MODE_NAMES = {v: k for k, v in MACVTAP_MODES.items()}
 TEMP_PREFIX = "mvt"
@@ -69,12 +72,24 @@ def name_taken(name: str) -> CNIError:
     )
 
 
+def _on_owner_thread(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a HostLinks method on its single owner thread: pyroute2's sync API binds an event loop to each
+    calling thread and never releases it (one leaked fd per new thread), so only one thread may use it."""
+
+    @functools.wraps(method)
+    def wrapper(self: HostLinks, *args: Any, **kwargs: Any) -> T:
+        return self._owner.submit(method, self, *args, **kwargs).result()
+
+    return wrapper
+
+
 class HostLinks:
     """Link operations in the namespace this process runs in (where the master lives)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ipr: IPRoute | None = None
+        self._owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-netlink")
 
     @contextmanager
     def _rt(self) -> Iterator[IPRoute]:
@@ -91,6 +106,7 @@ class HostLinks:
                 self._ipr = None
                 raise
 
+    @_on_owner_thread
     def close(self) -> None:
         """Close the netlink socket."""
         with self._lock:
@@ -98,6 +114,7 @@ class HostLinks:
                 self._ipr.close()
                 self._ipr = None
 
+    @_on_owner_thread
     def by_name(self, name: str) -> LinkInfo | None:
         """The link called name, or None."""
         with self._rt() as ipr:
@@ -109,6 +126,7 @@ class HostLinks:
                 raise netlink_error(exc, f"looking up link {name!r}") from None
         return _info(msgs[0])
 
+    @_on_owner_thread
     def default_route_link(self) -> str | None:
         """Name of the interface of the default route (IPv4 first, then IPv6), or None."""
         with self._rt() as ipr:
@@ -119,6 +137,7 @@ class HostLinks:
                         return ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")
         return None
 
+    @_on_owner_thread
     def create_macvtap(self, master: int, netns_fd: int, mode: str, mtu: int | None, mac: str | None) -> str:
         """Create a macvtap on master directly inside the namespace behind netns_fd, under a random
         temporary name (creating it there is much cheaper than moving it: no synchronize_net).
@@ -144,13 +163,21 @@ class PodLinks:
     """Link operations inside a pod's network namespace, over a socket created there."""
 
     def __init__(self, netns_fd: int) -> None:
-        self._ipr = IPRoute(use_socket=netns.netlink_socket_in(netns_fd))
+        self._sock = netns.netlink_socket_in(netns_fd)
+        try:
+            self._ipr = IPRoute(use_socket=self._sock)
+        except BaseException:
+            self._sock.close()
+            raise
 
     def __enter__(self) -> PodLinks:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._ipr.close()
+        try:
+            self._ipr.close()
+        finally:
+            self._sock.close()  # IPRoute does not close a socket it was given
 
     def by_name(self, name: str) -> LinkInfo | None:
         """The link called name in the pod namespace, or None."""

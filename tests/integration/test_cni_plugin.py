@@ -426,3 +426,27 @@ def test_a_killed_daemon_worker_is_replaced(dtopo: Topology) -> None:
     assert workers[0] not in _children(dtopo.daemon.pid)
     assert len(_children(dtopo.daemon.pid)) == len(workers)
     dtopo.assert_clean()
+
+
+def test_the_daemon_does_not_leak_file_descriptors(dtopo: Topology) -> None:
+    assert dtopo.daemon is not None
+    procs = _children(dtopo.daemon.pid) or [dtopo.daemon.pid]
+    netns = dtopo.new_pod()
+    conf = dtopo.conf()
+
+    def cycle(prefix: str, n: int) -> None:
+        for i in range(n):
+            assert run(dtopo, "ADD", conf, netns=netns, container_id=f"{prefix}{i}").code == 0
+            assert run(dtopo, "DEL", conf, netns=netns, container_id=f"{prefix}{i}").code == 0
+
+    def fds() -> dict[int, list[str]]:
+        return {
+            p: sorted(os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")) for p in procs
+        }
+
+    cycle("warm", 4)  # every worker has opened what it keeps (netlink socket, lock file)
+    before = fds()
+    cycle("fd", 20)
+    after = fds()
+    assert {p: len(v) for p, v in after.items()} == {p: len(v) for p, v in before.items()}, (before, after)
+    dtopo.assert_clean()
