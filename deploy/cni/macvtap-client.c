@@ -123,6 +123,10 @@ int main(int argc, char **argv) {
         perror("macvtap: exec python");
         return 1;
     }
+    if (!getenv("CNI_COMMAND") && isatty(0)) { /* a human at a terminal: the Python side prints usage */
+        char *usage[] = {MACVTAP_PYTHON, "-IS", MACVTAP_LAUNCHER, NULL};
+        execv(MACVTAP_PYTHON, usage);
+    }
     size_t len = 0;
     char *in = read_all(0, &len);
     if (!in) run_python("", 0, 0);
