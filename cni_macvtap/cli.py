@@ -11,7 +11,8 @@ import sys
 
 DEFAULT_SOCKET = "/run/edgevirt/macvtap.sock"
 USAGE = """usage: macvtap                          CNI plugin (CNI_* in the environment, config on stdin)
-       macvtap daemon [--socket PATH]   resident daemon (default socket /run/edgevirt/macvtap.sock)
+       macvtap daemon [--socket PATH] [--workers N]
+                                        resident daemon (default socket /run/edgevirt/macvtap.sock)
 """
 
 

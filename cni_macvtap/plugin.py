@@ -285,6 +285,10 @@ def cmd_del(inv: Invocation, conf: config.NetConf) -> None:
     rec_path = state.record_path(conf.state_dir, conf.name, inv.container_id, inv.ifname)
     if inv.netns:
         _delete_link_in(inv.netns, inv.ifname)
+    else:  # no CNI_NETNS: still remove our link if ADD's record says where it is and it is still there
+        rec = state.read(rec_path) or {}
+        if isinstance(rec.get("netns"), str) and rec["netns"] and isinstance(rec.get("ifindex"), int):
+            _delete_link_in(rec["netns"], inv.ifname, rec["ifindex"])
     if conf.ipam_type:
         ipam.delegate(conf.ipam_type, "DEL", inv.environ, inv.path, inv.stdin)
     devnode.remove(devnode.node_path(conf.device_dir, inv.container_id, inv.ifname))

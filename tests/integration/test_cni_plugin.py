@@ -215,7 +215,7 @@ def test_del_is_idempotent_without_netns_link_or_netns_path(topo: Topology) -> N
     netns2 = topo.new_pod()
     assert run(topo, "ADD", conf, netns=netns2, container_id="empty").code == 0
     assert run(topo, "DEL", conf, netns="", container_id="empty").code == 0
-    sh("ip", "-n", os.path.basename(netns2), "link", "del", "eth0")  # the runtime would drop the netns
+    assert set(links(os.path.basename(netns2))) == {"lo"}  # found through ADD's record
     # 3) the link is already gone.
     netns3 = topo.new_pod()
     assert run(topo, "ADD", conf, netns=netns3, container_id="nolink").code == 0
