@@ -37,7 +37,9 @@ log = logging.getLogger("edgevirt-cri.router")
 # CRI api.proto: these "must not return an error if the [sandbox|container] has already been removed"
 # (StopPodSandbox: "if all relevant resources have already been reclaimed"). containerd 1.6 answers
 # NotFound for StopPodSandbox of an unknown sandbox; the shim answers success, as the contract says.
-IDEMPOTENT = frozenset({"StopPodSandbox", "RemovePodSandbox", "RemoveContainer"})
+# StopContainer: "must not return an error if the container has already been stopped"; critest checks
+# that for a container that does not exist as well (cri-o and containerd 2 answer success).
+IDEMPOTENT = frozenset({"StopPodSandbox", "RemovePodSandbox", "StopContainer", "RemoveContainer"})
 
 # How many (method, backend, request) answers of fan-out calls are kept for a backend that goes down.
 LAST_ANSWERS = 256

@@ -3,13 +3,13 @@ and pushes them to the local registry under their upstream names (containerd mir
 registry.k8s.io and gcr.io to 127.0.0.1:5000/<path>), so critest's pulls are real pulls offline.
 
 Built (all with PATH set, /etc/passwd + /etc/group with www-data, user1000 in group 50000, a /bin/ls
-that is its own file so masking it does not mask the shell, and a /bin/pgrep script):
+that is its own file so masking it does not mask the shell, /bin/pgrep and /bin/ipcs scripts):
 - registry.k8s.io/e2e-test-images/busybox:1.29-2 (critest's default image)
 - e2e-test-images/nginx:1.14-2, gcr.io/k8s-staging-cri-tools/hostnet-nginx-amd64: a C "nginx" that
   writes /var/run/nginx.pid, shows "nginx: master process" and runs busybox httpd (:80 / :12003)
 - e2e-test-images/httpd:2.4.39-4: busybox httpd on :80, says "httpd" on stdout
 - e2e-test-images/nonewprivs:1.3: a setuid-root C program printing "Effective uid: N"
-- registry.k8s.io/pause:3.9 (and k8s.gcr.io/pause:3.9 through the same mirror): the cluster's pause
+- registry.k8s.io/pause:3.9 (and k8s.gcr.io/pause:3.9 through the same mirror): a busybox image
 - gcr.io/k8s-staging-cri-tools/test-image-*: tags, three distinct images, USER variants
 Not buildable: test-image-digest@sha256:9700f9a2... (names a digest of upstream bytes).
 
@@ -29,7 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "deploy" / "local"))
 
 from localcluster import images  # noqa: E402
-from localcluster.paths import REGISTRY_ADDR  # noqa: E402
 
 E2E = "e2e-test-images"
 STAGING = "k8s-staging-cri-tools"
@@ -47,6 +46,13 @@ for d in /proc/[0-9]*; do
   [ "$(cat "$d/comm" 2>/dev/null)" = "$1" ] && { echo "${d#/proc/}"; rc=0; }
 done
 exit $rc
+"""
+IPCS = """#!/bin/sh
+# ipcs -m: the System V shared memory segments of this IPC namespace (no ipcs applet in busybox).
+[ "$1" = "-m" ] || { echo "usage: ipcs -m" >&2; exit 1; }
+echo "------ Shared Memory Segments --------"
+echo "key shmid perms bytes nattch"
+awk 'NR > 1 {print $1, $2, $3, $4, $7}' /proc/sysvipc/shm
 """
 NGINX_C = r"""
 #include <stdio.h>
@@ -97,6 +103,8 @@ def _rootfs(root: Path, extra: str | None) -> None:
     shutil.copy2(images.BUSYBOX, root / "bin" / "ls")
     (root / "bin" / "pgrep").write_text(PGREP)
     (root / "bin" / "pgrep").chmod(0o755)
+    (root / "bin" / "ipcs").write_text(IPCS)
+    (root / "bin" / "ipcs").chmod(0o755)
     (root / "var" / "run").mkdir(parents=True, exist_ok=True)
     if extra in ("web", "nginx"):
         (root / "www").mkdir()
@@ -137,6 +145,8 @@ IMAGES: dict[str, tuple[list[str], list[str], str | None]] = {
     ),
     f"{E2E}/nonewprivs": (["1.3"], ["--config.entrypoint", "/usr/local/bin/nnp"], "nonewprivs"),
     f"{STAGING}/hostnet-nginx-amd64": (["latest"], _nginx(12003), "nginx"),
+    # A pause image of its own (not the cluster's pause:3.10: critest counts the tags of this one).
+    "pause": (["3.9"], [*SH, "--config.label", "edgevirt.test=pause-3.9"], None),
     f"{STAGING}/test-image-latest": (["latest"], SH, None),
     f"{STAGING}/test-image-tag": (["test", "all"], SH, None),
     f"{STAGING}/test-image-tags": (["1", "2", "3"], SH, None),
@@ -154,8 +164,6 @@ IMAGES: dict[str, tuple[list[str], list[str], str | None]] = {
     f"{STAGING}/test-image-predefined-group": (["latest"], [*SH, "--config.user", "1000"], None),
 }
 PATH_ENV = ["--config.env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
-# Extra names for images the cluster already has (skopeo copy inside the local registry).
-ALIASES = {"pause:3.9": "pause:3.10"}
 
 
 def ensure(force: bool = False) -> list[str]:
@@ -171,20 +179,6 @@ def ensure(force: bool = False) -> list[str]:
             images.push(layout, "img", repo, tags)
         print(f"[critest-images] pushed {repo}:{','.join(tags)}", flush=True)
         pushed.append(repo)
-    for alias, source in ALIASES.items():
-        if not force and images.in_registry(*alias.split(":")):
-            continue
-        images._run(
-            "skopeo",
-            "copy",
-            "--quiet",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            f"docker://{REGISTRY_ADDR}/{source}",
-            f"docker://{REGISTRY_ADDR}/{alias}",
-        )
-        print(f"[critest-images] copied {source} to {alias}", flush=True)
-        pushed.append(alias)
     return pushed
 
 
