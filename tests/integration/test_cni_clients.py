@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,3 +109,43 @@ def test_cnitool_add_check_del_with_a_conflist(topo: Topology) -> None:
     assert dele.returncode == 0, dele.stdout + dele.stderr
     assert "ADD cnitool-" in topo.daemon_log()  # the conflist's daemonSocket was used
     topo.assert_clean()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-client", "python-launcher"])
+def test_a_daemon_dying_mid_request_is_try_again(tmp_path: Path, native: bool) -> None:
+    """The request reached the daemon, so the client cannot know how far it got: code 11, never a guess."""
+    if native and shutil.which("cc") is None:
+        pytest.skip("no C compiler: only the Python launcher is installed")
+    bin_dir = tmp_path / "bin"
+    install(bin_dir, native)
+    path = str(tmp_path / "dying.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    got: list[bytes] = []
+
+    def accept_read_and_die() -> None:
+        conn, _ = server.accept()
+        with conn:
+            got.append(conn.recv(65536))  # the request arrives; then the "daemon" dies without a reply
+
+    t = threading.Thread(target=accept_read_and_die)
+    t.start()
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "dying",
+        "type": "macvtap",
+        "master": "nosuchmaster0",
+        "daemonSocket": path,
+    }
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "d1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/nonexist",
+           "CNI_PATH": str(bin_dir), "PATH": "/usr/bin:/bin"}  # fmt: skip
+    proc = subprocess.run(
+        [str(bin_dir / "macvtap")], input=json.dumps(conf).encode(), env=env, capture_output=True
+    )
+    t.join(timeout=60)
+    server.close()
+    assert got and got[0].startswith(b"MVT1")
+    assert proc.returncode == 1
+    err = json.loads(proc.stdout)
+    assert err["code"] == 11 and "try again" in err["msg"], err
