@@ -98,9 +98,16 @@ def test_disk_boot_console_stats_pause_hotplug_acpi(vm_env, vm_disk, tmp_path):
 
     # scsi hotplug (libvirt adds the virtio-scsi controller as needed)
     mark = console_size(console)
-    target = mgr.attach_volume(name, VolumeSpec(name="scsidata", empty_disk="32Mi", bus="scsi"))
-    assert target == "sda"
+    scsi = VolumeSpec(name="scsidata", empty_disk="32Mi", bus="scsi")
+    assert mgr.attach_volume(name, scsi, persist=True) == "sda"
     wait_console(console, "EDGEVIRT-GUEST: block+ sda 65536", after=mark)
+    assert "sda" in mgr.facts(name)["disks"]
+    assert 'dev="sda"' in mgr.xml(name, inactive=True).replace("'", '"')  # persisted
+    mark = console_size(console)
+    assert mgr.detach_volume(name, "scsidata") is True
+    wait_console(console, "EDGEVIRT-GUEST: block- sda", after=mark)
+    assert "sda" not in mgr.facts(name)["disks"]
+    assert 'dev="sda"' not in mgr.xml(name, inactive=True).replace("'", '"')
     with pytest.raises(ValidationError, match=r"volume.bus: 'sata' cannot be hot-plugged"):
         mgr.attach_volume(name, VolumeSpec(name="x", empty_disk="1Mi", bus="sata"))
 
