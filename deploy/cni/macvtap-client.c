@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -114,6 +115,7 @@ static uint32_t get32(const unsigned char *b) {
 }
 
 int main(int argc, char **argv) {
+    signal(SIGPIPE, SIG_IGN); /* a vanished daemon or reader is an error to report, not a reason to die */
     if (argc > 1) { /* `macvtap daemon ...` and --help are the Python program's business */
         char **args = calloc((size_t)argc + 3, sizeof *args);
         if (!args) return 1;
@@ -170,7 +172,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 3 && envblob; i++) {
         size_t done = 0;
         while (done < iov[i].iov_len) {
-            ssize_t r = write(s, (char *)iov[i].iov_base + done, iov[i].iov_len - done);
+            ssize_t r = send(s, (char *)iov[i].iov_base + done, iov[i].iov_len - done, MSG_NOSIGNAL);
             if (r < 0 && errno == EINTR) continue;
             if (r <= 0) break;
             done += (size_t)r;
