@@ -209,7 +209,16 @@ class DomainManager:
     @property
     def conn(self) -> libvirt.virConnect:
         with self._conn_lock:
-            if self._conn is None or not self._conn.isAlive():
+            if self._conn is not None:
+                try:  # a restarted libvirtd leaves a dead connection behind: notice it here
+                    if not self._conn.isAlive():
+                        raise libvirt.libvirtError("connection is not alive")
+                    self._conn.getLibVersion()
+                except libvirt.libvirtError:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        self._conn.close()
+                    self._conn = None
+            if self._conn is None:
                 try:
                     self._conn = libvirt.open(self.uri)
                 except libvirt.libvirtError as e:
