@@ -1,5 +1,5 @@
 """kubelet -> edgevirt-cri -> containerd on the local cluster: the node reports the edgevirt runtime;
-a runc pod (RuntimeClass runc) reaches Running, and logs, exec and port-forward work through the
+a runc pod (RuntimeClass runc) reaches Running, and logs, exec, attach and port-forward work through the
 shim's passthrough; deleting it leaves no sandbox, record, netns or mount; a pod asking for a
 handler this node does not serve fails with the shim's message; kill -9 of the shim with a pod
 running and a restart: kubelet restarts nothing (same sandbox, same container, restartCount 0)."""
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -194,3 +196,55 @@ def _relisted(cluster) -> bool:
     node = cluster.kubectl_json("get", "node", cluster.node)
     ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}.get("Ready") == "True"
     return ready and bool(shim_crictl(cluster, "pods", "-q").stdout.strip())
+
+
+ATTACH_POD = """apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+spec:
+  runtimeClassName: runc
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox:latest
+    stdin: true
+    command: ["sh", "-c", "while read l; do echo got-$l; done"]
+"""
+
+
+def test_kubectl_attach_through_the_shim(cluster):
+    name = f"e2e-cri-attach-{uuid.uuid4().hex[:6]}"
+    token = uuid.uuid4().hex[:8]
+    cluster.kubectl("apply", "-f", "-", input=ATTACH_POD.format(name=name))
+    try:
+        cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=180s", timeout=200)
+        proc = subprocess.Popen(
+            [cluster.paths.tool("kubectl"), "attach", "-i", name, "-c", "main"],
+            env=cluster.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+        seen: list[str] = []
+
+        def saw(needle: str) -> bool:
+            while not lines.empty():
+                seen.append(lines.get())
+            return any(needle in x for x in seen)
+
+        try:
+            # kubectl prints its "If you don't see a command prompt" hint once the stream is up.
+            wait("kubectl attach to connect", lambda: saw("command prompt"), 60, 0.2)
+            proc.stdin.write(f"{token}\n")
+            proc.stdin.flush()
+            wait("the echo through attach", lambda: saw(f"got-{token}"), 60, 0.2)
+        finally:
+            proc.kill()
+            proc.wait(10)
+        assert f"got-{token}" in cluster.kubectl("logs", name).stdout
+    finally:
+        cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
