@@ -38,7 +38,7 @@ class NetConf:
     device_dir: str
     state_dir: str
     prev_result: dict[str, Any] | None
-    valid_attachments: tuple[tuple[str, str], ...] | None
+    valid_attachments: tuple[tuple[str, str], ...]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -130,12 +130,10 @@ def _abs_path(doc: dict[str, Any], key: str, default: str) -> str:
     return value.rstrip("/") or "/"
 
 
-def _attachments(doc: dict[str, Any]) -> tuple[tuple[str, str], ...] | None:
+def _attachments(doc: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     key = "cni.dev/valid-attachments"
-    if key not in doc:
-        return None
-    value = doc[key]
-    if value is None:  # a Go runtime marshals an empty attachment list as null
+    value = doc.get(key)
+    if value is None:  # libcni omits an empty list (omitempty): no attachment is valid
         return ()
     if not isinstance(value, list):
         raise _bad(key, f"is {value!r}", 'give a list of {"containerID": ..., "ifname": ...} objects')

@@ -364,11 +364,6 @@ def cmd_status(inv: Invocation, conf: config.NetConf) -> None:
 
 def cmd_gc(inv: Invocation, conf: config.NetConf) -> None:
     """Release every recorded attachment of this network that is not in cni.dev/valid-attachments."""
-    if conf.valid_attachments is None:
-        raise CNIError(
-            INVALID_CONFIG,
-            "invalid config: 'cni.dev/valid-attachments' is missing: GC needs the attachments to keep",
-        )
     valid = set(conf.valid_attachments)
     errors: list[str] = []
     for cid, ifname, path in list(state.records(conf.state_dir, conf.name)):

@@ -112,6 +112,22 @@ def test_cnitool_add_check_del_with_a_conflist(topo: Topology) -> None:
     assert "ADD cnitool-" in topo.daemon_log()  # the conflist's daemonSocket was used
     topo.assert_clean()
 
+    # STATUS and GC through libcni: cnitool's gc passes no valid attachments, so ours is collected.
+    status = cnitool("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    try:
+        assert cnitool("add").returncode == 0
+        assert len(topo.allocated_ips(name)) == 1 and os.listdir(topo.device_dir)
+        gc = cnitool("gc")
+        assert gc.returncode == 0, gc.stdout + gc.stderr
+        assert "GC /" in topo.daemon_log()
+        assert topo.allocated_ips(name) == [] and tree(topo.device_dir) == []
+        assert set(links(os.path.basename(netns))) == {"lo"}
+    finally:
+        dele = cnitool("del")
+    assert dele.returncode == 0, dele.stdout + dele.stderr
+    topo.assert_clean()
+
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-client", "python-launcher"])
 def test_a_daemon_dying_mid_request_is_try_again(tmp_path: Path, native: bool) -> None:

@@ -171,10 +171,11 @@ def test_wire_roundtrip_over_a_socketpair() -> None:
             wire.recv_request(b)
 
 
-def test_gc_valid_attachments_null_means_none_are_valid() -> None:
+def test_gc_valid_attachments_absent_or_null_means_none_are_valid() -> None:
     inv = from_environ({"CNI_COMMAND": "GC", "CNI_PATH": "/x"}, b"")
     conf = config.parse(inv, {**CONF, "cniVersion": "1.1.0", "cni.dev/valid-attachments": None})
     assert conf.valid_attachments == ()
+    assert config.parse(inv, {**CONF, "cniVersion": "1.1.0"}).valid_attachments == ()
     listed = [{"containerID": "a", "ifname": "eth0"}]
     conf = config.parse(inv, {**CONF, "cniVersion": "1.1.0", "cni.dev/valid-attachments": listed})
     assert conf.valid_attachments == (("a", "eth0"),)
