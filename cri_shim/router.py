@@ -320,29 +320,26 @@ class Router:
 
     def prune(self) -> int:
         """Forget recorded IDs their backend no longer has (removed while the shim was down, e.g.
-        by `crictl rmp` straight to containerd). A backend that does not answer is left alone.
-        Returns how many records were dropped."""
-        before = len(self.index.sandboxes) + len(self.index.containers)
+        by `crictl rmp` straight to containerd). Only records that existed before the backend was
+        listed are candidates, so a pod created meanwhile is never forgotten; a backend that does
+        not answer is left alone. Returns how many records were dropped."""
+        dropped = 0
         for backend in self._order:
+            old_pods = {s for s, b in list(self.index.sandboxes.items()) if b == backend.name}
+            old_ctrs = {c for c, (b, _) in list(self.index.containers.items()) if b == backend.name}
             try:
-                pods = self.api.ListPodSandboxResponse.FromString(
-                    backend.invoke("ListPodSandbox", b"", 30)
-                ).items
-                ctrs = self.api.ListContainersResponse.FromString(
-                    backend.invoke("ListContainers", b"", 30)
-                ).containers
+                pods = self.api.ListPodSandboxResponse.FromString(backend.invoke("ListPodSandbox", b"", 30))
+                ctrs = self.api.ListContainersResponse.FromString(backend.invoke("ListContainers", b"", 30))
             except BackendError as e:
                 log.warning("not pruning records of backend %s: %s", backend.name, e.message)
                 continue
-            live_pods = {p.id for p in pods}
-            live_ctrs = {c.id for c in ctrs}
-            for sid, name in list(self.index.sandboxes.items()):
-                if name == backend.name and sid not in live_pods:
-                    self.index.remove_sandbox(sid)
-            for cid, (name, _) in list(self.index.containers.items()):
-                if name == backend.name and cid not in live_ctrs:
-                    self.index.remove_container(cid)
-        return before - len(self.index.sandboxes) - len(self.index.containers)
+            for sid in old_pods - {p.id for p in pods.items}:
+                self.index.remove_sandbox(sid)
+            for cid in old_ctrs - {c.id for c in ctrs.containers}:
+                self.index.remove_container(cid)
+            dropped += sum(1 for s in old_pods if self.index.sandbox_backend(s) is None)
+            dropped += sum(1 for c in old_ctrs if self.index.container_backend(c) is None)
+        return dropped
 
     def ordered(self) -> list[Backend]:
         """The backends, the default handler's first."""
