@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -68,24 +69,18 @@ def counts(res: dict[str, str]) -> dict[str, int]:
     return c
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--focus")
-    ap.add_argument("--skip", default=DEFAULT_SKIP)
-    ap.add_argument("--out", default=str(REPO / ".local" / "critest" / time.strftime("%Y%m%dT%H%M%S")))
-    args = ap.parse_args()
-    out = Path(args.out)
+def run_both(focus: str | None, skip: str, out: Path) -> dict[str, dict[str, str]]:
+    """critest against a fresh private containerd, then against edgevirt-cri in front of it."""
     out.mkdir(parents=True, exist_ok=True)
-    critest_images.ensure()
     ctd = PrivateContainerd.create()
     shim = None
+    results: dict[str, dict[str, str]] = {}
     try:
         ctd.start()
         shim = Shim.create(ctd.socket).start()
-        results = {}
         for name, endpoint in (("containerd", f"unix://{ctd.socket}"), ("edgevirt-cri", shim.endpoint)):
             t0 = time.monotonic()
-            rc = run_critest(endpoint, out / f"{name}.json", args.focus, args.skip, out / f"{name}.log")
+            rc = run_critest(endpoint, out / f"{name}.json", focus, skip, out / f"{name}.log")
             results[name] = outcomes(out / f"{name}.json")
             print(
                 f"[run-critest] {name}: exit {rc}, {counts(results[name])} in {time.monotonic() - t0:.0f}s",
@@ -96,8 +91,39 @@ def main() -> int:
             (out / "edgevirt-cri.server.log").write_bytes(shim.log.read_bytes() if shim.log.exists() else b"")
             shim.close()
         ctd.close()
+    return results
+
+
+def compare(focus: str | None, skip: str, out: Path) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """(containerd's outcomes, the shim's, specs the shim fails that containerd passes). A spec that
+    differs is run once more on both endpoints (critest has timing-sensitive specs, e.g. OOM on 2
+    busy cores); it counts only if it differs again."""
+    critest_images.ensure()
+    results = run_both(focus, skip, out)
     ref, ours = results["containerd"], results["edgevirt-cri"]
     worse = sorted(k for k, v in ref.items() if v == "passed" and ours.get(k) != "passed")
+    if worse:
+        print(f"[run-critest] running {len(worse)} differing spec(s) once more on both endpoints", flush=True)
+        again = run_both("|".join(re.escape(k.rsplit("] ", 1)[-1]) for k in worse), skip, out / "retry")
+        still = [
+            k
+            for k in worse
+            if again["containerd"].get(k) == "passed" and again["edgevirt-cri"].get(k) != "passed"
+        ]
+        for k in sorted(set(worse) - set(still)):
+            print(f"[run-critest] flaky (passed on the second run): {k}")
+        worse = still
+    return ref, ours, worse
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--focus")
+    ap.add_argument("--skip", default=DEFAULT_SKIP)
+    ap.add_argument("--out", default=str(REPO / ".local" / "critest" / time.strftime("%Y%m%dT%H%M%S")))
+    args = ap.parse_args()
+    out = Path(args.out)
+    ref, ours, worse = compare(args.focus, args.skip, out)
     differ = sorted(k for k in set(ref) | set(ours) if ref.get(k) != ours.get(k))
     for k in differ:
         print(f"[run-critest] differs: {k}: containerd={ref.get(k)} edgevirt-cri={ours.get(k)}")
@@ -105,6 +131,8 @@ def main() -> int:
         print(f"[run-critest] containerd itself: {ref[k]}: {k}")
     print(f"[run-critest] reports in {out}")
     if worse:
+        for k in worse:
+            print(f"[run-critest] edgevirt-cri fails, containerd passes: {k}")
         print(f"[run-critest] edgevirt-cri fails {len(worse)} spec(s) containerd passes")
         return 1
     print("[run-critest] edgevirt-cri passes every spec containerd passes")
