@@ -46,14 +46,19 @@ def installed(cluster):
     cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/virtualmachine-crd.yaml"))
     cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/vmcrd-rbac.yaml"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s")
-    created = cluster.kubectl("get", "runtimeclass", "kvm", check=False).returncode != 0
-    if created:  # deploy/manifests/runtimeclasses.yaml (CRI part) not applied yet: same object
-        cluster.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input="apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: kvm}\nhandler: kvm\n",
-        )
+    created = False
+    if cluster.kubectl("get", "runtimeclass", "kvm", check=False).returncode != 0:
+        rcs = REPO / "deploy/manifests/runtimeclasses.yaml"
+        if rcs.exists():  # the project's own RuntimeClasses, as deploy/local/up installs them: kept
+            cluster.kubectl("apply", "-f", str(rcs))
+        else:
+            created = True
+            cluster.kubectl(
+                "apply",
+                "-f",
+                "-",
+                input="apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: kvm}\nhandler: kvm\n",
+            )
     yield cluster
     if created:
         cluster.kubectl("delete", "runtimeclass", "kvm", "--ignore-not-found", check=False)
@@ -638,3 +643,35 @@ def test_pod_endings_follow_the_run_strategy(installed, ns, controllers, strateg
         if want == "Failed":
             f = cond(vm, "Failure")
             assert f["status"] == "True" and f["message"] == "guest ended (Failed)"
+
+
+@pytest.mark.parametrize(
+    ("sa", "verb", "resource", "namespace", "allowed"),
+    [
+        ("edgevirt-controller", "create", "pods", "default", True),
+        ("edgevirt-controller", "delete", "pods", "default", True),
+        ("edgevirt-controller", "patch", "virtualmachines.edgevirt.io/status", "default", True),
+        ("edgevirt-controller", "update", "virtualmachines.edgevirt.io/finalizers", "default", True),
+        ("edgevirt-controller", "update", "leases.coordination.k8s.io", "edgevirt-system", True),
+        ("edgevirt-controller", "update", "leases.coordination.k8s.io", "default", False),
+        ("edgevirt-controller", "get", "secrets", "default", False),
+        ("edgevirt-controller", "delete", "virtualmachines.edgevirt.io", "default", False),
+        ("edgevirt-node", "patch", "virtualmachines.edgevirt.io/status", "default", True),
+        ("edgevirt-node", "watch", "pods", "default", True),
+        ("edgevirt-node", "create", "pods", "default", False),
+        ("edgevirt-node", "delete", "pods", "default", False),
+        ("edgevirt-node", "get", "secrets", "default", False),
+    ],
+)
+def test_rbac_grants_each_mode_what_it_needs_and_no_more(installed, sa, verb, resource, namespace, allowed):
+    r = installed.kubectl(
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        "-n",
+        namespace,
+        f"--as=system:serviceaccount:edgevirt-system:{sa}",
+        check=False,
+    )
+    assert r.stdout.strip() == ("yes" if allowed else "no"), (r.stdout, r.stderr)
