@@ -20,6 +20,7 @@ import grp
 import os
 import pwd
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -187,3 +188,97 @@ def restart_libvirtd(state: DaemonState, timeout: float = 30.0) -> None:
 
 if __name__ == "__main__":
     print(ensure_libvirtd())
+
+
+class PrivateLibvirtd:
+    """A libvirtd + virtlogd of our own, in a private mount namespace, for tests that must restart
+    the daemon without touching the node's (another owner's) libvirtd.
+
+    A holder process (``unshare --mount --propagation slave``: mounts and unmounts of the node, such
+    as ``ip netns add/del`` of other tests, still reach it, so it never pins anybody's network
+    namespace) owns the namespace; tmpfs mounts there hide the node's
+    /run/libvirt, /var/lib/libvirt, /var/cache/libvirt and /var/log/libvirt, and /etc/libvirt is a
+    copy (same qemu.conf, no autostart networks). Everything else (disks, logs, kernels under /tmp
+    or $HOME) is shared. Clients connect through the holder's root:
+    ``qemu+unix:///system?socket=/proc/<holder>/root/run/libvirt/libvirt-sock``.
+    """
+
+    DIRS = ("/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.holder: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        assert self.holder is not None
+        return f"qemu+unix:///system?socket=/proc/{self.holder.pid}/root/run/libvirt/libvirt-sock"
+
+    def _ns(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        assert self.holder is not None
+        return subprocess.run(
+            ["nsenter", "-t", str(self.holder.pid), "-m", "--", *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+    def _answers(self) -> bool:
+        r = subprocess.run(["virsh", "-c", self.uri, "version"], capture_output=True, text=True, timeout=30)
+        return r.returncode == 0
+
+    def start(self, timeout: float = 30.0) -> PrivateLibvirtd:
+        configure()
+        etc = self.workdir / "etc-libvirt"
+        shutil.copytree("/etc/libvirt", etc, symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(etc / "qemu" / "networks" / "autostart", ignore_errors=True)
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", "--", "sleep", "infinity"]
+        )
+        _wait_for(lambda: os.readlink(f"/proc/{self.holder.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"),
+                  timeout, "the mount namespace holder")  # fmt: skip
+        for d in self.DIRS:
+            self._ns("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d)
+        self._ns("mkdir", "-p", "/var/lib/libvirt/qemu", "/var/cache/libvirt/qemu")
+        self._ns("mount", "--bind", str(etc), "/etc/libvirt")
+        self._ns("virtlogd", "-d", "-p", str(self.workdir / "virtlogd.pid"))
+        self._start_libvirtd(timeout)
+        return self
+
+    def _start_libvirtd(self, timeout: float) -> None:
+        self._ns("libvirtd", "-d", "-p", str(self.workdir / "libvirtd.pid"))
+        _wait_for(self._answers, timeout, "the private libvirtd to answer")
+
+    def pid(self, which: str = "libvirtd") -> int | None:
+        return _read_pid(self.workdir / f"{which}.pid")
+
+    def restart_libvirtd(self, timeout: float = 30.0) -> None:
+        pid = self.pid()
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            _wait_for(lambda: _read_pid_of(pid) is None, timeout, "the private libvirtd to stop")
+        self._start_libvirtd(timeout)
+
+    def stop(self) -> None:
+        """Destroy and undefine every domain of the private daemon, then stop it and the namespace."""
+        if self.holder is not None and self.pid() and self._answers():
+            names = subprocess.run(
+                ["virsh", "-c", self.uri, "list", "--all", "--name"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.split()
+            for name in names:
+                subprocess.run(["virsh", "-c", self.uri, "destroy", name], capture_output=True, check=False)
+                subprocess.run(["virsh", "-c", self.uri, "undefine", name], capture_output=True, check=False)
+        for which in ("libvirtd", "virtlogd"):
+            pid = self.pid(which)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                with contextlib.suppress(RuntimeError):
+                    _wait_for(lambda p=pid: _read_pid_of(p) is None, 15, f"{which} to stop")
+        if self.holder is not None:
+            self.holder.kill()
+            self.holder.wait()
+            self.holder = None
