@@ -450,3 +450,21 @@ def test_the_daemon_does_not_leak_file_descriptors(dtopo: Topology) -> None:
     after = fds()
     assert {p: len(v) for p, v in after.items()} == {p: len(v) for p, v in before.items()}, (before, after)
     dtopo.assert_clean()
+
+
+def test_dual_stack_ipam_results_in_040(topo: Topology) -> None:
+    """IPv6 ranges are outside the daemon's in-process host-local subset: the binary serves them."""
+    netns = topo.new_pod()
+    conf = topo.conf("0.4.0")
+    conf["ipam"]["ranges"].append([{"subnet": f"fd00:{topo.subnet_octet:x}::/64"}])
+    res = run(topo, "ADD", conf, netns=netns)
+    assert res.code == 0, res.stdout + res.stderr
+    ips = res.json()["ips"]
+    assert [(ip["version"], ip["interface"]) for ip in ips] == [("4", 0), ("6", 0)]
+    assert ipaddress.ip_interface(ips[1]["address"]).network == ipaddress.ip_network(
+        f"fd00:{topo.subnet_octet:x}::/64"
+    )
+    assert run(topo, "CHECK", with_prev(conf, res.json()), netns=netns).code == 0
+    assert run(topo, "DEL", conf, netns=netns).code == 0
+    assert [p.name for p in (topo.ipam_dir / conf["name"]).iterdir() if ":" in p.name] == []
+    topo.assert_clean()
