@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -164,6 +165,7 @@ def main() -> int:
         if shim is not None:
             shim.close()
         ctd.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     rows = [results["lifecycle"], *results["list"].values()]
     print(f"date: {results['date']}; command: {' '.join(['.venv/bin/python', *sys.argv])}")
     print("| measure | n | containerd p50 / p95 | edgevirt-cri p50 / p95 | ratio (p50) | added (p50) |")
