@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lease-duration", type=int, default=15, help="seconds (default 15)")
     p.add_argument("--renew", type=float, default=5.0, help="lease renew period in seconds (default 5)")
     p.add_argument("--identity", default=f"{socket.gethostname()}_{os.getpid()}")
+    p.add_argument(
+        "--runtime-class", default="kvm", help="cluster mode: the VM pods' RuntimeClass (default kvm)"
+    )
     p.add_argument("--workers", type=int, default=2, help="cluster mode: reconcile workers (default 2)")
     p.add_argument("--resync", type=float, default=300.0, help="seconds between full resyncs (default 300)")
     p.add_argument("--state-dir", type=Path, default=None, help="node mode: the libvirt layer's state dir")
@@ -69,7 +72,13 @@ def run_cluster(args: argparse.Namespace, ac, stop: threading.Event) -> int:
     from .controller import ClusterController
     from .leader import LeaderElector
 
-    ctl = ClusterController(ac, namespace=args.namespace, resync=args.resync, identity=args.identity)
+    ctl = ClusterController(
+        ac,
+        namespace=args.namespace,
+        resync=args.resync,
+        identity=args.identity,
+        runtime_class=args.runtime_class,
+    )
     elector = LeaderElector(
         client.CoordinationV1Api(ac),
         args.lease_namespace,

@@ -22,6 +22,9 @@ from .strategy import Action, PodState, decide, pod_state
 
 log = logging.getLogger(__name__)
 
+#: Seconds between looks at a VM pod that kubelet cannot start (nothing else would wake us).
+SANDBOX_RECHECK = 10.0
+
 PRINTABLE_EVENTS = {
     api.STOPPED: ("Normal", "Stopped"),
     api.STARTING: ("Normal", "Starting"),
@@ -42,7 +45,9 @@ class ClusterController:
         namespace: str | None = None,
         resync: float = 300.0,
         identity: str = "edgevirt-controller",
+        runtime_class: str = podspec.RUNTIME_CLASS,
     ) -> None:
+        self.runtime_class = runtime_class
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.namespace = namespace
@@ -50,6 +55,7 @@ class ClusterController:
         self.queue = WorkQueue()
         self.events = EventRecorder(self.core, "edgevirt-controller", identity)
         self.create_errors: dict[str, str] = {}
+        self.sandbox_errors: dict[str, str] = {}
         self.reconciles = 0
         self.vms = Informer("virtualmachines", self._list_vms, self.queue.add)
         self.pods = Informer("pods", self._list_pods, self._on_pod)
@@ -182,10 +188,41 @@ class ClusterController:
             # never placed on a node: no node-local state exists (otherwise node mode cleans up)
             self._remove_finalizer(vm)
             return None
-        self._write_status(vm, pod, self.create_errors.get(key, ""))
+        sandbox_error = self._sandbox_error(vm, pod)
+        self._write_status(vm, pod, self.create_errors.get(key, ""), sandbox_error)
         if pod is not None and pod_state(pod) is PodState.TERMINATING:
             again = 2.0
+        elif sandbox_error or self._stuck_pending(pod):
+            again = SANDBOX_RECHECK  # kubelet's retries do not change the pod: look again
         return again
+
+    @staticmethod
+    def _stuck_pending(pod: dict | None) -> bool:
+        """Scheduled, Pending, no container started yet."""
+        if pod is None or pod_state(pod) is not PodState.ACTIVE:
+            return False
+        st = pod.get("status") or {}
+        return bool((pod.get("spec") or {}).get("nodeName")) and st.get("phase") == "Pending"
+
+    def _sandbox_error(self, vm: dict, pod: dict | None) -> str:
+        """kubelet's latest FailedCreatePodSandBox message for a VM pod stuck in Pending (the kvm
+        handler refused it, say), from the pod's Events; mirrored as a VM Event once per message."""
+        if not self._stuck_pending(pod):
+            return ""
+        assert pod is not None
+        pm = pod["metadata"]
+        evs = self.core.list_namespaced_event(
+            pm["namespace"], field_selector=f"involvedObject.uid={pm['uid']},reason=FailedCreatePodSandBox"
+        ).items
+        if not evs:
+            return ""
+        last = max(evs, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+        msg = last.message or ""
+        key = f"{pm['namespace']}/{pm['name']}/{pm['uid']}"
+        if self.sandbox_errors.get(key) != msg:
+            self.sandbox_errors[key] = msg
+            self.events.emit(vm, "Warning", "FailedCreatePodSandBox", f"VM pod {pm['name']}: {msg}")
+        return msg
 
     # ---------------------------------------------------------------- actions
     def _patch_vm(self, vm: dict, body: dict) -> dict:
@@ -203,7 +240,7 @@ class ClusterController:
         m = vm["metadata"]
         key = f"{m['namespace']}/{m['name']}"
         node = (vm.get("spec") or {}).get("nodeName") or (vm.get("status") or {}).get("nodeName")
-        body = podspec.build_pod(vm, node, request)
+        body = podspec.build_pod(vm, node, request, self.runtime_class)
         try:
             pod = self.core.create_namespaced_pod(m["namespace"], body)
         except ApiException as e:
@@ -242,8 +279,8 @@ class ClusterController:
             raise
         self.events.emit(vm, "Normal", "SuccessfulDelete", f"deleted VM pod {pm['name']} (graceful shutdown)")
 
-    def _write_status(self, vm: dict, pod: dict | None, create_error: str) -> None:
-        new = status.compute(vm, pod, create_error)
+    def _write_status(self, vm: dict, pod: dict | None, create_error: str, sandbox_error: str = "") -> None:
+        new = status.compute(vm, pod, create_error, sandbox_error)
         if not status.differs(vm, new):
             return
         m = vm["metadata"]

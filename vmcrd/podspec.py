@@ -91,7 +91,9 @@ def _quantity(v: Any) -> str:
     return str(v)
 
 
-def build_pod(vm: dict[str, Any], node: str | None, request: str = "") -> dict[str, Any]:
+def build_pod(
+    vm: dict[str, Any], node: str | None, request: str = "", runtime_class: str = RUNTIME_CLASS
+) -> dict[str, Any]:
     """The VM pod for ``vm`` (a VirtualMachine as a dict), pinned to ``node`` when given.
 
     Pure function of its inputs: the same VM gives the same pod, so a restarted controller makes
@@ -119,7 +121,7 @@ def build_pod(vm: dict[str, Any], node: str | None, request: str = "") -> dict[s
         ann[ANN_STATE_REQUEST] = request
     resources = {"cpu": _quantity(spec.get("cpu", 1)), "memory": _quantity(spec.get("memory", "256Mi"))}
     pod_spec: dict[str, Any] = {
-        "runtimeClassName": RUNTIME_CLASS,
+        "runtimeClassName": runtime_class,
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
         "automountServiceAccountToken": False,

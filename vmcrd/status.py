@@ -41,8 +41,9 @@ def _waiting_reason(pod: dict) -> tuple[str, str]:
     return "", ""
 
 
-def printable(vm: dict, pod: dict | None, create_error: str = "") -> tuple[str, str]:
-    """(printableStatus, message) of a VM given its pod (or None)."""
+def printable(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: str = "") -> tuple[str, str]:
+    """(printableStatus, message) of a VM given its pod (or None). ``sandbox_error``: kubelet's last
+    FailedCreatePodSandBox message for a pod still Pending (kubelet keeps retrying: still Starting)."""
     spec = vm.get("spec") or {}
     strategy = api.run_strategy(spec)
     request = (vm["metadata"].get("annotations") or {}).get(api.STATE_REQUEST, "")
@@ -75,6 +76,8 @@ def printable(vm: dict, pod: dict | None, create_error: str = "") -> tuple[str, 
         if ((vm.get("status") or {}).get("domainState") or "").lower() == "paused":
             return api.PAUSED, "the guest is suspended"
         return api.RUNNING, ""
+    if sandbox_error:
+        return api.STARTING, f"FailedCreatePodSandBox: {sandbox_error}"
     sandbox = _pod_condition(pod, "PodReadyToStartContainers")
     if sandbox and sandbox.get("status") == "False" and sandbox.get("message"):
         return api.STARTING, sandbox["message"]
@@ -120,11 +123,11 @@ def set_condition(
     return True
 
 
-def compute(vm: dict, pod: dict | None, create_error: str = "") -> dict[str, Any]:
+def compute(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: str = "") -> dict[str, Any]:
     """The cluster-mode part of the VM's status (a full replacement of those fields)."""
     old = vm.get("status") or {}
     gen = int(vm["metadata"].get("generation") or 0)
-    pstatus, message = printable(vm, pod, create_error)
+    pstatus, message = printable(vm, pod, create_error, sandbox_error)
     # the node the VM was actually placed on (its disks are there); a pin alone is not a placement
     node = ((pod or {}).get("spec") or {}).get("nodeName") or old.get("nodeName")
     ips = [p["ip"] for p in ((pod or {}).get("status") or {}).get("podIPs") or [] if p.get("ip")]
@@ -158,9 +161,10 @@ def compute(vm: dict, pod: dict | None, create_error: str = "") -> dict[str, Any
         gen,
     )
     failed = pstatus in FAILURE_STATES
-    set_condition(
-        conds, api.COND_FAILURE, failed, pstatus if failed else "NoFailure", message if failed else "", gen
-    )
+    reason = pstatus if failed else "NoFailure"
+    if sandbox_error and pstatus == api.STARTING:
+        failed, reason = True, "FailedCreatePodSandBox"
+    set_condition(conds, api.COND_FAILURE, failed, reason, message if failed else "", gen)
     out: dict[str, Any] = {
         "printableStatus": pstatus,
         "podName": pod["metadata"]["name"] if pod else None,

@@ -1,0 +1,73 @@
+"""Node mode's pure parts: which volumes to hot-plug/unplug, reading a live domain XML, VM layer specs."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmcrd.node import attached_volumes, hotplug_plan, to_volume_spec
+
+names = st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True)
+
+
+def vol(name: str, hot: bool = True) -> dict:
+    return {"name": name, "hotpluggable": hot, "emptyDisk": {"capacity": "64Mi"}}
+
+
+@given(
+    st.dictionaries(names, st.booleans(), max_size=6),
+    st.dictionaries(names, st.booleans(), max_size=6),
+    st.sets(names, max_size=6),
+)
+def test_plan_attaches_missing_hotpluggables_and_detaches_only_unpluggable_leftovers(
+    spec_m, boot_m, attached_s
+):
+    spec = [vol(n, h) for n, h in spec_m.items()]
+    boot = [vol(n, h) for n, h in boot_m.items()]
+    attached = {n: "vdx" for n in attached_s}
+    attach, detach = hotplug_plan(spec, boot, attached)
+    assert {v["name"] for v in attach} == {n for n, h in spec_m.items() if h and n not in attached_s}
+    for n in detach:
+        assert n in attached_s and n not in spec_m  # only what is attached and gone from the spec
+        assert n not in boot_m or boot_m[n]  # never a cold (boot-time, non-hotpluggable) disk
+    for n in attached_s - set(spec_m):
+        if n not in boot_m or boot_m[n]:
+            assert n in detach
+    assert not ({v["name"] for v in attach} & set(detach))
+
+
+def test_attached_volumes_reads_user_aliases_only():
+    xml = """<domain><devices>
+      <disk type='file' device='disk'><target dev='vda'/><alias name='ua-root'/></disk>
+      <disk type='file' device='disk'><target dev='vdb'/><alias name='ua-data'/></disk>
+      <disk type='file' device='cdrom'><target dev='sda'/><alias name='sata0-0-0'/></disk>
+      <disk type='file' device='disk'><target dev='sdb'/></disk>
+    </devices></domain>"""
+    assert attached_volumes(xml) == {"root": "vda", "data": "vdb"}
+
+
+def test_to_volume_spec_maps_every_source():
+    v = to_volume_spec({"name": "a", "emptyDisk": {"capacity": "1Gi"}, "bus": "scsi", "readOnly": True})
+    assert (v.name, v.empty_disk, v.bus, v.read_only, v.host_disk, v.image) == (
+        "a",
+        "1Gi",
+        "scsi",
+        True,
+        None,
+        None,
+    )
+    h = to_volume_spec(
+        {
+            "name": "h",
+            "hostDisk": {"path": "/var/lib/edgevirt/hostdisks/x", "type": "DiskOrCreate", "capacity": "1Gi"},
+        }
+    )
+    assert (h.host_disk.path, h.host_disk.type, h.host_disk.capacity) == (
+        "/var/lib/edgevirt/hostdisks/x",
+        "DiskOrCreate",
+        "1Gi",
+    )
+    i = to_volume_spec({"name": "i", "image": "127.0.0.1:5000/d:1", "cdrom": True})
+    assert (i.image, i.cdrom, i.bus) == ("127.0.0.1:5000/d:1", True, "virtio")
+    for v_ in (v, h, i):
+        v_.validate("volume")
