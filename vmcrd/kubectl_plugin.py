@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--host-disk", metavar="PATH", help="a file under /var/lib/edgevirt/hostdisks/")
     m.add_argument("--host-disk-type", choices=["Disk", "DiskOrCreate"], default="Disk")
     m.add_argument("--capacity", help="size for --host-disk-type DiskOrCreate")
-    m.add_argument("--bus", choices=["virtio", "scsi"], default="virtio")
+    m.add_argument("--bus", choices=["virtio", "scsi"], help="virtio (default; scsi for --cdrom)")
     m.add_argument("--read-only", action="store_true")
     m.add_argument("--cdrom", action="store_true")
     u = sub.add_parser("unmount", help="remove a hotpluggable volume (detached live)", parents=[common])
@@ -193,7 +193,8 @@ class Plugin:
 
     def mount(self, vm: dict) -> None:
         a = self.args
-        vol: dict[str, Any] = {"name": a.volume_name, "hotpluggable": True, "bus": a.bus}
+        bus = a.bus or ("scsi" if a.cdrom else "virtio")  # there is no virtio cdrom
+        vol: dict[str, Any] = {"name": a.volume_name, "hotpluggable": True, "bus": bus}
         if a.empty_disk:
             vol["emptyDisk"] = {"capacity": a.empty_disk}
         elif a.image:

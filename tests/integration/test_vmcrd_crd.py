@@ -98,6 +98,14 @@ def test_explain_shows_descriptions(crd):
             "image: x\nvolumes:\n- {name: d, emptyDisk: {capacity: 1Gi}, image: img2}",
             ["spec.volumes[0]", "exactly one source"],
         ),
+        (
+            "image: x\nvolumes:\n- {name: c, cdrom: true, image: img2}",
+            ["spec.volumes[0].bus", "cdrom needs bus scsi or sata"],
+        ),
+        (
+            "image: x\nvolumes:\n- {name: r, readOnly: true, bus: sata, image: img2}",
+            ["spec.volumes[0].readOnly", "cannot make a sata disk read-only"],
+        ),
         ("image: x\nrunStrategy: Sometimes", ["spec.runStrategy", "Unsupported value"]),
         ("image: x\nnetworks: [{name: default, mac: 'zz:00:00:00:00:01'}]", ["spec.networks[0].mac"]),
         ("image: x\ncpu: 0", ["spec.cpu"]),
