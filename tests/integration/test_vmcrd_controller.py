@@ -715,3 +715,58 @@ def test_kubelet_sandbox_failure_is_reported_on_the_vm(installed, ns, controller
     assert ev and ev[0]["type"] == "Warning" and "vmcrd-no-such-handler" in ev[0]["message"]
     # the pod is the controller's, with the RuntimeClass it was told to use
     assert get(k, ns, "pod", "web-vm")["spec"]["runtimeClassName"] == broken_runtime_class
+
+
+def lease_holder(k, ns: str) -> str | None:
+    lease = get(k, "edgevirt-system", "lease", f"vmcrd-{ns}")
+    return (lease or {}).get("spec", {}).get("holderIdentity")
+
+
+def test_leader_that_loses_its_lease_exits_and_sigterm_hands_over(installed, ns, controllers):
+    k = installed
+    a = controllers("cluster", "ctl-a")
+    wait_for("ctl-a leads", lambda: lease_holder(k, ns) == "ctl-a")
+    # somebody else holds the Lease now (and keeps renewing it): ctl-a must stop acting and exit 1
+    import datetime as dt
+
+    def steal() -> None:
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        k.kubectl(
+            "patch",
+            "lease",
+            f"vmcrd-{ns}",
+            "-n",
+            "edgevirt-system",
+            "--type",
+            "merge",
+            "-p",
+            json.dumps({"spec": {"holderIdentity": "intruder", "renewTime": now}}),
+        )
+
+    def stolen_and_exited():
+        steal()
+        return a.p.poll() is not None
+
+    wait_for("ctl-a to step down", stolen_and_exited, 60, interval=1.0)
+    assert a.p.returncode == 1
+    assert "lost leadership" in a.output()
+    # a clean stop releases the Lease so a standby takes it without waiting for it to expire
+    k.kubectl(
+        "patch",
+        "lease",
+        f"vmcrd-{ns}",
+        "-n",
+        "edgevirt-system",
+        "--type",
+        "merge",
+        "-p",
+        '{"spec":{"holderIdentity":null,"renewTime":null}}',
+    )
+    b = controllers("cluster", "ctl-b")
+    wait_for("ctl-b leads", lambda: lease_holder(k, ns) == "ctl-b")
+    c = controllers("cluster", "ctl-c")
+    wait_for("ctl-c running as standby", lambda: "cluster mode: identity ctl-c" in c.output())
+    b.p.terminate()
+    assert b.p.wait(30) == 0
+    assert "ctl-b" not in (lease_holder(k, ns) or "")  # released on the way out
+    wait_for("ctl-c leads", lambda: lease_holder(k, ns) == "ctl-c")
