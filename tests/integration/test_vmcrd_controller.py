@@ -10,10 +10,14 @@ deletion, recreation, status, conditions, events, leader election, crash recover
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -726,9 +730,8 @@ def test_leader_that_loses_its_lease_exits_and_sigterm_hands_over(installed, ns,
     k = installed
     a = controllers("cluster", "ctl-a")
     wait_for("ctl-a leads", lambda: lease_holder(k, ns) == "ctl-a")
-    # somebody else holds the Lease now (and keeps renewing it): ctl-a must stop acting and exit 1
-    import datetime as dt
 
+    # somebody else holds the Lease now (and keeps renewing it): ctl-a must stop acting and exit 1
     def steal() -> None:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         k.kubectl(
@@ -770,3 +773,97 @@ def test_leader_that_loses_its_lease_exits_and_sigterm_hands_over(installed, ns,
     assert b.p.wait(30) == 0
     assert "ctl-b" not in (lease_holder(k, ns) or "")  # released on the way out
     wait_for("ctl-c leads", lambda: lease_holder(k, ns) == "ctl-c")
+
+
+class CuttableProxy:
+    """A TCP proxy to the API server whose link can be cut (every connection dropped, new ones
+    refused) and restored: the edge's flaky link to the control plane, on loopback."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.cut_now = threading.Event()
+        self.conns: list = []
+        self.lock = threading.Lock()
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            if self.cut_now.is_set():
+                c.close()
+                continue
+            try:
+                u = socket.create_connection(self.upstream)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def cut(self) -> None:
+        self.cut_now.set()
+        with self.lock:
+            for s in self.conns:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self.conns.clear()
+
+    def restore(self) -> None:
+        self.cut_now.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.srv.close()
+
+
+def test_controller_catches_up_after_the_link_to_the_api_server_drops(installed, ns, controllers, tmp_path):
+    k = installed
+    proxy = CuttableProxy(("127.0.0.1", 6443))
+    try:
+        kc_path = tmp_path / "edgevirt-controller.kubeconfig"  # written by the controllers fixture
+        cfg = yaml.safe_load(kc_path.read_text())
+        cfg["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+        via_proxy = tmp_path / "via-proxy.kubeconfig"
+        via_proxy.write_text(yaml.safe_dump(cfg))
+        # the later --kubeconfig wins; a long lease so a short outage does not cost leadership
+        c = controllers("cluster", "flaky", "--kubeconfig", str(via_proxy), "--lease-duration", "60")
+        make_vm(k, ns)
+        pod = wait_for("the VM pod", lambda: live_pod(k, ns))
+        proxy.cut()
+        # while the controller cannot reach the API server: the VM is stopped, a second VM appears
+        k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"running":false}}')
+        make_vm(k, ns, name="db")
+        wait_for("the controller to notice the outage", lambda: "relisting in" in c.output(), 60)
+        assert (
+            get(k, ns, "pod", "web-vm")["metadata"]["uid"] == pod["metadata"]["uid"]
+        )  # nothing was torn down
+        proxy.restore()
+        wait_for("web's pod deleted after the link returned", lambda: get(k, ns, "pod", "web-vm") is None)
+        wait_for("db's pod created after the link returned", lambda: live_pod(k, ns, "db-vm"))
+        vm = wait_for(
+            "web Stopped",
+            lambda: (v := status_settled(k, ns)) and v["status"]["printableStatus"] == "Stopped" and v,
+        )
+        assert vm["status"]["observedGeneration"] == vm["metadata"]["generation"]
+        assert c.p.poll() is None  # still running, still the leader
+    finally:
+        proxy.close()
