@@ -10,7 +10,9 @@ Reference forms (the ``image`` field of a VirtualMachine or a kvm pod):
   ``oci:/layout/dir:tag``): the one regular file under ``/disk/`` in the image. Fetching is behind
   :class:`ContainerDiskSource`; :class:`SkopeoSource` copies the image to a local OCI layout with
   ``skopeo copy`` and extracts the disk from its layers, :func:`extract_disk_from_rootfs` takes it
-  from an image that is already unpacked (e.g. a containerd snapshot mount).
+  from an image that is already unpacked (e.g. a containerd snapshot mount). The cache is keyed by
+  the manifest digest the reference resolves to (``skopeo inspect``), so a tag is re-fetched only
+  when it moved.
 
 Every base disk is checked with ``qemu-img info``: format raw or qcow2 and no backing file (a qcow2
 that names a backing file could make QEMU read any host file). Blobs live at
@@ -97,9 +99,12 @@ def _hash_copy(src: IO[bytes], dst: IO[bytes], total: int | None, progress: Prog
 
 
 class ContainerDiskSource(Protocol):
-    """Gets the disk file of an OCI containerDisk image into ``dest`` (a new file path)."""
+    """Gets the disk file of an OCI containerDisk image into ``dest`` (a new file path), and may tell
+    the manifest digest a reference points at now (``None``: unknown, always fetch)."""
 
     def fetch_disk(self, ref: str, dest: Path, progress: Progress | None = None) -> None: ...
+
+    def manifest_digest(self, ref: str) -> str | None: ...
 
 
 def _layer_members(layer: Path, media_type: str) -> tarfile.TarFile:
@@ -201,6 +206,15 @@ class SkopeoSource:
         registry = ref.split("/", 1)[0]
         flags = ["--src-tls-verify=false"] if registry in self.insecure else []
         return f"docker://{ref}", flags
+
+    def manifest_digest(self, ref: str) -> str | None:
+        """``skopeo inspect`` of the manifest only (no layers); None if that fails."""
+        src, flags = self.source_ref(ref)
+        flags = [f.replace("--src-tls-verify", "--tls-verify") for f in flags]
+        argv = ["skopeo", "inspect", *flags, "--format", "{{.Digest}}", "--", src]
+        r = subprocess.run(argv, capture_output=True, text=True, check=False)
+        d = r.stdout.strip()
+        return d if r.returncode == 0 and d.startswith("sha256:") and SHA256_RE.match(d[7:]) else None
 
     def fetch_disk(self, ref: str, dest: Path, progress: Progress | None = None) -> None:
         src, flags = self.source_ref(ref)
@@ -318,17 +332,20 @@ class ImageStore:
 
     # -- containerDisk
     def _resolve_container_disk(self, ref: str, field: str, progress: Progress | None) -> BaseImage:
-        key = f"oci:{ref}"
-        cached = self._lookup_ref(key) if "@sha256:" in ref else None
+        # a tag can move: the cache key is the manifest digest the reference points at right now
+        lookup = getattr(self.container_disks, "manifest_digest", None)
+        digest = lookup(ref) if callable(lookup) else None
+        key = f"oci-manifest:{digest}" if digest else None
+        cached = self._lookup_ref(key) if key else None
         if cached:
-            return cached
+            return dataclasses.replace(cached, ref=ref)
         fd, tmpname = tempfile.mkstemp(dir=self.tmp, prefix="disk-")
         os.close(fd)
         tmp = Path(tmpname)
         try:
             self.container_disks.fetch_disk(ref, tmp, progress)
             with open(tmp, "rb") as src:
-                return self._ingest(src, key, ref, field, None, tmp.stat().st_size, None)
+                return self._ingest(src, key or f"oci:{ref}", ref, field, None, tmp.stat().st_size, None)
         finally:
             tmp.unlink(missing_ok=True)
 

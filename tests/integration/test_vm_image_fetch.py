@@ -109,11 +109,22 @@ def test_container_disk_from_oci_layout_with_skopeo(tmp_path, vm_disk_oci):
     if shutil.which("skopeo") is None:
         pytest.skip("needs skopeo")
     _, d = vm_disk_oci
-    store = ImageStore(tmp_path / "state", container_disks=SkopeoSource())
-    img = store.resolve(f"oci:{d.oci_layout}:{d.tag}")
+    fetched: list[str] = []
+
+    class Counting(SkopeoSource):
+        def fetch_disk(self, ref, dest, progress=None):
+            fetched.append(ref)
+            super().fetch_disk(ref, dest, progress)
+
+    store = ImageStore(tmp_path / "state", container_disks=Counting())
+    ref = f"oci:{d.oci_layout}:{d.tag}"
+    assert store.container_disks.manifest_digest(ref) == d.manifest_digest
+    img = store.resolve(ref)
     assert img.digest == "sha256:" + hashlib.sha256(d.qcow2.read_bytes()).hexdigest()
     assert img.format == "qcow2"
     assert list(store.tmp.iterdir()) == []
+    assert store.resolve(ref).path == img.path
+    assert fetched == [ref]  # the second resolve found the manifest digest in the cache
     with pytest.raises(ImageError, match=r"skopeo copy .* failed"):
         store.resolve(f"oci:{tmp_path}/no-layout:1")
     assert list(store.tmp.iterdir()) == []
@@ -155,5 +166,6 @@ def test_container_disk_pushed_to_local_registry_and_pulled(tmp_path, vm_disk_oc
     store = ImageStore(tmp_path / "state", container_disks=SkopeoSource(insecure_registries=[registry]))
     img = store.resolve(ref)
     assert img.digest == "sha256:" + hashlib.sha256(d.qcow2.read_bytes()).hexdigest()
+    assert store.container_disks.manifest_digest(ref) is not None  # skopeo inspect, no TLS to loopback
     with pytest.raises(ImageError, match=r"skopeo copy docker://.*/vm/missing:1 failed"):
         store.resolve(f"{registry}/vm/missing:1")
