@@ -52,8 +52,23 @@ class DaemonState:
     virtlogd_pid: int | None = None
 
 
+def effective_settings(text: str) -> dict[str, str]:
+    """The last active ``key = value`` of every key in qemu.conf text."""
+    out = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
 def render_qemu_conf(text: str) -> str:
-    """Return qemu.conf text with our managed block (and no other active line for those keys)."""
+    """Return qemu.conf text with our settings in effect: unchanged if they already are (e.g. written
+    by deploy/install/install), else with our managed block (other active lines for those keys are
+    commented out)."""
+    eff = effective_settings(text)
+    if all(eff.get(k) == v for k, v in MANAGED_SETTINGS.items()):
+        return text
     text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", "", text, flags=re.S)
     keep = []
     for line in text.splitlines():
