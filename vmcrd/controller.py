@@ -55,7 +55,7 @@ class ClusterController:
         self.queue = WorkQueue()
         self.events = EventRecorder(self.core, "edgevirt-controller", identity)
         self.create_errors: dict[str, str] = {}
-        self.sandbox_errors: dict[str, str] = {}
+        self.sandbox_errors: dict[str, tuple[str, str]] = {}  # VM key -> (pod uid, last message)
         self.reconciles = 0
         self.vms = Informer("virtualmachines", self._list_vms, self.queue.add)
         self.pods = Informer("pods", self._list_pods, self._on_pod)
@@ -136,6 +136,7 @@ class ClusterController:
         vm = self.vms.get(key)
         if vm is None:
             self.create_errors.pop(key, None)
+            self.sandbox_errors.pop(key, None)
             return None  # gone: its pod goes with it (owner reference, garbage collector)
         ns, name = key.split("/", 1)
         meta = vm["metadata"]
@@ -171,6 +172,8 @@ class ClusterController:
                 return 5.0
         elif d.action is Action.DELETE and pod is not None:
             self._delete_pod(vm, pod)
+            # our view until the watch shows it: the pod is on its way out
+            pod = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": status.now()}}
             again = 1.0
         elif d.action is Action.HALT:
             self._patch_vm(vm, {"spec": {"runStrategy": "Halted"}})
@@ -218,9 +221,9 @@ class ClusterController:
             return ""
         last = max(evs, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
         msg = last.message or ""
-        key = f"{pm['namespace']}/{pm['name']}/{pm['uid']}"
-        if self.sandbox_errors.get(key) != msg:
-            self.sandbox_errors[key] = msg
+        key = f"{vm['metadata']['namespace']}/{vm['metadata']['name']}"
+        if self.sandbox_errors.get(key) != (pm["uid"], msg):
+            self.sandbox_errors[key] = (pm["uid"], msg)
             self.events.emit(vm, "Warning", "FailedCreatePodSandBox", f"VM pod {pm['name']}: {msg}")
         return msg
 
