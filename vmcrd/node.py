@@ -25,29 +25,12 @@ from kubernetes.client.rest import ApiException
 
 from . import api, podspec
 from .kube import EventRecorder, Informer, WorkQueue
+from .podspec import to_volume_spec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgevirt/vm")
 HOST_DISK_ROOT = Path("/var/lib/edgevirt/hostdisks")
-
-
-def to_volume_spec(v: dict) -> Any:
-    """A ``spec.volumes[]`` item -> ``cri_shim.vm.VolumeSpec``."""
-    from cri_shim.vm import HostDisk, VolumeSpec
-
-    hd = v.get("hostDisk")
-    return VolumeSpec(
-        name=v["name"],
-        empty_disk=(v.get("emptyDisk") or {}).get("capacity"),
-        host_disk=HostDisk(path=hd["path"], type=hd.get("type", "Disk"), capacity=hd.get("capacity"))
-        if hd
-        else None,
-        image=v.get("image"),
-        bus=v.get("bus", "virtio"),
-        read_only=bool(v.get("readOnly")),
-        cdrom=bool(v.get("cdrom")),
-    )
 
 
 def attached_volumes(domain_xml: str) -> dict[str, str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -203,3 +205,29 @@ def test_restart_required_when_boot_spec_changed():
     vm["spec"]["cpu"] = 2
     assert status.restart_required(vm, p)
     assert cond(status.compute(vm, p), "RestartRequired")["reason"] == "BootSpecChanged"
+
+
+@given(specs, names)
+def test_the_shim_reads_back_what_the_controller_wrote(spec, name):
+    vm = make_vm(spec, name)
+    got = podspec.parse_pod_annotations(podspec.build_pod(vm, None)["metadata"]["annotations"])
+    assert got is not None
+    assert (got.vm_uid, got.vm_name, got.image) == (vm["metadata"]["uid"], name, spec["image"])
+    assert got.mac == (spec["networks"][0]["mac"] if spec.get("networks") else None)
+    assert got.user_data == ((spec.get("cloudInit") or {}).get("userData") or None)
+    assert got.kernel_boot == spec.get("kernelBoot")
+    assert list(got.volumes) == spec.get("volumes", [])
+
+
+def test_contract_reader_refuses_malformed_annotations_naming_them():
+    assert podspec.parse_pod_annotations({"io.kubernetes.pod.name": "x"}) is None  # not a VM pod
+    base = {podspec.ANN_VM_UID: "u1", podspec.ANN_IMAGE: "img"}
+    with pytest.raises(podspec.ContractError, match=re.escape("edgevirt.io/image")):
+        podspec.parse_pod_annotations({podspec.ANN_VM_UID: "u1"})
+    with pytest.raises(podspec.ContractError, match=re.escape("edgevirt.io/volumes: not JSON")):
+        podspec.parse_pod_annotations({**base, podspec.ANN_VOLUMES: "[{"})
+    with pytest.raises(podspec.ContractError, match=re.escape("edgevirt.io/volumes: needs a JSON list")):
+        podspec.parse_pod_annotations({**base, podspec.ANN_VOLUMES: '[{"bus": "virtio"}]'})
+    with pytest.raises(podspec.ContractError, match=re.escape("edgevirt.io/kernel-boot")):
+        podspec.parse_pod_annotations({**base, podspec.ANN_KERNEL_BOOT: '{"cmdline": "x"}'})
+    assert podspec.parse_pod_annotations(base).volumes == ()
