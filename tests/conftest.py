@@ -149,6 +149,19 @@ def vm_disk():
     return build_vm_disk.build_vm_disk()
 
 
+#: the test disk as an OCI containerDisk in the local cluster's registry (a real pull by kubelet)
+VM_IMAGE = "127.0.0.1:5000/vm/test-disk:1"
+
+
+@pytest.fixture(scope="session")
+def vm_image(cluster, vm_disk) -> str:
+    """:data:`VM_IMAGE`, pushed to the local cluster's registry (skopeo; idempotent)."""
+    import build_vm_disk
+
+    build_vm_disk.push(vm_disk, VM_IMAGE)
+    return VM_IMAGE
+
+
 @pytest.fixture
 def vm_env(libvirtd, tmp_path_factory) -> Iterator[VMEnv]:
     """A DomainManager (TCG unless the probe says KVM works) with its own state dir."""

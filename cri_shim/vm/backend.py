@@ -47,7 +47,7 @@ from .errors import ImageError, ValidationError, VMError
 from .images import ImageStore, SkopeoSource
 from .manager import DomainManager, DomainNotFound, VMSpec
 from .pod_records import Records
-from .spec import KernelBoot
+from .spec import KernelBoot, check_mac
 
 log = logging.getLogger("edgevirt-cri.kvm")
 
@@ -288,9 +288,14 @@ class KvmBackend(TypedBackend):
             vm = parse_pod_annotations(ann)
         except ContractError as e:
             raise invalid("config.annotations", str(e), "fix the VM pod's annotations") from None
-        mac = None
-        if vm is not None:
-            mac = vm.mac or derived_mac(vm.vm_uid)
+        from vmcrd.podspec import ANN_MAC
+
+        mac = ann.get(ANN_MAC) or (derived_mac(vm.vm_uid) if vm is not None else None)
+        if mac:
+            try:
+                mac = check_mac(f"config.annotations[{ANN_MAC}]", mac)
+            except ValidationError as e:
+                raise invalid(e.field, e.problem, e.fix) from None
         sid = secrets.token_hex(32)
         sb: dict[str, Any] = {
             "id": sid,

@@ -51,6 +51,8 @@ BUSYBOX = Path("/bin/busybox")
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "cdrom", "isofs", "crc32c_generic", "ext4")
 # ACPI power button -> /dev/input/event* (graceful shutdown), virtio-scsi + sd_mod for hotplug on scsi.
 MODULES += ("button", "evdev", "virtio_scsi", "sd_mod")
+# the NoCloud seed (a sata cdrom labelled cidata): its network-config gives eth0 its address
+MODULES += ("ahci", "sr_mod")
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt
@@ -68,6 +70,19 @@ done
 say "modules$loaded"
 arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}";; esac; done; }
 ip_addr=$(arg edgevirt.ip); gw=$(arg edgevirt.gw); want_mac=$(arg edgevirt.mac); off=$(arg edgevirt.poweroff)
+# no address on the command line: read the first NIC's address, gateway and MAC from a NoCloud seed
+if [ -z "$ip_addr" ]; then
+  for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/sr0 ] && break; sleep 0.5; done
+  if [ -b /dev/sr0 ] && mount -t iso9660 -o ro /dev/sr0 /mnt 2>/dev/null; then
+    if [ -f /mnt/network-config ]; then
+      ip_addr=$(awk '/^ *addresses:/{getline; sub(/^ *- */, ""); print; exit}' /mnt/network-config)
+      gw=$(awk '/^ *via:/{print $2; exit}' /mnt/network-config)
+      want_mac=$(awk '/^ *macaddress:/{print $2; exit}' /mnt/network-config | tr -d "'\"")
+    fi
+    say "cidata $(awk '/instance-id/{print $2}' /mnt/meta-data) ${ip_addr:-no-address}"
+    umount /mnt
+  fi
+fi
 ip link set lo up
 iface=""
 for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do

@@ -23,7 +23,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-IMAGE = "127.0.0.1:5000/vm/test-disk:1"
 
 
 def wait_for(what: str, check, timeout: float = 180, interval: float = 1.0):
@@ -35,16 +34,6 @@ def wait_for(what: str, check, timeout: float = 180, interval: float = 1.0):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-@pytest.fixture(scope="module")
-def vm_image(cluster):
-    """The test VM disk as an OCI containerDisk in the local registry (a real pull by kubelet)."""
-    sys.path.insert(0, str(REPO / "deploy/images"))
-    import build_vm_disk
-
-    build_vm_disk.push(build_vm_disk.build_vm_disk(), IMAGE)
-    return IMAGE
 
 
 @pytest.fixture
@@ -108,7 +97,7 @@ def sandbox_failure(k, ns: str) -> str | None:
     return None
 
 
-def test_vm_life_with_kubectl_vm(env):
+def test_vm_life_with_kubectl_vm(env, vm_image):
     k, ns = env
     path = f"{VENV_BIN}:{k.env['PATH']}"
     vm_env = {**k.env, "PATH": path}
@@ -127,7 +116,7 @@ def test_vm_life_with_kubectl_vm(env):
         "spec": {
             "running": False,
             "memory": "256Mi",
-            "image": IMAGE,
+            "image": vm_image,
             "networks": [{"name": "default", "mac": "02:00:00:00:00:33"}],
         },
     }

@@ -1,0 +1,267 @@
+"""The kvm handler of edgevirt-cri on the local cluster, with real libvirt/QEMU (TCG here), the macvtap
+CNI plugin on the cluster's VM network (master evvm0; its LAN is the netns edgevirt-vmnet, 10.245.0.1)
+and the bootable test disk as an OCI containerDisk in the local registry.
+
+* crictl: runp --runtime kvm, inspectp (IP), create, start, ps, logs (the guest's boot markers), the
+  guest answers ping from the VM network's LAN with the IP of the CNI result (it reads it from the
+  NoCloud seed), exec refused with the reason, stop (ACPI: the guest powers off, exit 0), rm, rmp:
+  nothing left (netns, tap device node, domain, overlay, IP, record).
+* bad input: an image outside the allowed roots and a malformed VM annotation are refused with the
+  field named, leaving nothing behind.
+* kubelet: a pod with runtimeClassName kvm reaches Running, `kubectl logs` shows the boot; kill -9 of
+  the shim restarts nothing; deleting the pod leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+import yaml
+from localcluster.components import BY_NAME
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
+
+VM_LAN = "edgevirt-vmnet"
+
+
+def wait(what: str, check, timeout: float = 180, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def shim(cluster, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    ep = f"unix://{cluster.paths.cri_sock}"
+    r = subprocess.run(
+        [cluster.paths.tool("crictl"), "--config", "/dev/null", "-r", ep, "-i", ep, "-t", "240s", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"crictl {' '.join(args)} failed: {r.stderr}")
+    return r
+
+
+def kvm_options(cluster) -> dict:
+    cfg = yaml.safe_load((cluster.paths.etc / "edgevirt-cri.yaml").read_text())
+    return cfg["backends"]["kvm"]["options"]
+
+
+def kvm_available(cluster) -> None:
+    handlers = json.loads(shim(cluster, "info", "-o", "json").stdout)["status"]
+    names = {h.get("name", "") for h in handlers.get("runtimeHandlers") or []}
+    if "kvm" not in names:
+        log = (cluster.paths.logs / "edgevirt-cri.log").read_text()[-3000:]
+        raise AssertionError(f"edgevirt-cri does not serve the kvm handler on this node; its log:\n{log}")
+
+
+def domains() -> set[str]:
+    conn = libvirt.open("qemu:///system")
+    try:
+        return {d.name() for d in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+def leftovers(cluster, sid: str, cid: str | None) -> list[str]:
+    """What a removed kvm pod must not leave behind."""
+    opts = kvm_options(cluster)
+    conf = json.loads(Path(opts["cni_conflist"]).read_text())
+    ipam_dir = Path(conf["plugins"][0]["ipam"].get("dataDir", "/var/lib/cni/networks")) / conf["name"]
+    vm_state = Path(opts.get("vm_state_dir") or "/var/lib/edgevirt/vm")
+    found = []
+    if Path(f"/run/netns/cni-kvm-{sid[:12]}").exists():
+        found.append("netns")
+    if (Path("/run/edgevirt/macvtap") / sid).exists():
+        found.append("tap device node dir")
+    if ipam_dir.is_dir():
+        for f in ipam_dir.iterdir():
+            if f.is_file() and sid in f.read_text(errors="replace"):
+                found.append(f"IP {f.name}")
+    if (Path(opts["state_dir"]) / "sandboxes" / f"{sid}.json").exists():
+        found.append("sandbox record")
+    if cid:
+        if f"edgevirt-{cid[:20]}" in domains():
+            found.append("domain")
+        if (vm_state / "disks" / "pod" / cid).exists():
+            found.append("overlay")
+        if (Path(opts["state_dir"]) / "containers" / f"{cid}.json").exists():
+            found.append("container record")
+    return found
+
+
+@pytest.fixture
+def pod_files(cluster, tmp_path):
+    name = f"e2e-kvm-{uuid.uuid4().hex[:6]}"
+    uid = str(uuid.uuid4())
+    logdir = Path(f"/var/log/pods/e2e_{name}_{uid}")
+    pod = {
+        "metadata": {"name": name, "namespace": "e2e", "uid": uid, "attempt": 0},
+        "log_directory": str(logdir),
+        "linux": {},
+    }
+    (tmp_path / "pod.json").write_text(json.dumps(pod))
+    made: list[str] = []
+    try:
+        yield tmp_path, pod, made
+    finally:
+        for sid in made:
+            shim(cluster, "rmp", "-f", sid, check=False)
+        subprocess.run(["rm", "-rf", str(logdir)], check=False)
+
+
+def container_json(tmp_path: Path, image: str, name: str = "vm") -> Path:
+    ctr = {
+        "metadata": {"name": name},
+        "image": {"image": image},
+        "log_path": f"{name}/0.log",
+        "linux": {
+            "resources": {
+                "memory_limit_in_bytes": 256 * 1024 * 1024,
+                "cpu_quota": 100000,
+                "cpu_period": 100000,
+            }
+        },
+    }
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps(ctr))
+    return p
+
+
+def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cluster, vm_image, pod_files):
+    kvm_available(cluster)
+    tmp, _pod, made = pod_files
+    sid = shim(cluster, "runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
+    made.append(sid)
+    status = json.loads(shim(cluster, "inspectp", sid).stdout)["status"]
+    ip = status["network"]["ip"]
+    assert ip.startswith("10.245.0."), status
+    assert status["state"] == "SANDBOX_READY"
+    cid = shim(
+        cluster, "create", sid, str(container_json(tmp, vm_image)), str(tmp / "pod.json")
+    ).stdout.strip()
+    shim(cluster, "start", cid)
+    ps = json.loads(shim(cluster, "ps", "--id", cid, "-o", "json").stdout)["containers"]
+    assert [c["state"] for c in ps] == ["CONTAINER_RUNNING"]
+    wait(
+        "the guest to come up with the CNI result's address",
+        lambda: f"EDGEVIRT-GUEST: ip eth0 {ip}/24" in shim(cluster, "logs", cid).stdout,
+        300,
+        2,
+    )
+    logs = shim(cluster, "logs", cid).stdout
+    assert "EDGEVIRT-GUEST: up" in logs
+    ping = subprocess.run(
+        ["ip", "netns", "exec", VM_LAN, "ping", "-c", "3", "-W", "2", ip], capture_output=True, text=True
+    )
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    stats = json.loads(shim(cluster, "stats", "--id", cid, "-o", "json").stdout)["stats"]
+    assert int(stats[0]["cpu"]["usageCoreNanoSeconds"]["value"]) > 0
+    r = shim(cluster, "exec", cid, "true", check=False)
+    assert r.returncode != 0 and "not supported for VM pods" in r.stderr
+    shim(cluster, "stop", "--timeout", "60", cid)
+    st = json.loads(shim(cluster, "inspect", cid).stdout)["status"]
+    assert (st["state"], st["exitCode"], st["reason"]) == ("CONTAINER_EXITED", 0, "Completed"), st
+    assert "EDGEVIRT-GUEST: acpi power button" in shim(cluster, "logs", cid).stdout
+    shim(cluster, "rm", cid)
+    shim(cluster, "stopp", sid)
+    assert json.loads(shim(cluster, "inspectp", sid).stdout)["status"]["state"] == "SANDBOX_NOTREADY"
+    shim(cluster, "rmp", sid)
+    made.remove(sid)
+    assert leftovers(cluster, sid, cid) == []
+
+
+def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cluster, pod_files):
+    kvm_available(cluster)
+    tmp, pod, made = pod_files
+    before = domains()
+    sid = shim(cluster, "runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
+    made.append(sid)
+    r = shim(
+        cluster,
+        "create",
+        sid,
+        str(container_json(tmp, "file:///etc/passwd")),
+        str(tmp / "pod.json"),
+        check=False,
+    )
+    assert r.returncode != 0
+    assert "image" in r.stderr and "allowed" in r.stderr, r.stderr
+    assert json.loads(shim(cluster, "ps", "-a", "-p", sid, "-o", "json").stdout)["containers"] == []
+    assert domains() == before
+    shim(cluster, "rmp", "-f", sid)
+    made.remove(sid)
+    assert leftovers(cluster, sid, None) == []
+
+    bad = dict(pod, annotations={"edgevirt.io/vm-uid": "u-1", "edgevirt.io/image": ""})
+    (tmp / "bad.json").write_text(json.dumps(bad))
+    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    r = shim(cluster, "runp", "--runtime", "kvm", str(tmp / "bad.json"), check=False)
+    assert r.returncode != 0 and "edgevirt.io/image" in r.stderr, r.stderr
+    assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == netns_before
+
+
+KVM_POD = """apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+spec:
+  runtimeClassName: kvm
+  terminationGracePeriodSeconds: 30
+  restartPolicy: Never
+  containers:
+  - name: vm
+    image: {image}
+    resources:
+      limits: {{cpu: "1", memory: 256Mi}}
+"""
+
+
+def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluster, vm_image):
+    kvm_available(cluster)
+    name = f"e2e-kvm-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("apply", "-f", "-", input=KVM_POD.format(name=name, image=vm_image))
+    sid = cid = None
+    try:
+        cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=300s", timeout=320)
+        pod = cluster.kubectl_json("get", "pod", name)
+        assert pod["status"]["podIP"].startswith("10.245.0.")
+        wait(
+            "kubectl logs to show the boot",
+            lambda: "EDGEVIRT-GUEST: up" in cluster.kubectl("logs", name, check=False).stdout,
+            300,
+            2,
+        )
+        sb = json.loads(shim(cluster, "pods", "--name", name, "-o", "json").stdout)["items"]
+        sid = sb[0]["id"]
+        cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+
+        proc = BY_NAME["edgevirt-cri"].process(cluster.paths)
+        pid = proc.pid()
+        os.kill(pid, signal.SIGKILL)
+        wait("edgevirt-cri to die", lambda: not Path(f"/proc/{pid}").exists(), 10, 0.1)
+        res = cluster.up("edgevirt-cri")
+        assert res.returncode == 0, res.stdout + res.stderr
+        time.sleep(25)  # several kubelet sync periods through the new shim
+        after = cluster.kubectl_json("get", "pod", name)
+        cs = after["status"]["containerStatuses"][0]
+        assert cs["containerID"].endswith(cid) and cs["restartCount"] == 0 and "running" in cs["state"]
+        assert json.loads(shim(cluster, "inspectp", sid).stdout)["status"]["state"] == "SANDBOX_READY"
+    finally:
+        cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
+    if sid:
+        wait("kubelet to remove the sandbox", lambda: leftovers(cluster, sid, cid) == [], 120, 2)
