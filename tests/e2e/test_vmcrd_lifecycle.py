@@ -1,8 +1,8 @@
 """End to end: a VirtualMachine through its whole life on the real node — kubelet, edgevirt-cri's
 kvm handler, libvirt — driven by the controller (both modes) and `kubectl vm`.
 
-Needs the kvm runtime handler on this node. When kubelet cannot create the VM pod's sandbox because
-no kvm handler is configured, the test is skipped with kubelet's own message (exact reason).
+Needs the kvm runtime handler on this node: when kubelet cannot create the VM pod's sandbox because
+no kvm handler is served, the test fails with kubelet's own message.
 The node-mode controller must use the kvm handler's state directory: $EDGEVIRT_VM_STATE_DIR
 (default /var/lib/edgevirt/vm).
 """
@@ -125,13 +125,13 @@ def test_vm_life_with_kubectl_vm(env, vm_image):
 
     def ready_or_no_handler():
         if (msg := sandbox_failure(k, ns)) is not None:
-            return ("skip", msg)
+            return ("sandbox-error", msg)
         r = k.kubectl("wait", "--for=condition=Ready", "vm/web", "-n", ns, "--timeout=5s", check=False)
         return ("ready", "") if r.returncode == 0 else None
 
     what, msg = wait_for("Ready or a kubelet sandbox error", ready_or_no_handler, 300)
-    if what == "skip":
-        pytest.skip(f"this node cannot run kvm pods yet: kubelet reports FailedCreatePodSandBox: {msg}")
+    if what == "sandbox-error":
+        pytest.fail(f"this node cannot run kvm pods: kubelet reports FailedCreatePodSandBox: {msg}")
     st = vm()["status"]
     assert st["printableStatus"] == "Running" and st["nodeName"] == k.node and st["ipAddresses"]
     wait_for("accel from node mode", lambda: vm()["status"].get("accel") in ("kvm", "tcg"))
