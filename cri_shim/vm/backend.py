@@ -161,6 +161,22 @@ class KvmBackend(TypedBackend):
             self._stop_console(cid, final=False)
         self.manager.close()
 
+    def status(self, req: Any) -> Any:
+        """RuntimeReady: libvirt answers; NetworkReady: the VM network's plugins are installed."""
+        api = self.api
+        out = api.StatusResponse()
+        try:
+            self.manager.conn.getLibVersion()
+            rt = (True, "", "")
+        except Exception as e:
+            rt = (False, "LibvirtUnavailable", str(e))
+        missing = self.network.missing_plugins() if self.network else ["(no conflist)"]
+        net = (not missing, "CNIPluginMissing" if missing else "", ", ".join(missing))
+        for kind, (ok, reason, msg) in (("RuntimeReady", rt), ("NetworkReady", net)):
+            out.status.conditions.add(type=kind, status=ok, reason=reason, message=msg)
+        out.runtime_handlers.add(name=HANDLER)
+        return out
+
     # ------------------------------------------------------------ plumbing
     def _lock(self, key: str) -> threading.RLock:
         with self._locks_lock:

@@ -213,3 +213,14 @@ def test_vm_annotations_give_a_stable_mac_and_bad_ones_name_the_field(env):
     with pytest.raises(BackendError, match=r"edgevirt.io/image"):
         run_pod(b, tmp, {"edgevirt.io/vm-uid": "vm-2"})
     assert len(b.list_pod_sandbox(api.ListPodSandboxRequest()).items) == 1
+
+
+def test_status_reports_libvirt_and_the_cni_plugins(env):
+    make, _mgr, _netns, tmp = env
+    b = make()
+    st = b.status(api.StatusRequest())
+    assert {c.type: c.status for c in st.status.conditions} == {"RuntimeReady": True, "NetworkReady": True}
+    assert [h.name for h in st.runtime_handlers] == ["kvm"]
+    (tmp / "bin" / "macvtap").unlink()
+    conds = {c.type: (c.status, c.message) for c in b.status(api.StatusRequest()).status.conditions}
+    assert conds["NetworkReady"] == (False, "macvtap")
