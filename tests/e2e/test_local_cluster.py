@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
+from localcluster.components import cri_enabled
 
 pytestmark = pytest.mark.cluster
 
@@ -45,7 +47,15 @@ def test_node_is_ready(cluster):
     out = cluster.kubectl("get", "nodes", "--no-headers").stdout.split()
     assert out[0] == cluster.node and out[1] == "Ready", out
     node = cluster.kubectl_json("get", "node", cluster.node)
-    assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+    # kubelet's CRI endpoint is edgevirt-cri (runtime_name "edgevirt") unless the cluster was brought
+    # up with EDGEVIRT_LOCAL_CRI=containerd (straight to containerd). A reused cluster may have been
+    # started under the other setting, so the kubelet config in effect decides.
+    kubelet_cfg = yaml.safe_load((cluster.paths.etc / "kubelet.yaml").read_text())
+    via_cri = kubelet_cfg["containerRuntimeEndpoint"] == f"unix://{cluster.paths.cri_sock}"
+    if cluster.started_here:
+        assert via_cri == cri_enabled(), kubelet_cfg["containerRuntimeEndpoint"]
+    runtime = node["status"]["nodeInfo"]["containerRuntimeVersion"]
+    assert runtime.startswith("edgevirt://" if via_cri else "containerd://"), runtime
 
 
 def _netns_of(cluster, pod_id: str) -> str:
