@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from localcluster import configs, leftovers, pki
+from localcluster import configs, health, leftovers, pki
 from localcluster.paths import Paths
 from localcluster.procs import Process, wait_for
 
@@ -166,3 +166,120 @@ def test_created_paths_ledger_removes_only_what_was_missing(paths: Paths, tmp_pa
     (created / "f").write_text("x")
     assert ledger.remove() == [str(created)]
     assert existing.exists() and not created.exists()
+
+
+def test_vm_network_conflist_is_what_the_macvtap_plugin_accepts(paths: Paths):
+    from cni_macvtap import config as macvtap_config
+    from cni_macvtap import hostlocal
+    from cni_macvtap.environment import Invocation
+
+    path = configs.vm_network(paths)
+    assert path == paths.state / "etc" / "cni-vm" / "10-edgevirt-vm.conflist"
+    conflist = json.loads(path.read_text())
+    assert conflist["cniVersion"] == "1.0.0" and conflist["name"] == "edgevirt-vm"
+    [plugin] = conflist["plugins"]
+    assert plugin["type"] == "macvtap" and plugin["master"] == "evvm0" and plugin["mode"] == "bridge"
+    assert plugin["capabilities"] == {"mac": True}
+    assert plugin["daemonSocket"] == "/run/edgevirt/macvtap.sock"
+    # Leases and attachment records live under the cluster's state dir, so down removes them.
+    assert plugin["stateDir"].startswith(str(paths.state))
+    ipam = plugin["ipam"]
+    assert ipam["dataDir"].startswith(str(paths.state))
+    assert ipam["ranges"] == [
+        [
+            {
+                "subnet": "10.245.0.0/24",
+                "rangeStart": "10.245.0.10",
+                "rangeEnd": "10.245.0.250",
+                "gateway": "10.245.0.1",
+            }
+        ]
+    ]
+    assert ipam["routes"] == [{"dst": "0.0.0.0/0"}]
+    # The plugin's own validation accepts it (as libcni hands it over: the list's name and version)...
+    doc = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **plugin}
+    conf = macvtap_config.parse(Invocation(command="ADD", container_id="c1", ifname="eth0"), doc)
+    assert conf.master == "evvm0" and conf.mode == "bridge"
+    assert conf.device_dir == "/run/edgevirt/macvtap" and conf.state_dir == plugin["stateDir"]
+    # ... and its daemon serves this host-local config in-process (no exec of the reference binary).
+    served = hostlocal.supported(doc, {})
+    assert served is not None and served.directory == f"{ipam['dataDir']}/edgevirt-vm"
+    # Written once: a second call leaves the file alone.
+    mtime = path.stat().st_mtime_ns
+    configs.vm_network(paths)
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_edgevirt_cri_config_routes_kvm_to_the_vm_backend(paths: Paths, monkeypatch):
+    monkeypatch.delenv("EDGEVIRT_VM_STATE_DIR", raising=False)
+    cfg = yaml.safe_load(configs.edgevirt_cri(paths).read_text())
+    assert cfg["handlers"] == {"": "containerd", "runc": "containerd", "kata": "containerd", "kvm": "kvm"}
+    assert cfg["backends"]["containerd"] == {"type": "containerd", "socket": str(paths.containerd_sock)}
+    kvm = cfg["backends"]["kvm"]
+    assert kvm["type"] == "plugin" and kvm["factory"] == "cri_shim.vm.backend:create"
+    assert kvm["options"] == {
+        "state_dir": str(paths.data / "edgevirt-cri-kvm"),
+        "vm_state_dir": "/var/lib/edgevirt/vm",
+        "libvirt_uri": "qemu:///system",
+        "cni_conflist": str(paths.vm_cni_conflist),
+        "cni_bin_dirs": ["/opt/cni/bin", "/usr/lib/cni"],
+        "image_roots": ["/var/lib/edgevirt/images"],
+        "insecure_registries": ["127.0.0.1:5000"],
+    }
+    monkeypatch.setenv("EDGEVIRT_VM_STATE_DIR", "/srv/vm state")
+    cfg = yaml.safe_load(configs.edgevirt_cri(paths).read_text())
+    assert cfg["backends"]["kvm"]["options"]["vm_state_dir"] == "/srv/vm state"
+    # edgevirt-cri's own loader accepts it: kvm is a plugin backend with these options.
+    from cri_shim import config as cri_config
+
+    loaded = cri_config.load(str(paths.etc / "edgevirt-cri.yaml"))
+    assert loaded.backends["kvm"].factory == "cri_shim.vm.backend:create"
+    assert loaded.handlers["kvm"] == "kvm"
+
+
+def test_vm_network_comes_before_edgevirt_cri():
+    """The kvm backend is registered only if available when edgevirt-cri starts: libvirtd, the VM
+    network and the macvtap daemon must be up by then."""
+    from localcluster.components import COMPONENTS
+
+    order = [c.name for c in COMPONENTS]
+    cri = order.index("edgevirt-cri")
+    for before in ("containerd", "libvirtd", "vm-network", "macvtap-daemon"):
+        assert order.index(before) < cri, order
+    assert order[-1] == "kubelet"
+
+
+def test_tap_nodes_and_stale_socket_are_removed(tmp_path: Path):
+    import socket
+
+    devs = tmp_path / "macvtap"
+    (devs / "c1").mkdir(parents=True)
+    (devs / "c1" / "eth0").write_text("")
+    assert leftovers.tap_nodes(devs) == [str(devs / "c1" / "eth0")]
+    assert leftovers.remove_tap_nodes(devs) == [str(devs / "c1" / "eth0")]
+    assert devs.is_dir() and not list(devs.iterdir())
+    assert leftovers.tap_nodes(tmp_path / "missing") == []
+    # A socket that answers stays; one nobody listens on goes.
+    path = tmp_path / "d.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        assert not leftovers.remove_stale_socket(path) and path.exists()
+    finally:
+        live.close()
+    assert leftovers.remove_stale_socket(path) and not path.exists()
+    assert not leftovers.remove_stale_socket(path)
+
+
+def test_unix_listening_reads_the_socket_table():
+    table = (
+        "Num       RefCount Protocol Flags    Type St Inode Path\n"
+        "0000000000000000: 00000002 00000000 00010000 0001 01 77727 /run/edgevirt/macvtap.sock\n"
+        "0000000000000000: 00000003 00000000 00000000 0001 03 77730 /run/edgevirt/connected.sock\n"
+        "0000000000000000: 00000002 00000000 00010000 0001 01 77731 /run/with space.sock\n"
+    )
+    assert health.unix_listening(Path("/run/edgevirt/macvtap.sock"), table)
+    assert not health.unix_listening(Path("/run/edgevirt/connected.sock"), table)  # not listening
+    assert health.unix_listening(Path("/run/with space.sock"), table)
+    assert not health.unix_listening(Path("/run/edgevirt"), table)

@@ -10,7 +10,7 @@ import sys
 import time
 
 from . import images, leftovers, pki
-from .components import BY_NAME, COMPONENTS, Component, which_missing
+from .components import BY_NAME, COMPONENTS, PROCESSES, Component, Setup, which_missing
 from .health import port_in_use
 from .paths import Paths, node_name
 from .procs import wait_for
@@ -83,7 +83,7 @@ def up(only: list[str] | None = None) -> None:
     wanted = [BY_NAME[n] for n in only] if only else COMPONENTS
     t0 = time.monotonic()
     for c in wanted:
-        say(f"{c.name}: {_start(c, paths)}")
+        say(f"{c.name}: {c.ensure(paths) if isinstance(c, Setup) else _start(c, paths)}")
         if c.name == "registry":
             images.ensure_images(paths)
             say(f"registry: images {images.describe()}")
@@ -98,21 +98,20 @@ def up(only: list[str] | None = None) -> None:
 
 
 def _remove_pods(paths: Paths) -> None:
-    """Stop and remove every pod sandbox through CRI while containerd still runs, so that it tears
-    down networks and mounts itself."""
-    if not BY_NAME["containerd"].process(paths).running():
-        return
-    crictl = [
-        paths.tool("crictl"),
-        "--runtime-endpoint",
-        f"unix://{paths.containerd_sock}",
-        "--timeout",
-        "30s",
+    """Stop and remove every pod sandbox through CRI while the runtimes still run, so that they tear
+    down networks, mounts and VMs themselves: through edgevirt-cri first (it reaches the kvm
+    handler too), then through containerd for anything left."""
+    endpoints = [
+        (name, sock)
+        for name, sock in (("edgevirt-cri", paths.cri_sock), ("containerd", paths.containerd_sock))
+        if BY_NAME[name].process(paths).running()
     ]
-    pods = subprocess.run([*crictl, "pods", "-q"], capture_output=True, text=True).stdout.split()
-    if pods:
-        say(f"removing {len(pods)} pod sandbox(es) through containerd")
-        subprocess.run([*crictl, "rmp", "--force", *pods], capture_output=True, text=True)
+    for name, sock in endpoints:
+        crictl = [paths.tool("crictl"), "--runtime-endpoint", f"unix://{sock}", "--timeout", "30s"]
+        pods = subprocess.run([*crictl, "pods", "-q"], capture_output=True, text=True).stdout.split()
+        if pods:
+            say(f"removing {len(pods)} pod sandbox(es) through {name}")
+            subprocess.run([*crictl, "rmp", "--force", *pods], capture_output=True, text=True)
 
 
 def down(purge: bool = False) -> list[str]:
@@ -127,11 +126,18 @@ def down(purge: bool = False) -> list[str]:
     if doms:
         say(f"libvirt: removed domains {', '.join(doms)}")
     for c in reversed(COMPONENTS):
+        if isinstance(c, Setup):
+            gone = c.remove(paths)
+            if gone:
+                say(f"{c.name}: removed {', '.join(gone)}")
+            continue
         proc = c.process(paths)
         if proc.stop():
             say(f"{c.name}: stopped")
         elif proc.pidfile.exists():
             proc.pidfile.unlink(missing_ok=True)
+    if leftovers.remove_stale_socket(paths.macvtap_sock):
+        say(f"removed the stale socket {paths.macvtap_sock}")
     killed = leftovers.kill_shims(paths)
     if killed:
         say(f"killed {len(killed)} leftover containerd shim(s)")
@@ -144,6 +150,9 @@ def down(purge: bool = False) -> list[str]:
         say(f"removed {len(ns)} pod network namespace(s)")
     if leftovers.remove_bridge():
         say(f"removed link {leftovers.POD_BRIDGE}")
+    taps = leftovers.remove_tap_nodes(paths.macvtap_device_dir)
+    if taps:
+        say(f"removed {len(taps)} macvtap device node(s) under {paths.macvtap_device_dir}")
     leftovers.remove_iptables_chains()
     left_cg = leftovers.remove_cgroups()
     removed = leftovers.CreatedPaths(paths).remove()
@@ -159,12 +168,16 @@ def down(purge: bool = False) -> list[str]:
 
 def remaining(paths: Paths) -> list[str]:
     """Everything of the cluster still on the machine."""
-    left = [f"process {c.name}" for c in COMPONENTS if c.process(paths).running()]
+    left = [f"process {c.name}" for c in PROCESSES if c.process(paths).running()]
+    for c in COMPONENTS:
+        if isinstance(c, Setup):
+            left += c.leftovers(paths)
     left += [f"shim pid {p}" for p in leftovers.shims(paths)]
     left += [f"mount {m}" for m in leftovers.mounts_under(paths.state, paths.run)]
     left += [f"netns {n}" for n in leftovers.pod_netns()]
     left += [f"link {leftovers.POD_BRIDGE}"] if leftovers.bridge_exists() else []
     left += [f"domain {d}" for d in leftovers.edgevirt_domains()]
+    left += [f"device node {n}" for n in leftovers.tap_nodes(paths.macvtap_device_dir)]
     return left
 
 
@@ -172,6 +185,12 @@ def status() -> int:
     paths = Paths.default()
     rc = 0
     for c in COMPONENTS:
+        if isinstance(c, Setup):
+            desc = _safe_value(lambda c=c: c.describe(paths))
+            if desc is None:
+                rc = 3
+            print(f"{c.name:26} {'set up (' + desc + ')' if desc else 'missing'}")
+            continue
         proc = c.process(paths)
         pid = proc.pid()
         if pid:
@@ -186,10 +205,14 @@ def status() -> int:
 
 
 def _safe(f) -> bool:
+    return bool(_safe_value(f))
+
+
+def _safe_value(f):
     try:
-        return bool(f())
+        return f()
     except Exception:
-        return False
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

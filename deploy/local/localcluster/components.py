@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import configs, health, pki
+from . import configs, health, pki, vmnet
 from .paths import (
     APISERVER_PORT,
     ETCD_CLIENT,
@@ -41,6 +41,19 @@ class Component:
 
     def process(self, paths: Paths) -> Process:
         return Process(self.name, paths.pids / f"{self.name}.pid", paths.logs / f"{self.name}.log")
+
+
+@dataclass
+class Setup:
+    """A part of the cluster that is not a process (links, namespaces): `ensure` makes it, idempotently,
+    and says what it did; `describe` is its state for `status` (None: missing or incomplete);
+    `remove` undoes it (`down`) and says what it removed; `leftovers` names what is still there."""
+
+    name: str
+    ensure: Callable[[Paths], str]
+    describe: Callable[[Paths], str | None]
+    remove: Callable[[Paths], list[str]]
+    leftovers: Callable[[Paths], list[str]]
 
 
 def _kubeconfig(paths: Paths, user: str) -> str:
@@ -204,6 +217,36 @@ def _apply_runtimeclasses(p: Paths) -> None:
         raise RuntimeError(f"kubectl apply -f {RUNTIMECLASSES} failed: {res.stderr.strip()}")
 
 
+# --- the VM network: veth evvm0 <-> edgevirt-vmnet/eth0, the kvm handler's CNI conflist ---
+def _vmnet_ensure(p: Paths) -> str:
+    configs.vm_network(p)
+    return f"{vmnet.ensure()}; conflist {p.vm_cni_conflist}"
+
+
+def _vmnet_remove(p: Paths) -> list[str]:
+    removed = vmnet.remove()
+    if p.vm_cni_data_dir.exists():
+        shutil.rmtree(p.vm_cni_data_dir, ignore_errors=True)
+        removed.append(f"{p.vm_cni_data_dir} (host-local leases, macvtap records)")
+    return removed
+
+
+def _vmnet_leftovers(p: Paths) -> list[str]:
+    return vmnet.leftovers() + ([str(p.vm_cni_data_dir)] if p.vm_cni_data_dir.exists() else [])
+
+
+# --- macvtap daemon: the resident half of the macvtap CNI plugin (netlink kept warm) ---
+def _macvtap_argv(p: Paths) -> list[str]:
+    own = REPO / ".venv" / "bin" / "macvtap"
+    if not own.exists():
+        raise FileNotFoundError(f"{own} missing: run deploy/install/install first (it makes .venv)")
+    return [str(own), "daemon", "--socket", str(p.macvtap_sock)]
+
+
+def _macvtap_prepare(p: Paths) -> None:
+    p.macvtap_sock.parent.mkdir(parents=True, exist_ok=True)
+
+
 # --- libvirt ---
 LIBVIRT_SOCK = Path("/var/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/var/run/libvirt/virtlogd-sock")
@@ -240,7 +283,9 @@ def _kubelet_prepare(p: Paths) -> None:
     p.kubelet_dir.mkdir(parents=True, exist_ok=True)
 
 
-COMPONENTS: list[Component] = [
+# Start order. libvirtd, the VM network and the macvtap daemon come before edgevirt-cri: its kvm
+# backend is registered only if it reports itself available when edgevirt-cri starts.
+COMPONENTS: list[Component | Setup] = [
     Component(
         "registry", _registry_argv, lambda p: health.http_ok(f"http://{REGISTRY_ADDR}/v2/"), ports=(5000,)
     ),
@@ -272,13 +317,6 @@ COMPONENTS: list[Component] = [
         prepare=_containerd_prepare,
     ),
     Component(
-        "edgevirt-cri",
-        _cri_argv,
-        lambda p: health.unix_ok(p.cri_sock),
-        prepare=_cri_prepare,
-        env={"PYTHONPATH": str(REPO)},
-    ),
-    Component(
         "virtlogd",
         _virtlogd_argv,
         lambda p: health.unix_ok(VIRTLOGD_SOCK),
@@ -292,6 +330,21 @@ COMPONENTS: list[Component] = [
         prepare=_libvirt_prepare,
         may_be_external=True,
     ),
+    Setup("vm-network", _vmnet_ensure, lambda p: vmnet.describe(), _vmnet_remove, _vmnet_leftovers),
+    Component(
+        "macvtap-daemon",
+        _macvtap_argv,
+        lambda p: health.unix_listening(p.macvtap_sock),
+        prepare=_macvtap_prepare,
+        may_be_external=True,
+    ),
+    Component(
+        "edgevirt-cri",
+        _cri_argv,
+        lambda p: health.unix_ok(p.cri_sock),
+        prepare=_cri_prepare,
+        env={"PYTHONPATH": str(REPO)},
+    ),
     Component(
         "kubelet",
         _kubelet_argv,
@@ -303,6 +356,7 @@ COMPONENTS: list[Component] = [
 ]
 
 BY_NAME = {c.name: c for c in COMPONENTS}
+PROCESSES: list[Component] = [c for c in COMPONENTS if isinstance(c, Component)]
 
 
 def which_missing() -> list[str]:
@@ -325,6 +379,7 @@ def which_missing() -> list[str]:
         "skopeo",
         "umoci",
         "openssl",
+        "ip",
     ):
         try:
             p.tool(tool)

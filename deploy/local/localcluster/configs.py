@@ -11,8 +11,17 @@ from .paths import (
     POD_BRIDGE,
     POD_CIDR,
     REGISTRY_ADDR,
+    VM_CIDR,
+    VM_GATEWAY,
+    VM_IMAGE_ROOTS,
+    VM_MASTER,
+    VM_RANGE,
     Paths,
 )
+
+# Where the kvm handler looks for CNI plugins: macvtap (deploy/cni/install-plugin) first, then
+# Debian's reference plugins (host-local).
+VM_CNI_BIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 
 
 def _write(path: Path, text: str) -> Path:
@@ -139,9 +148,51 @@ def pod_network(paths: Paths) -> Path:
     return _write(paths.cni_conf_dir / "10-edgevirt-pods.conflist", json.dumps(conf, indent=2) + "\n")
 
 
+def vm_network(paths: Paths) -> Path:
+    """The network of kvm pods (used by the kvm CRI handler, not by containerd): a macvtap in bridge
+    mode on VM_MASTER, whose LAN is the veth peer in VM_LAN_NETNS (the gateway); host-local IPAM
+    with its leases and the plugin's records under the state dir, so `down` removes them. The MAC
+    comes from the pod (capability "mac"), so a VM keeps its address across restarts."""
+    data = paths.vm_cni_data_dir
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "edgevirt-vm",
+        "plugins": [
+            {
+                "type": "macvtap",
+                "master": VM_MASTER,
+                "mode": "bridge",
+                "capabilities": {"mac": True},
+                "daemonSocket": str(paths.macvtap_sock),
+                "deviceDir": str(paths.macvtap_device_dir),
+                "stateDir": str(data / "macvtap"),
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": str(data / "host-local"),
+                    "ranges": [
+                        [
+                            {
+                                "subnet": VM_CIDR,
+                                "rangeStart": VM_RANGE[0],
+                                "rangeEnd": VM_RANGE[1],
+                                "gateway": VM_GATEWAY,
+                            }
+                        ]
+                    ],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            },
+        ],
+    }
+    return _write(paths.vm_cni_conflist, json.dumps(conf, indent=2) + "\n")
+
+
 def edgevirt_cri(paths: Paths) -> Path:
     """edgevirt-cri in front of the cluster's containerd: handlers "", runc and kata pass through to
-    containerd; kvm is added when the VM backend exists (see deploy/cri/edgevirt-cri.yaml)."""
+    containerd; kvm goes to the VM handler (cri_shim.vm.backend), which edgevirt-cri registers only
+    when it imports and reports itself available (see deploy/cri/edgevirt-cri.yaml); until then
+    kvm pods are refused with the reason and everything else runs."""
+    j = json.dumps
     return _write(
         paths.etc / "edgevirt-cri.yaml",
         f"""# Written by deploy/local (localcluster/configs.py); edits are overwritten.
@@ -152,10 +203,22 @@ backends:
   containerd:
     type: containerd
     socket: {paths.containerd_sock}
+  kvm:
+    type: plugin
+    factory: cri_shim.vm.backend:create
+    options:
+      state_dir: {j(str(paths.kvm_state))}
+      vm_state_dir: {j(str(paths.vm_state))}
+      libvirt_uri: qemu:///system
+      cni_conflist: {j(str(paths.vm_cni_conflist))}
+      cni_bin_dirs: {j(list(VM_CNI_BIN_DIRS))}
+      image_roots: {j(list(VM_IMAGE_ROOTS))}
+      insecure_registries: {j([REGISTRY_ADDR])}
 handlers:
   "": containerd
   runc: containerd
   kata: containerd
+  kvm: kvm
 """,
     )
 

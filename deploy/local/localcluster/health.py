@@ -34,6 +34,19 @@ def unix_ok(path: Path, timeout: float = 1.0) -> bool:
     return True
 
 
+def unix_listening(path: Path, table: str | None = None) -> bool:
+    """A stream socket listens on `path` (from /proc/net/unix, without connecting: a daemon that
+    logs every connection that sends no request stays quiet)."""
+    if table is None:
+        table = Path("/proc/net/unix").read_text()
+    for line in table.splitlines()[1:]:
+        # Num RefCount Protocol Flags Type St Inode Path; flags 00010000 = accepting connections
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == str(path) and fields[3] == "00010000" and fields[4] == "0001":
+            return True
+    return False
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

@@ -1,15 +1,18 @@
 """What a stopped cluster may leave on the machine, found and removed: pods' network namespaces,
 mounts under the cluster's directories, the pod bridge, containerd shims, kubelet's cgroups and
-iptables chains, libvirt domains of edgevirt, and directories `up` created outside the state dir."""
+iptables chains, libvirt domains of edgevirt, macvtap device nodes and a stale macvtap daemon
+socket, and directories `up` created outside the state dir."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+from . import health
 from .paths import POD_BRIDGE, Paths
 
 # Domains created by edgevirt carry this name prefix (the kvm handler and the controller use it).
@@ -50,7 +53,8 @@ def unmount_all(*roots: Path) -> list[str]:
 
 
 def pod_netns() -> list[str]:
-    """Network namespaces containerd's CRI made for pods (named cni-<uuid>)."""
+    """Network namespaces made for pods: containerd's CRI names them cni-<uuid>, the kvm handler
+    cni-kvm-<12 hex>."""
     d = Path("/run/netns")
     return sorted(p.name for p in d.iterdir() if p.name.startswith("cni-")) if d.exists() else []
 
@@ -69,6 +73,38 @@ def remove_bridge() -> bool:
 
 def bridge_exists() -> bool:
     return _run("ip", "link", "show", POD_BRIDGE).returncode == 0
+
+
+def tap_nodes(device_dir: Path) -> list[str]:
+    """What the macvtap plugin left under its deviceDir (<deviceDir>/<containerID>/<ifname> nodes)."""
+    if not device_dir.is_dir():
+        return []
+    return sorted(str(p) for p in device_dir.rglob("*") if not p.is_dir()) or sorted(
+        str(p) for p in device_dir.iterdir()
+    )
+
+
+def remove_tap_nodes(device_dir: Path) -> list[str]:
+    """Remove everything under deviceDir (the directory itself stays)."""
+    found = tap_nodes(device_dir)
+    if device_dir.is_dir():
+        for entry in device_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    return found
+
+
+def remove_stale_socket(path: Path) -> bool:
+    """Unlink a unix socket nobody listens on (a daemon killed with -9); one that a live daemon
+    listens on stays."""
+    if not path.exists() and not path.is_symlink():
+        return False
+    if health.unix_listening(path):
+        return False
+    path.unlink(missing_ok=True)
+    return True
 
 
 def shims(paths: Paths) -> list[int]:

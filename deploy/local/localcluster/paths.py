@@ -104,6 +104,44 @@ class Paths:
     def cni_data_dir(self) -> Path:
         return self.data / "cni"
 
+    # --- the VM network (kvm pods: a macvtap NIC on VM_MASTER) ---
+    @property
+    def vm_cni_conf_dir(self) -> Path:
+        """The VM network's CNI config dir (the kvm handler's, not containerd's)."""
+        return self.etc / "cni-vm"
+
+    @property
+    def vm_cni_conflist(self) -> Path:
+        return self.vm_cni_conf_dir / "10-edgevirt-vm.conflist"
+
+    @property
+    def vm_cni_data_dir(self) -> Path:
+        """host-local leases and the macvtap plugin's attachment records of the VM network; `down`
+        removes it (every attachment is gone with the pods' netns)."""
+        return self.data / "cni-vm"
+
+    @property
+    def macvtap_sock(self) -> Path:
+        """The socket of `macvtap daemon` (the plugin's default, so a conflist without daemonSocket
+        reaches it too)."""
+        return Path("/run/edgevirt/macvtap.sock")
+
+    @property
+    def macvtap_device_dir(self) -> Path:
+        """Where the macvtap plugin makes the tap queues' char device nodes (its default deviceDir)."""
+        return Path("/run/edgevirt/macvtap")
+
+    @property
+    def kvm_state(self) -> Path:
+        """The kvm CRI handler's own records (sandboxes, containers)."""
+        return self.data / "edgevirt-cri-kvm"
+
+    @property
+    def vm_state(self) -> Path:
+        """VM disks and domains, shared with edgevirt-controller's node mode (EDGEVIRT_VM_STATE_DIR
+        overrides)."""
+        return Path(os.environ.get("EDGEVIRT_VM_STATE_DIR", "/var/lib/edgevirt/vm"))
+
     @property
     def bin(self) -> Path:
         return REPO / ".local" / "bin"
@@ -128,6 +166,15 @@ ETCD_PEER = "http://127.0.0.1:2380"
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/24"
 POD_BRIDGE = "edgevirt0"
+# The VM network: kvm pods get a macvtap on VM_MASTER, one end of a veth pair whose other end is
+# VM_LAN_IF inside the netns VM_LAN_NETNS, which stands in for the node's LAN (tests ping VMs from it).
+VM_MASTER = "evvm0"
+VM_LAN_NETNS = "edgevirt-vmnet"
+VM_LAN_IF = "eth0"
+VM_CIDR = "10.245.0.0/24"
+VM_GATEWAY = "10.245.0.1"
+VM_RANGE = ("10.245.0.10", "10.245.0.250")
+VM_IMAGE_ROOTS = ("/var/lib/edgevirt/images",)
 # Upstream registries whose names the local registry stands in for (containerd mirrors them).
 MIRRORED_REGISTRIES = ("docker.io", "registry.k8s.io", "quay.io", "ghcr.io", "gcr.io")
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
