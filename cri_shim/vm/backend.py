@@ -361,7 +361,10 @@ class KvmBackend(TypedBackend):
         sb = self._sandbox(req.pod_sandbox_id)
         with self._lock(sb["id"]):
             for c in self._containers_of(sb["id"]):
-                self._stop_container(c, timeout=0)
+                try:
+                    self._stop_container(c, timeout=0)
+                except VMError as e:
+                    raise self._vm_error(e) from None
             if sb.get("network_added") or (NETNS_DIR / sb["netns"]).exists():
                 try:
                     self._teardown_network(sb)

@@ -134,13 +134,19 @@ def test_runc_pod_runs_logs_execs_port_forwards_and_leaves_nothing(cluster, runc
 
 
 def test_a_handler_the_node_does_not_serve_fails_with_the_shims_message(cluster):
-    """No VM backend is configured in the local cluster yet, so kvm is not a served handler."""
-    status = json.loads(shim_crictl(cluster, "info", "-o", "json").stdout)
-    served = [h.get("name", "") for h in status["runtimeHandlers"]]
-    if "kvm" in served:
-        pytest.skip("this node serves kvm (a VM backend is configured); nothing to reject")
-    name = f"e2e-cri-kvm-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("apply", "-f", "-", input=POD.format(name=name, token="x", rc="kvm"))
+    """A RuntimeClass whose handler no backend serves: kubelet's sandbox creation fails with the
+    shim's message naming the field and the handlers this node serves."""
+    rc = f"e2e-nosuch-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(
+            {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": rc}, "handler": rc}
+        ),
+    )
+    name = f"e2e-cri-nosuch-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("apply", "-f", "-", input=POD.format(name=name, token="x", rc=rc))
     try:
 
         def failed_event():
@@ -153,11 +159,12 @@ def test_a_handler_the_node_does_not_serve_fails_with_the_shims_message(cluster)
             return next((e["message"] for e in ev["items"]), None)
 
         msg = wait("FailedCreatePodSandBox", failed_event, 120, 2)
-        assert 'unknown runtime handler "kvm"' in msg and "RunPodSandboxRequest.runtime_handler" in msg, msg
-        assert '"runc"' in msg
+        assert f'unknown runtime handler "{rc}"' in msg and "RunPodSandboxRequest.runtime_handler" in msg, msg
+        assert '"runc"' in msg and '"kvm"' in msg
         assert not sandboxes(cluster, name)
     finally:
         cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=60s", check=False, timeout=90)
+        cluster.kubectl("delete", "runtimeclass", rc, check=False)
 
 
 def _state(cluster, name: str) -> tuple[str, str, int]:

@@ -43,10 +43,11 @@ def wait(what: str, check, timeout: float = 180, interval: float = 1.0):
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def shim(cluster, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    ep = f"unix://{cluster.paths.cri_sock}"
+def crictl(
+    endpoint: str, *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess:
     r = subprocess.run(
-        [cluster.paths.tool("crictl"), "--config", "/dev/null", "-r", ep, "-i", ep, "-t", "240s", *args],
+        [TOOLS["crictl"], "--config", "/dev/null", "-r", endpoint, "-i", endpoint, "-t", "240s", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -56,16 +57,25 @@ def shim(cluster, *args: str, check: bool = True, timeout: float = 300) -> subpr
     return r
 
 
+def shim(cluster, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """crictl against the cluster's edgevirt-cri (the one kubelet uses)."""
+    TOOLS.setdefault("crictl", str(cluster.paths.tool("crictl")))
+    return crictl(f"unix://{cluster.paths.cri_sock}", *args, check=check, timeout=timeout)
+
+
+TOOLS: dict[str, str] = {}
+
+
 def kvm_options(cluster) -> dict:
     cfg = yaml.safe_load((cluster.paths.etc / "edgevirt-cri.yaml").read_text())
     return cfg["backends"]["kvm"]["options"]
 
 
-def kvm_available(cluster) -> None:
-    handlers = json.loads(shim(cluster, "info", "-o", "json").stdout)["status"]
-    names = {h.get("name", "") for h in handlers.get("runtimeHandlers") or []}
+def kvm_available(endpoint: str, log_file: Path) -> None:
+    info = json.loads(crictl(endpoint, "info", "-o", "json").stdout)
+    names = {h.get("name", "") for h in info.get("runtimeHandlers") or []}
     if "kvm" not in names:
-        log = (cluster.paths.logs / "edgevirt-cri.log").read_text()[-3000:]
+        log = log_file.read_text()[-3000:]
         raise AssertionError(f"edgevirt-cri does not serve the kvm handler on this node; its log:\n{log}")
 
 
@@ -77,9 +87,8 @@ def domains() -> set[str]:
         conn.close()
 
 
-def leftovers(cluster, sid: str, cid: str | None) -> list[str]:
-    """What a removed kvm pod must not leave behind."""
-    opts = kvm_options(cluster)
+def leftovers(opts: dict, sid: str, cid: str | None) -> list[str]:
+    """What a removed kvm pod must not leave behind (``opts``: the kvm backend's options)."""
     conf = json.loads(Path(opts["cni_conflist"]).read_text())
     ipam_dir = Path(conf["plugins"][0]["ipam"].get("dataDir", "/var/lib/cni/networks")) / conf["name"]
     vm_state = Path(opts.get("vm_state_dir") or "/var/lib/edgevirt/vm")
@@ -104,8 +113,49 @@ def leftovers(cluster, sid: str, cid: str | None) -> list[str]:
     return found
 
 
+class PrivateKvmShim:
+    """An edgevirt-cri of its own (socket, records) with the cluster's kvm backend options: crictl
+    pods made here are not kubelet's, and kubelet would stop a sandbox it does not know on its own
+    endpoint. Shares libvirtd, the VM network and the VM disk dir with the cluster."""
+
+    def __init__(self, cluster) -> None:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+        from cri_env import Shim
+
+        TOOLS.setdefault("crictl", str(cluster.paths.tool("crictl")))
+        self.options = {**kvm_options(cluster)}
+        self.shim = Shim.create(cluster.paths.containerd_sock)
+        self.options["state_dir"] = str(self.shim.root / "kvm")
+        self.shim.extra_config = {
+            "backends": {
+                "containerd": {"type": "containerd", "socket": str(cluster.paths.containerd_sock)},
+                "kvm": {"type": "plugin", "factory": "cri_shim.vm.backend:create", "options": self.options},
+            },
+            "handlers": {"": "containerd", "runc": "containerd", "kvm": "kvm"},
+        }
+        self.shim.start()
+        kvm_available(self.shim.endpoint, self.shim.log)
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return crictl(self.shim.endpoint, *args, check=check)
+
+
+@pytest.fixture(scope="module")
+def cri(cluster):
+    p = PrivateKvmShim(cluster)
+    try:
+        yield p
+    finally:
+        for sid in p("pods", "-q", check=False).stdout.split():
+            p("rmp", "-f", sid, check=False)
+        print(p.shim.log.read_text()[-4000:])
+        p.shim.close()
+
+
 @pytest.fixture
-def pod_files(cluster, tmp_path):
+def pod_files(cri, tmp_path):
     name = f"e2e-kvm-{uuid.uuid4().hex[:6]}"
     uid = str(uuid.uuid4())
     logdir = Path(f"/var/log/pods/e2e_{name}_{uid}")
@@ -120,7 +170,7 @@ def pod_files(cluster, tmp_path):
         yield tmp_path, pod, made
     finally:
         for sid in made:
-            shim(cluster, "rmp", "-f", sid, check=False)
+            cri("rmp", "-f", sid, check=False)
         subprocess.run(["rm", "-rf", str(logdir)], check=False)
 
 
@@ -142,57 +192,52 @@ def container_json(tmp_path: Path, image: str, name: str = "vm") -> Path:
     return p
 
 
-def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cluster, vm_image, pod_files):
-    kvm_available(cluster)
+def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cri, vm_image, pod_files):
     tmp, _pod, made = pod_files
-    sid = shim(cluster, "runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
+    sid = cri("runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
     made.append(sid)
-    status = json.loads(shim(cluster, "inspectp", sid).stdout)["status"]
+    status = json.loads(cri("inspectp", sid).stdout)["status"]
     ip = status["network"]["ip"]
     assert ip.startswith("10.245.0."), status
     assert status["state"] == "SANDBOX_READY"
-    cid = shim(
-        cluster, "create", sid, str(container_json(tmp, vm_image)), str(tmp / "pod.json")
-    ).stdout.strip()
-    shim(cluster, "start", cid)
-    ps = json.loads(shim(cluster, "ps", "--id", cid, "-o", "json").stdout)["containers"]
+    cid = cri("create", sid, str(container_json(tmp, vm_image)), str(tmp / "pod.json")).stdout.strip()
+    cri("start", cid)
+    ps = json.loads(cri("ps", "--id", cid, "-o", "json").stdout)["containers"]
     assert [c["state"] for c in ps] == ["CONTAINER_RUNNING"]
     wait(
         "the guest to come up with the CNI result's address",
-        lambda: f"EDGEVIRT-GUEST: ip eth0 {ip}/24" in shim(cluster, "logs", cid).stdout,
+        lambda: f"EDGEVIRT-GUEST: ip eth0 {ip}/24" in cri("logs", cid).stdout,
         300,
         2,
     )
-    logs = shim(cluster, "logs", cid).stdout
+    logs = cri("logs", cid).stdout
     assert "EDGEVIRT-GUEST: up" in logs
     ping = subprocess.run(
         ["ip", "netns", "exec", VM_LAN, "ping", "-c", "3", "-W", "2", ip], capture_output=True, text=True
     )
     assert ping.returncode == 0, ping.stdout + ping.stderr
-    stats = json.loads(shim(cluster, "stats", "--id", cid, "-o", "json").stdout)["stats"]
+    stats = json.loads(cri("stats", "--id", cid, "-o", "json").stdout)["stats"]
     assert int(stats[0]["cpu"]["usageCoreNanoSeconds"]["value"]) > 0
-    r = shim(cluster, "exec", cid, "true", check=False)
+    r = cri("exec", cid, "true", check=False)
     assert r.returncode != 0 and "not supported for VM pods" in r.stderr
-    shim(cluster, "stop", "--timeout", "60", cid)
-    st = json.loads(shim(cluster, "inspect", cid).stdout)["status"]
+    cri("stop", "--timeout", "60", cid)
+    st = json.loads(cri("inspect", cid).stdout)["status"]
     assert (st["state"], st["exitCode"], st["reason"]) == ("CONTAINER_EXITED", 0, "Completed"), st
-    assert "EDGEVIRT-GUEST: acpi power button" in shim(cluster, "logs", cid).stdout
-    shim(cluster, "rm", cid)
-    shim(cluster, "stopp", sid)
-    assert json.loads(shim(cluster, "inspectp", sid).stdout)["status"]["state"] == "SANDBOX_NOTREADY"
-    shim(cluster, "rmp", sid)
+    assert "EDGEVIRT-GUEST: acpi power button" in cri("logs", cid).stdout
+    cri("rm", cid)
+    cri("stopp", sid)
+    assert json.loads(cri("inspectp", sid).stdout)["status"]["state"] == "SANDBOX_NOTREADY"
+    cri("rmp", sid)
     made.remove(sid)
-    assert leftovers(cluster, sid, cid) == []
+    assert leftovers(cri.options, sid, cid) == []
 
 
-def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cluster, pod_files):
-    kvm_available(cluster)
+def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cri, pod_files):
     tmp, pod, made = pod_files
     before = domains()
-    sid = shim(cluster, "runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
+    sid = cri("runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
     made.append(sid)
-    r = shim(
-        cluster,
+    r = cri(
         "create",
         sid,
         str(container_json(tmp, "file:///etc/passwd")),
@@ -201,16 +246,16 @@ def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cluster, pod_f
     )
     assert r.returncode != 0
     assert "image" in r.stderr and "allowed" in r.stderr, r.stderr
-    assert json.loads(shim(cluster, "ps", "-a", "-p", sid, "-o", "json").stdout)["containers"] == []
+    assert json.loads(cri("ps", "-a", "-p", sid, "-o", "json").stdout)["containers"] == []
     assert domains() == before
-    shim(cluster, "rmp", "-f", sid)
+    cri("rmp", "-f", sid)
     made.remove(sid)
-    assert leftovers(cluster, sid, None) == []
+    assert leftovers(cri.options, sid, None) == []
 
     bad = dict(pod, annotations={"edgevirt.io/vm-uid": "u-1", "edgevirt.io/image": ""})
     (tmp / "bad.json").write_text(json.dumps(bad))
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    r = shim(cluster, "runp", "--runtime", "kvm", str(tmp / "bad.json"), check=False)
+    r = cri("runp", "--runtime", "kvm", str(tmp / "bad.json"), check=False)
     assert r.returncode != 0 and "edgevirt.io/image" in r.stderr, r.stderr
     assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == netns_before
 
@@ -232,7 +277,7 @@ spec:
 
 
 def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluster, vm_image):
-    kvm_available(cluster)
+    kvm_available(f"unix://{cluster.paths.cri_sock}", cluster.paths.logs / "edgevirt-cri.log")
     name = f"e2e-kvm-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("apply", "-f", "-", input=KVM_POD.format(name=name, image=vm_image))
     sid = cid = None
@@ -264,4 +309,4 @@ def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluste
     finally:
         cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
     if sid:
-        wait("kubelet to remove the sandbox", lambda: leftovers(cluster, sid, cid) == [], 120, 2)
+        wait("kubelet to remove the sandbox", lambda: leftovers(kvm_options(cluster), sid, cid) == [], 120, 2)
