@@ -158,7 +158,8 @@ def cri(cluster):
 def pod_files(cri, tmp_path):
     name = f"e2e-kvm-{uuid.uuid4().hex[:6]}"
     uid = str(uuid.uuid4())
-    logdir = Path(f"/var/log/pods/e2e_{name}_{uid}")
+    # not under /var/log/pods: kubelet removes pod log directories of pods it does not know
+    logdir = tmp_path / "pods" / f"e2e_{name}_{uid}"
     pod = {
         "metadata": {"name": name, "namespace": "e2e", "uid": uid, "attempt": 0},
         "log_directory": str(logdir),
