@@ -210,7 +210,9 @@ class Plugin:
         vols = (vm.get("spec") or {}).get("volumes")
         if any(v["name"] == a.volume_name for v in vols or []):
             raise PluginError(f"VM {vm['metadata']['name']} already has a volume named {a.volume_name}")
-        rv = {"op": "test", "path": "/metadata/resourceVersion", "value": vm["metadata"]["resourceVersion"]}
+        # the spec must be the one read (generation moves with spec changes only, not with the
+        # status updates a running VM gets all the time)
+        rv = {"op": "test", "path": "/metadata/generation", "value": vm["metadata"]["generation"]}
         op = (
             {"op": "add", "path": "/spec/volumes/-", "value": vol}
             if vols is not None
