@@ -208,6 +208,7 @@ class NodeController:
                 mgr.resume(dom)
                 self.events.emit(vm, "Normal", "Resumed", "the guest runs again")
             facts = mgr.facts(dom)
+        retry: float | None = None
         vols = {v["name"]: dict(v) for v in old.get("volumes") or []}
         boot = podspec_volumes(pod)
         attach, detach = hotplug_plan(spec.get("volumes") or [], boot, attached_volumes(mgr.xml(dom)))
@@ -225,14 +226,17 @@ class NodeController:
             except Exception as e:
                 vols[v["name"]] = {"name": v["name"], "phase": "Failed", "message": str(e)}
                 self.events.emit(vm, "Warning", "VolumeMountFailed", f"volume {v['name']}: {e}")
+                retry = 5.0
         for n in detach:
             try:
                 mgr.detach_volume(dom, n)
                 vols.pop(n, None)
                 self.events.emit(vm, "Normal", "VolumeUnmounted", f"volume {n} detached")
             except Exception as e:
+                # e.g. the guest had not finished taking the device when the unplug came: try again
                 vols[n] = {"name": n, "phase": "Failed", "message": f"detach: {e}"}
                 self.events.emit(vm, "Warning", "VolumeUnmountFailed", f"volume {n}: {e}")
+                retry = 5.0
         for n, target in attached_volumes(mgr.xml(dom)).items():
             if n not in vols or vols[n].get("phase") != "Failed":
                 vols[n] = {"name": n, "target": target, "phase": "Mounted"}
@@ -243,7 +247,7 @@ class NodeController:
         }
         if attach or detach or any(old.get(k) != v for k, v in new.items()):
             self._patch_status(vm, new)
-        return None
+        return retry
 
     def _patch_status(self, vm: dict, fields: dict) -> None:
         m = vm["metadata"]

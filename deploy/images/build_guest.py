@@ -79,6 +79,8 @@ if [ -z "$ip_addr" ]; then
       gw=$(awk '/^ *via:/{print $2; exit}' /mnt/network-config)
       want_mac=$(awk '/^ *macaddress:/{print $2; exit}' /mnt/network-config | tr -d "'\"")
     fi
+    # tests only: "# edgevirt.poweroff: N" in the user-data powers the guest off N s after boot
+    [ -n "$off" ] || off=$(awk '/^# *edgevirt.poweroff:/{print $3; exit}' /mnt/user-data 2>/dev/null)
     say "cidata $(awk '/instance-id/{print $2}' /mnt/meta-data) ${ip_addr:-no-address}"
     umount /mnt
   fi
@@ -100,6 +102,14 @@ else
   if [ -n "$ip_addr" ]; then ip addr add "$ip_addr" dev "$iface" || say "error ip addr add $ip_addr"; fi
   if [ -n "$gw" ]; then ip route add default via "$gw" || say "error default route via $gw"; fi
   say "ip $iface ${ip_addr:-none} mac $(cat /sys/class/net/$iface/address)"
+fi
+# a data disk (the first virtio disk after the boot disk, vdb): say what an earlier boot wrote to
+# it, then write this boot's token, so a test sees a VM's disk outlive a stop/start
+if [ -b /dev/vdb ]; then
+  had=$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | tr -cd 'a-z0-9-')
+  token="boot-$(cut -c1-8 /proc/sys/kernel/random/uuid)"
+  printf '%-63s\n' "$token" | dd of=/dev/vdb bs=64 count=1 conv=notrunc,fsync 2>/dev/null
+  say "data vdb had ${had:-nothing} now $token"
 fi
 say "up"
 if [ -n "$off" ]; then sleep "$off"; poweroff -f; fi

@@ -44,10 +44,11 @@ def wait(what: str, check, timeout: float = 180, interval: float = 1.0):
 
 
 def crictl(
-    endpoint: str, *args: str, check: bool = True, timeout: float = 300
+    endpoint: str, *args: str, check: bool = True, timeout: float = 300, image_endpoint: str = ""
 ) -> subprocess.CompletedProcess:
+    ie = image_endpoint or endpoint
     r = subprocess.run(
-        [TOOLS["crictl"], "--config", "/dev/null", "-r", endpoint, "-i", endpoint, "-t", "240s", *args],
+        [TOOLS["crictl"], "--config", "/dev/null", "-r", endpoint, "-i", ie, "-t", "240s", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -122,15 +123,18 @@ class PrivateKvmShim:
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-        from cri_env import Shim
+        from cri_env import PrivateContainerd, Shim
 
         TOOLS.setdefault("crictl", str(cluster.paths.tool("crictl")))
         self.options = {**kvm_options(cluster)}
-        self.shim = Shim.create(cluster.paths.containerd_sock)
+        # a containerd of its own too, so a test may stop it without touching the cluster's
+        self.containerd = PrivateContainerd.create().start()
+        self.cluster_containerd = cluster.paths.containerd_sock
+        self.shim = Shim.create(self.containerd.socket)
         self.options["state_dir"] = str(self.shim.root / "kvm")
         self.shim.extra_config = {
             "backends": {
-                "containerd": {"type": "containerd", "socket": str(cluster.paths.containerd_sock)},
+                "containerd": {"type": "containerd", "socket": str(self.containerd.socket)},
                 "kvm": {"type": "plugin", "factory": "cri_shim.vm.backend:create", "options": self.options},
             },
             "handlers": {"": "containerd", "runc": "containerd", "kvm": "kvm"},
@@ -139,7 +143,10 @@ class PrivateKvmShim:
         kvm_available(self.shim.endpoint, self.shim.log)
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return crictl(self.shim.endpoint, *args, check=check)
+        # crictl checks the image API before any command; with our containerd (the only image
+        # backend) stopped, that check goes to the cluster's containerd instead
+        ie = "" if self.containerd.running() else f"unix://{self.cluster_containerd}"
+        return crictl(self.shim.endpoint, *args, check=check, image_endpoint=ie)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +159,7 @@ def cri(cluster):
             p("rmp", "-f", sid, check=False)
         print(p.shim.log.read_text()[-4000:])
         p.shim.close()
+        p.containerd.close()
 
 
 @pytest.fixture
@@ -259,6 +267,69 @@ def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cri, pod_files
     r = cri("runp", "--runtime", "kvm", str(tmp / "bad.json"), check=False)
     assert r.returncode != 0 and "edgevirt.io/image" in r.stderr, r.stderr
     assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == netns_before
+
+
+def test_containerd_down_and_a_libvirtd_restart_leave_vm_pods_running(cri, cluster, vm_image, pod_files):
+    """Stop containerd: runc calls fail naming containerd, the VM pod keeps working. Restart libvirtd:
+    the VM keeps running (same QEMU), its status stays RUNNING throughout and recovers its stats."""
+    tmp, _pod, made = pod_files
+    sid = cri("runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
+    made.append(sid)
+    ip = json.loads(cri("inspectp", sid).stdout)["status"]["network"]["ip"]
+    cid = cri("create", sid, str(container_json(tmp, vm_image)), str(tmp / "pod.json")).stdout.strip()
+    cri("start", cid)
+    wait("the guest to come up", lambda: "EDGEVIRT-GUEST: up" in cri("logs", cid).stdout, 300, 2)
+
+    def pings() -> bool:
+        r = subprocess.run(
+            ["ip", "netns", "exec", VM_LAN, "ping", "-c", "1", "-W", "2", ip], capture_output=True
+        )
+        return r.returncode == 0
+
+    def state() -> str:
+        return json.loads(cri("inspect", cid).stdout)["status"]["state"]
+
+    cri.containerd.stop()
+    try:
+        runc_pod = tmp / "runc.json"
+        runc_pod.write_text(
+            json.dumps({**_pod, "metadata": {**_pod["metadata"], "name": "runc-" + _pod["metadata"]["name"]}})
+        )
+        r = cri("runp", "--runtime", "runc", str(runc_pod), check=False)
+        assert r.returncode != 0 and "containerd" in r.stderr and "unavailable" in r.stderr, r.stderr
+        assert state() == "CONTAINER_RUNNING" and pings()
+        assert [p["id"] for p in json.loads(cri("pods", "-o", "json").stdout)["items"]] == [sid]
+    finally:
+        cri.containerd.start()
+
+    proc = BY_NAME["libvirtd"].process(cluster.paths)
+    pid, qemu_before = proc.pid(), _qemu_pids()
+    assert pid, "the local cluster's libvirtd is not running"
+    os.kill(pid, signal.SIGTERM)
+    wait("libvirtd to stop", lambda: not Path(f"/proc/{pid}").exists(), 30, 0.2)
+    assert state() == "CONTAINER_RUNNING" and pings()  # last known state; the guest runs on
+    res = cluster.up("libvirtd")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait("stats through the new libvirtd", lambda: _cpu(cri, cid) > 0, 60, 1)
+    assert state() == "CONTAINER_RUNNING" and pings()
+    assert _qemu_pids() == qemu_before  # no VM was restarted
+    cri("stop", "--timeout", "60", cid)
+    cri("rmp", "-f", sid)
+    made.remove(sid)
+    assert leftovers(cri.options, sid, cid) == []
+
+
+def _qemu_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def _cpu(cri, cid: str) -> int:
+    r = cri("stats", "--id", cid, "-o", "json", check=False)
+    if r.returncode != 0:
+        return 0
+    stats = json.loads(r.stdout).get("stats") or [{}]
+    return int(((stats[0].get("cpu") or {}).get("usageCoreNanoSeconds") or {}).get("value") or 0)
 
 
 KVM_POD = """apiVersion: v1

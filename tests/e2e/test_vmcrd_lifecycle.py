@@ -118,6 +118,8 @@ def test_vm_life_with_kubectl_vm(env, vm_image):
             "memory": "256Mi",
             "image": vm_image,
             "networks": [{"name": "default", "mac": "02:00:00:00:00:33"}],
+            # a boot-time data disk: the test guest prints what an earlier boot wrote to it
+            "volumes": [{"name": "state", "emptyDisk": {"capacity": "16Mi"}}],
         },
     }
     k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
@@ -141,6 +143,8 @@ def test_vm_life_with_kubectl_vm(env, vm_image):
         == uid
     )
 
+    token = wait_for("the guest's first boot", lambda: _data_line(k, ns, "nothing"), 180, 2)
+
     vm_cmd("mount", "web", "--volume-name", "data", "--empty-disk", "64Mi")
     wait_for(
         "data Mounted",
@@ -152,8 +156,11 @@ def test_vm_life_with_kubectl_vm(env, vm_image):
     wait_for("Paused", lambda: vm()["status"]["printableStatus"] == "Paused")
     vm_cmd("unpause", "web")
     wait_for("Running again", lambda: vm()["status"]["printableStatus"] == "Running")
+    target = next(v["target"] for v in vm()["status"]["volumes"] if v["name"] == "data")
+    wait_for(f"the guest to see {target}", lambda: f"EDGEVIRT-GUEST: block+ {target}" in _console(k, ns))
     vm_cmd("unmount", "web", "--volume-name", "data")
     wait_for("data detached", lambda: not any(v["name"] == "data" for v in vm()["status"].get("volumes", [])))
+    wait_for(f"the guest to lose {target}", lambda: f"EDGEVIRT-GUEST: block- {target}" in _console(k, ns))
 
     vm_cmd("stop", "web")
     wait_for("Stopped", lambda: vm()["status"]["printableStatus"] == "Stopped")
@@ -161,3 +168,72 @@ def test_vm_life_with_kubectl_vm(env, vm_image):
     vm_cmd("start", "web")
     k.kubectl("wait", "--for=condition=Ready", "vm/web", "-n", ns, "--timeout=300s")
     assert vm()["status"]["nodeName"] == k.node  # came back on the node that has its disk
+    # what the guest wrote to its disk before the stop is still there
+    token2 = wait_for("the guest's second boot", lambda: _data_line(k, ns, token), 180, 2)
+
+    pod_uid = k.kubectl_json("get", "pod", "web-vm", "-n", ns)["metadata"]["uid"]
+    vm_cmd("restart", "web")
+    wait_for(
+        "a new VM pod after restart",
+        lambda: (
+            (p := k.kubectl_json("get", "pods", "-n", ns, "-l", "edgevirt.io/vm=web")["items"])
+            and p[0]["metadata"]["uid"] != pod_uid
+            and p[0]["status"].get("phase") == "Running"
+        ),
+        300,
+        2,
+    )
+    wait_for("the guest's third boot", lambda: _data_line(k, ns, token2), 180, 2)
+
+
+def _console(k, ns: str, pod: str = "web-vm") -> str:
+    return k.kubectl("logs", pod, "-n", ns, check=False).stdout
+
+
+def _data_line(k, ns: str, had: str) -> str | None:
+    """The token this boot wrote, once the console says the data disk held ``had``."""
+    for line in _console(k, ns).splitlines():
+        if f"EDGEVIRT-GUEST: data vdb had {had} now " in line:
+            return line.rsplit(" ", 1)[1]
+    return None
+
+
+def test_always_brings_back_a_guest_that_powered_off_and_halted_stops_it(env, vm_image):
+    k, ns = env
+    manifest = {
+        "apiVersion": "edgevirt.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "loop"},
+        "spec": {
+            "runStrategy": "Always",
+            "memory": "256Mi",
+            "image": vm_image,
+            # the test guest powers itself off this many seconds after boot (tests only)
+            "cloudInit": {"userData": "#cloud-config\n# edgevirt.poweroff: 5\n"},
+        },
+    }
+    k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
+
+    def pod_uids() -> set[str]:
+        pods = k.kubectl_json("get", "pods", "-n", ns, "-l", "edgevirt.io/vm=loop")["items"]
+        return {p["metadata"]["uid"] for p in pods}
+
+    seen: set[str] = set()
+
+    def restarted() -> bool:
+        seen.update(pod_uids())
+        return len(seen) >= 2
+
+    wait_for("a second VM pod after the guest powered off (runStrategy Always)", restarted, 400, 2)
+    events = k.kubectl_json("get", "events", "-n", ns, "--field-selector", "involvedObject.name=loop")
+    assert events["items"], "the controller emits Events for the transitions"
+    k.kubectl("patch", "vm", "loop", "-n", ns, "--type", "merge", "-p", '{"spec":{"runStrategy":"Halted"}}')
+    wait_for(
+        "Halted: Stopped and no pod",
+        lambda: (
+            k.kubectl_json("get", "vm", "loop", "-n", ns)["status"].get("printableStatus") == "Stopped"
+            and not pod_uids()
+        ),
+        180,
+        2,
+    )

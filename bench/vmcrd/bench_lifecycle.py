@@ -1,0 +1,237 @@
+"""Benchmark of a VirtualMachine's start and stop through the whole chain on the local cluster:
+``kubectl patch`` (running true/false) -> controller (both modes) -> kubelet -> edgevirt-cri's kvm
+handler -> libvirt, with the floor measured in the same run.
+
+Per cycle, for one VM (the bootable test disk, 256 MiB, TCG):
+
+* patch ``spec.running=true`` -> ``status.printableStatus`` Running (the VM pod runs: QEMU started),
+  and -> condition Ready;
+* patch ``spec.running=false`` -> Stopped with no pod left (ACPI shutdown of the guest included);
+* floor, right after the VM is Ready: ``virDomainCreateXML`` (what ``virsh create`` does) of the
+  VM's own domain XML, renamed, with a new UUID and a fresh overlay on the same base image, without
+  the NIC and the seed (both are held by the running VM), until the domain is active.
+
+Then a burst: ``--burst`` VMs patched from Halted to Running at once, time until all are Running.
+
+Usage: .venv/bin/python bench/vmcrd/bench_lifecycle.py [--cycles 10] [--burst 10]
+Needs `deploy/local/up`. Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "deploy" / "images"))
+
+from kubernetes import client  # noqa: E402
+
+from vmcrd import api  # noqa: E402
+from vmcrd.kube import api_client  # noqa: E402
+
+KUBECONFIG = REPO / ".local/kubeconfig"
+BIN = Path(sys.executable).parent
+IMAGE = "127.0.0.1:5000/vm/test-disk:1"
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+class Bench:
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        self.custom = client.CustomObjectsApi(api_client(str(KUBECONFIG)))
+        self.core = client.CoreV1Api(self.custom.api_client)
+
+    def vm(self, name: str) -> dict:
+        return self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, name)
+
+    def patch(self, name: str, spec: dict) -> None:
+        self.custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.ns, api.PLURAL, name, {"spec": spec}
+        )
+
+    def create(self, name: str) -> None:
+        body = {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": name},
+            "spec": {"running": False, "image": IMAGE, "memory": "256Mi"},
+        }
+        self.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, body)
+
+    def wait(self, what: str, check, timeout: float = 300, interval: float = 0.02) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if check():
+                return time.monotonic()
+            time.sleep(interval)
+        raise SystemExit(f"timed out waiting for {what}")
+
+    def status(self, name: str) -> dict:
+        return self.vm(name).get("status") or {}
+
+    def ready(self, name: str) -> bool:
+        return any(
+            c["type"] == "Ready" and c["status"] == "True" for c in self.status(name).get("conditions", [])
+        )
+
+    def pods(self, name: str) -> list:
+        return self.core.list_namespaced_pod(self.ns, label_selector=f"edgevirt.io/vm={name}").items
+
+
+def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
+    dom = next(d for d in conn.listAllDomains() if uid in d.XMLDesc(0) and d.isActive())
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    root.find("name").text = f"bench-floor-{uuid.uuid4().hex[:8]}"  # type: ignore[union-attr]
+    root.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
+    devices = root.find("devices")
+    assert devices is not None
+    for el in list(devices):
+        if el.tag == "interface" or (el.tag == "disk" and el.get("device") == "cdrom"):
+            devices.remove(el)
+    if (
+        cmdline := root.find("qemu:commandline", {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0"})
+    ) is not None:
+        root.remove(cmdline)  # the tap-fd netdev of the removed NIC
+    disk = next(d for d in devices.iter("disk") if d.get("device") == "disk")
+    src = disk.find("source")
+    assert src is not None
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", src.get("file", "")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    overlay = tmp / f"{uuid.uuid4().hex[:8]}.qcow2"
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            info.get("backing-filename-format", "qcow2"),
+            "-b",
+            info["backing-filename"],
+            str(overlay),
+        ],
+        check=True,
+    )
+    src.set("file", str(overlay))
+    emulator = devices.find("emulator")
+    if emulator is not None:
+        emulator.text = "/usr/bin/qemu-system-x86_64"  # no NIC: the tap-fd wrapper has nothing to do
+    xml = ET.tostring(root, encoding="unicode")
+    t0 = time.monotonic()
+    d = conn.createXML(xml, 0)
+    while not d.isActive():
+        time.sleep(0.001)
+    dt = time.monotonic() - t0
+    d.destroy()
+    overlay.unlink()
+    return dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cycles", type=int, default=10)
+    ap.add_argument("--burst", type=int, default=10)
+    args = ap.parse_args()
+    import build_vm_disk
+
+    build_vm_disk.push(build_vm_disk.build_vm_disk(), IMAGE)
+    ns = f"bench-vm-{uuid.uuid4().hex[:6]}"
+    kubectl = [str(REPO / ".local/bin/kubectl"), "--kubeconfig", str(KUBECONFIG)]
+    subprocess.run([*kubectl, "apply", "-k", str(REPO / "deploy")], check=True, capture_output=True)
+    subprocess.run([*kubectl, "create", "namespace", ns], check=True, capture_output=True)
+    node = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    logs = Path(tempfile.mkdtemp(prefix="bench-vm-"))
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "edgevirt-controller"), "--mode", mode, "--kubeconfig", str(KUBECONFIG),
+             "--namespace", ns, *(["--lease-namespace", ns] if mode == "cluster" else ["--node", node])],
+            stdout=(logs / f"{mode}.log").open("w"), stderr=subprocess.STDOUT,
+        )
+        for mode in ("cluster", "node")
+    ]  # fmt: skip
+    b = Bench(ns)
+    conn = libvirt.open("qemu:///system")
+    running, ready, stop, floor_t = [], [], [], []
+    try:
+        b.create("bench")
+        uid = b.vm("bench")["metadata"]["uid"]
+        for _ in range(args.cycles + 1):  # the first cycle warms the image cache (not counted)
+            t0 = time.monotonic()
+            b.patch("bench", {"running": True})
+            t_run = b.wait("Running", lambda: b.status("bench").get("printableStatus") == "Running")
+            t_ready = b.wait("Ready", lambda: b.ready("bench"))
+            f = floor(conn, uid, logs)
+            t1 = time.monotonic()
+            b.patch("bench", {"running": False})
+            t_stop = b.wait(
+                "Stopped",
+                lambda: b.status("bench").get("printableStatus") == "Stopped" and not b.pods("bench"),
+            )
+            running.append(t_run - t0)
+            ready.append(t_ready - t0)
+            stop.append(t_stop - t1)
+            floor_t.append(f)
+        running, ready, stop, floor_t = running[1:], ready[1:], stop[1:], floor_t[1:]
+        names = [f"burst{i:02d}" for i in range(args.burst)]
+        for n in names:
+            b.create(n)
+        t0 = time.monotonic()
+        for n in names:
+            b.patch(n, {"running": True})
+        t_burst = b.wait(
+            "the burst Running",
+            lambda: all(b.status(n).get("printableStatus") == "Running" for n in names),
+            600,
+            0.2,
+        )
+        burst = t_burst - t0
+    finally:
+        subprocess.run([*kubectl, "delete", "vm", "--all", "-n", ns, "--wait=true", "--timeout=300s"],
+                       capture_output=True)  # fmt: skip
+        for p in procs:
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(20)
+        subprocess.run([*kubectl, "delete", "namespace", ns, "--wait=false"], capture_output=True)
+        conn.close()
+    f50 = statistics.median(floor_t)
+    print(f"| measure ({args.cycles} cycles) | p50 | p95 | ratio p50 to the floor |")
+    print("|---|---|---|---|")
+    for label, xs in (
+        ("patch running=true -> Running", running),
+        ("patch running=true -> Ready", ready),
+        ("patch running=false -> Stopped, pod gone", stop),
+        ("floor: virDomainCreateXML of the same domain -> active", floor_t),
+    ):
+        p50 = statistics.median(xs)
+        print(f"| {label} | {p50:.2f} s | {pct(xs, 95):.2f} s | {p50 / f50:.2f}x |")
+    print(f"| burst: {args.burst} VMs Halted -> all Running | {burst:.2f} s | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
