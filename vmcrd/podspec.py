@@ -30,8 +30,9 @@ The reader side is :func:`parse_pod_annotations` (-> :class:`PodVM`), for the kv
 Labels: ``edgevirt.io/vm=<name>``, ``edgevirt.io/vm-uid=<uid>``. The pod's single container is
 named ``compute``; its image is the VM image when that is an OCI reference (so kubelet's pull is
 the real pull) and :data:`PLACEHOLDER_IMAGE` otherwise (kubelet cannot parse ``file://`` or
-``https://`` references). Requests and limits are ``spec.cpu``/``spec.memory``; the shim gets
-them in the CRI ``LinuxContainerResources``. ``restartPolicy: Never``: the controller, not
+``https://`` references). Limits are ``spec.cpu``/``spec.memory`` (the shim gets them in the CRI
+``LinuxContainerResources``); requests are the memory and ``spec.cpu`` / :data:`CPU_ALLOCATION_RATIO`.
+``restartPolicy: Never``: the controller, not
 kubelet, decides whether a VM that ended runs again (runStrategy).
 """
 
@@ -62,6 +63,9 @@ RUNTIME_CLASS = "kvm"
 CONTAINER_NAME = "compute"
 #: Container image when the VM image is not an OCI reference (kubelet must still pull something).
 PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
+#: vCPUs per requested CPU, as KubeVirt's default cpuAllocationRatio: a 2-core edge node schedules
+#: 20 one-vCPU VMs by request (the guests share the cores; memory is not overcommitted).
+CPU_ALLOCATION_RATIO = 10
 #: Grace period of a VM pod: ACPI shutdown first, then destroy (DESIGN.md lifecycle).
 GRACE_PERIOD_SECONDS = 30
 
@@ -94,6 +98,12 @@ def _quantity(v: Any) -> str:
     return str(v)
 
 
+def cpu_request(vcpus: Any) -> str:
+    """The VM pod's CPU request: vCPUs / :data:`CPU_ALLOCATION_RATIO` in millicores (at least 1m).
+    The limit is the vCPU count (the shim's vCPUs); memory is requested in full."""
+    return f"{max(1, int(float(vcpus) * 1000) // CPU_ALLOCATION_RATIO)}m"
+
+
 def build_pod(
     vm: dict[str, Any], node: str | None, request: str = "", runtime_class: str = RUNTIME_CLASS
 ) -> dict[str, Any]:
@@ -122,7 +132,8 @@ def build_pod(
         ann[ANN_KERNEL_BOOT] = json.dumps(spec["kernelBoot"], sort_keys=True, separators=(",", ":"))
     if request:
         ann[ANN_STATE_REQUEST] = request
-    resources = {"cpu": _quantity(spec.get("cpu", 1)), "memory": _quantity(spec.get("memory", "256Mi"))}
+    limits = {"cpu": _quantity(spec.get("cpu", 1)), "memory": _quantity(spec.get("memory", "256Mi"))}
+    requests = {"cpu": cpu_request(spec.get("cpu", 1)), "memory": limits["memory"]}
     pod_spec: dict[str, Any] = {
         "runtimeClassName": runtime_class,
         "restartPolicy": "Never",
@@ -134,7 +145,7 @@ def build_pod(
                 "name": CONTAINER_NAME,
                 "image": image if is_oci_ref(image) else PLACEHOLDER_IMAGE,
                 "imagePullPolicy": "IfNotPresent",
-                "resources": {"requests": dict(resources), "limits": dict(resources)},
+                "resources": {"requests": requests, "limits": limits},
             }
         ],
     }

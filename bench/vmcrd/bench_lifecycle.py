@@ -114,7 +114,7 @@ def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
     assert src is not None
     info = json.loads(
         subprocess.run(
-            ["qemu-img", "info", "--output=json", src.get("file", "")],
+            ["qemu-img", "info", "-U", "--output=json", src.get("file", "")],
             capture_output=True,
             text=True,
             check=True,
@@ -137,6 +137,8 @@ def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
         check=True,
     )
     src.set("file", str(overlay))
+    for log in root.iter("log"):  # the serial console's log file is held by the running VM
+        log.set("file", str(tmp / f"{overlay.stem}.console.log"))
     emulator = devices.find("emulator")
     if emulator is not None:
         emulator.text = "/usr/bin/qemu-system-x86_64"  # no NIC: the tap-fd wrapper has nothing to do

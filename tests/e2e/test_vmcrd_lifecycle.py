@@ -36,54 +36,68 @@ def wait_for(what: str, check, timeout: float = 180, interval: float = 1.0):
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
+class Controllers:
+    """The controller in both modes as subprocesses (logs appended across restarts)."""
+
+    def __init__(self, k, ns: str, logdir: Path) -> None:
+        self.k, self.ns, self.logdir = k, ns, logdir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, mode: str) -> None:
+        ctl = str(VENV_BIN / "edgevirt-controller")
+        kc = str(self.k.paths.kubeconfig)
+        state = os.environ.get("EDGEVIRT_VM_STATE_DIR", "/var/lib/edgevirt/vm")
+        extra = (
+            ["--lease-namespace", self.ns]
+            if mode == "cluster"
+            else ["--node", self.k.node, "--state-dir", state]
+        )
+        self.procs[mode] = subprocess.Popen(
+            [ctl, "--mode", mode, "--kubeconfig", kc, "--namespace", self.ns, *extra],
+            stdout=(self.logdir / f"{mode}.log").open("a"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill9(self, mode: str) -> None:
+        p = self.procs[mode]
+        p.kill()
+        p.wait(20)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(20)
+
+
 @pytest.fixture
-def env(cluster, vm_image, tmp_path):
+def vm_ns(cluster, vm_image, tmp_path):
+    """A namespace with both controller modes running for it: (cluster, namespace, Controllers)."""
     k = cluster
-    k.kubectl("apply", "-k", str(REPO / "deploy"))  # CRD, RBAC (and the RuntimeClasses once listed there)
-    if (REPO / "deploy/manifests/runtimeclasses.yaml").exists():
-        k.kubectl("apply", "-f", str(REPO / "deploy/manifests/runtimeclasses.yaml"))
+    k.kubectl("apply", "-k", str(REPO / "deploy"))  # CRD, RBAC
+    k.kubectl("apply", "-f", str(REPO / "deploy/manifests/runtimeclasses.yaml"))
     ns = f"vmcrd-e2e-{uuid.uuid4().hex[:6]}"
     k.kubectl("create", "namespace", ns)
-    ctl = str(VENV_BIN / "edgevirt-controller")
-    kc = str(k.paths.kubeconfig)
-    state = os.environ.get("EDGEVIRT_VM_STATE_DIR", "/var/lib/edgevirt/vm")
-    procs = [
-        subprocess.Popen(
-            [ctl, "--mode", "cluster", "--kubeconfig", kc, "--namespace", ns, "--lease-namespace", ns],
-            stdout=(tmp_path / "cluster.log").open("w"),
-            stderr=subprocess.STDOUT,
-        ),
-        subprocess.Popen(
-            [
-                ctl,
-                "--mode",
-                "node",
-                "--node",
-                k.node,
-                "--kubeconfig",
-                kc,
-                "--namespace",
-                ns,
-                "--state-dir",
-                state,
-            ],
-            stdout=(tmp_path / "node.log").open("w"),
-            stderr=subprocess.STDOUT,
-        ),
-    ]
+    ctls = Controllers(k, ns, tmp_path)
+    ctls.start("cluster")
+    ctls.start("node")
     try:
-        yield k, ns
+        yield k, ns, ctls
     finally:
         k.kubectl("delete", "vm", "--all", "-n", ns, "--wait=false", check=False)
         wait_for(
             "VMs deleted (finalizers run)", lambda: not k.kubectl_json("get", "vm", "-n", ns)["items"], 120
         )
-        for p in procs:
-            p.terminate()
-            p.wait(20)
+        ctls.stop()
         k.kubectl("delete", "namespace", ns, "--wait=false", check=False)
         for name in ("cluster", "node"):
             print(f"--- {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
+
+
+@pytest.fixture
+def env(vm_ns):
+    k, ns, _ = vm_ns
+    return k, ns
 
 
 def sandbox_failure(k, ns: str) -> str | None:
@@ -237,3 +251,141 @@ def test_always_brings_back_a_guest_that_powered_off_and_halted_stops_it(env, vm
         180,
         2,
     )
+
+
+def _vm_domains(uid: str) -> list[tuple[str, bool]]:
+    """(name, active) of every libvirt domain that carries this VM's uid."""
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        out = []
+        for d in conn.listAllDomains():
+            if f">{uid}<" in d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE):
+                out.append((d.name(), bool(d.isActive())))
+        return out
+    finally:
+        conn.close()
+
+
+def _vm_pods(k, ns: str, name: str) -> list[dict]:
+    return k.kubectl_json("get", "pods", "-n", ns, "-l", f"edgevirt.io/vm={name}")["items"]
+
+
+def test_kill9_of_the_controllers_at_random_points_converges_without_duplicates(vm_ns, vm_image):
+    """20 times: a start, mount, unmount or stop is requested, and after a random delay one of the two
+    controllers is killed with SIGKILL and restarted. Throughout: never two pods, never two running
+    domains for the VM. At the end it converges: Running with the last mount, then Stopped."""
+    import random
+
+    k, ns, ctls = vm_ns
+    rng = random.Random(int(os.environ.get("EDGEVIRT_CHAOS_SEED", "20261127")))
+    manifest = {
+        "apiVersion": "edgevirt.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "chaos"},
+        "spec": {"running": False, "memory": "256Mi", "image": vm_image},
+    }
+    k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
+    uid = k.kubectl_json("get", "vm", "chaos", "-n", ns)["metadata"]["uid"]
+    vm_env = {**k.env, "PATH": f"{VENV_BIN}:{k.env['PATH']}"}
+
+    def vm_cmd(*args: str) -> None:
+        subprocess.run(["kubectl", "vm", *args, "-n", ns], env=vm_env, capture_output=True, text=True)
+
+    def invariants() -> None:
+        pods = [p for p in _vm_pods(k, ns, "chaos") if not p["metadata"].get("deletionTimestamp")]
+        assert len(pods) <= 1, [p["metadata"]["name"] for p in pods]
+        running = [n for n, active in _vm_domains(uid) if active]
+        assert len(running) <= 1, running
+
+    ops = [("start", "chaos"), ("mount", "chaos", "--volume-name", "d{i}", "--empty-disk", "8Mi")]
+    ops += [("unmount", "chaos", "--volume-name", "d{i}"), ("stop", "chaos")]
+    for i in range(20):
+        op = ops[i % 4]
+        vol = i - 1 if op[0] == "unmount" else i
+        vm_cmd(*(a.format(i=vol) for a in op))
+        time.sleep(rng.uniform(0.0, 4.0))
+        mode = rng.choice(("cluster", "node"))
+        ctls.kill9(mode)
+        invariants()
+        ctls.start(mode)
+        time.sleep(rng.uniform(0.0, 1.0))
+        invariants()
+
+    vm_cmd("mount", "chaos", "--volume-name", "last", "--empty-disk", "8Mi")
+    vm_cmd("start", "chaos")
+    k.kubectl("wait", "--for=condition=Ready", "vm/chaos", "-n", ns, "--timeout=300s", timeout=320)
+
+    def mounted() -> bool:
+        vols = k.kubectl_json("get", "vm", "chaos", "-n", ns)["status"].get("volumes", [])
+        return [(v["name"], v["phase"]) for v in vols] == [("last", "Mounted")]
+
+    wait_for("only the last volume Mounted", mounted, 180, 2)
+    invariants()
+    assert len(_vm_pods(k, ns, "chaos")) == 1
+    assert [active for _, active in _vm_domains(uid)] == [True]
+    disks = sorted(p.name for p in (Path("/var/lib/edgevirt/vm/disks/vm") / uid).iterdir())
+    assert "root.qcow2" in disks and not [d for d in disks if d.startswith(".")], disks
+    vm_cmd("stop", "chaos")
+    wait_for(
+        "Stopped, no pod, no domain",
+        lambda: (
+            k.kubectl_json("get", "vm", "chaos", "-n", ns)["status"].get("printableStatus") == "Stopped"
+            and not _vm_pods(k, ns, "chaos")
+            and not _vm_domains(uid)
+        ),
+        180,
+        2,
+    )
+
+
+def test_vms_run_on_while_the_api_server_is_away_and_status_catches_up(vm_ns, vm_image):
+    """Edge autonomy: the API server stopped for 60 s leaves the running VM alone (same QEMU process);
+    after it is back, a pause requested then is reflected in status within 10 s."""
+    from localcluster.components import BY_NAME
+
+    k, ns, _ = vm_ns
+    manifest = {
+        "apiVersion": "edgevirt.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "edge"},
+        "spec": {"running": True, "memory": "256Mi", "image": vm_image},
+    }
+    k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
+    k.kubectl("wait", "--for=condition=Ready", "vm/edge", "-n", ns, "--timeout=300s", timeout=320)
+    uid = k.kubectl_json("get", "vm", "edge", "-n", ns)["metadata"]["uid"]
+    [(dom, _)] = _vm_domains(uid)
+    qemu = _qemu_pid(dom)
+    apiserver = BY_NAME["kube-apiserver"].process(k.paths)
+    pid = apiserver.pid()
+    assert pid and qemu
+    os.kill(pid, 9)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert _vm_domains(uid) == [(dom, True)] and _qemu_pid(dom) == qemu
+            time.sleep(5)
+    finally:
+        res = k.up("kube-apiserver")
+        assert res.returncode == 0, res.stdout + res.stderr
+    wait_for("the API server", lambda: k.kubectl("get", "--raw", "/readyz", check=False).returncode == 0, 60)
+    assert _qemu_pid(dom) == qemu
+    k.kubectl("patch", "vm", "edge", "-n", ns, "--type", "merge", "-p", '{"spec":{"paused":true}}')
+    t0 = time.monotonic()
+    wait_for(
+        "Paused in status",
+        lambda: k.kubectl_json("get", "vm", "edge", "-n", ns)["status"].get("printableStatus") == "Paused",
+        30,
+        0.5,
+    )
+    assert time.monotonic() - t0 <= 10, f"status caught up after {time.monotonic() - t0:.1f}s"
+    assert _qemu_pid(dom) == qemu
+
+
+def _qemu_pid(domain: str) -> int | None:
+    pid_file = Path(f"/run/libvirt/qemu/{domain}.pid")
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None

@@ -253,7 +253,8 @@ def test_running_true_makes_one_owned_vm_pod_with_the_contract(installed, ns, co
     assert spec["runtimeClassName"] == "kvm" and spec["restartPolicy"] == "Never"
     (c,) = spec["containers"]
     assert c["image"] == "127.0.0.1:5000/vm/alpine-disk:3.20"
-    assert c["resources"]["requests"] == {"cpu": "2", "memory": "300Mi"} == c["resources"]["limits"]
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "300Mi"}
+    assert c["resources"]["requests"] == {"cpu": "200m", "memory": "300Mi"}  # cpuAllocationRatio 10
     ann = m["annotations"]
     assert ann["edgevirt.io/vm-uid"] == vm["metadata"]["uid"]
     assert ann["edgevirt.io/mac"] == "02:00:00:00:00:2a"

@@ -71,8 +71,9 @@ def test_pod_carries_the_contract(spec, name, node):
     assert ref["uid"] == vm["metadata"]["uid"] and ref["controller"] and ref["kind"] == "VirtualMachine"
     assert ps["runtimeClassName"] == "kvm" and ps["restartPolicy"] == "Never"
     (c,) = ps["containers"]
-    want = {"cpu": str(spec["cpu"]), "memory": spec["memory"]}
-    assert c["resources"]["requests"] == want == c["resources"]["limits"]
+    assert c["resources"]["limits"] == {"cpu": str(spec["cpu"]), "memory": spec["memory"]}
+    want_cpu = f"{max(1, int(float(spec['cpu']) * 1000) // podspec.CPU_ALLOCATION_RATIO)}m"
+    assert c["resources"]["requests"] == {"cpu": want_cpu, "memory": spec["memory"]}
     ann = m["annotations"]
     assert ann[podspec.ANN_VM_UID] == vm["metadata"]["uid"]
     assert ann[podspec.ANN_IMAGE] == spec["image"]
