@@ -34,12 +34,17 @@ HOST_DISK_ROOT = Path("/var/lib/edgevirt/hostdisks")
 
 
 def attached_volumes(domain_xml: str) -> dict[str, str]:
-    """Volume name -> guest target of the user volumes (alias ``ua-<name>``) in a live domain XML."""
+    """Volume name -> guest target of the user volumes (alias ``ua-<name>``) in a live domain XML.
+    The disks the VM layer adds itself (the boot disk ``root``, the NoCloud seed ``cidata``) are not
+    volumes: never reported, never unplugged."""
+    from cri_shim.vm.manager import RESERVED_DISK_NAMES
+
     out = {}
     for d in ET.fromstring(domain_xml).iterfind("devices/disk"):
         a, t = d.find("alias"), d.find("target")
-        if a is not None and (a.get("name") or "").startswith("ua-"):
-            out[a.get("name", "")[3:]] = t.get("dev", "") if t is not None else ""
+        name = (a.get("name") or "")[3:] if a is not None and (a.get("name") or "").startswith("ua-") else ""
+        if name and name not in RESERVED_DISK_NAMES:
+            out[name] = t.get("dev", "") if t is not None else ""
     return out
 
 
@@ -237,9 +242,15 @@ class NodeController:
                 vols[n] = {"name": n, "phase": "Failed", "message": f"detach: {e}"}
                 self.events.emit(vm, "Warning", "VolumeUnmountFailed", f"volume {n}: {e}")
                 retry = 5.0
-        for n, target in attached_volumes(mgr.xml(dom)).items():
+        now = attached_volumes(mgr.xml(dom))
+        for n, target in now.items():
             if n not in vols or vols[n].get("phase") != "Failed":
                 vols[n] = {"name": n, "target": target, "phase": "Mounted"}
+        # an entry of a volume that is neither attached nor wanted any more tells nothing true (e.g.
+        # Attaching written just before this controller was killed, then the volume was unmounted)
+        wanted = {v["name"] for v in spec.get("volumes") or []}
+        for n in [n for n in vols if n not in now and n not in wanted]:
+            del vols[n]
         new = {
             "accel": facts["accel"],
             "domainState": facts["phase"].capitalize(),

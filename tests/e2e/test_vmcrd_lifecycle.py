@@ -317,11 +317,16 @@ def test_kill9_of_the_controllers_at_random_points_converges_without_duplicates(
     vm_cmd("start", "chaos")
     k.kubectl("wait", "--for=condition=Ready", "vm/chaos", "-n", ns, "--timeout=300s", timeout=320)
 
-    def mounted() -> bool:
-        vols = k.kubectl_json("get", "vm", "chaos", "-n", ns)["status"].get("volumes", [])
-        return [(v["name"], v["phase"]) for v in vols] == [("last", "Mounted")]
+    seen: dict = {}
 
-    wait_for("only the last volume Mounted", mounted, 180, 2)
+    def mounted() -> bool:
+        seen["status"] = k.kubectl_json("get", "vm", "chaos", "-n", ns)["status"]
+        return [(v["name"], v["phase"]) for v in seen["status"].get("volumes", [])] == [("last", "Mounted")]
+
+    try:
+        wait_for("only the last volume Mounted", mounted, 180, 2)
+    except AssertionError:
+        raise AssertionError(f"status: {seen.get('status')}; domains: {_vm_domains(uid)}") from None
     invariants()
     assert len(_vm_pods(k, ns, "chaos")) == 1
     assert [active for _, active in _vm_domains(uid)] == [True]

@@ -43,7 +43,7 @@ def test_attached_volumes_reads_user_aliases_only():
       <disk type='file' device='cdrom'><target dev='sda'/><alias name='sata0-0-0'/></disk>
       <disk type='file' device='disk'><target dev='sdb'/></disk>
     </devices></domain>"""
-    assert attached_volumes(xml) == {"root": "vda", "data": "vdb"}
+    assert attached_volumes(xml) == {"data": "vdb"}  # root is the boot disk, not a volume
 
 
 def test_to_volume_spec_maps_every_source():
@@ -71,3 +71,13 @@ def test_to_volume_spec_maps_every_source():
     assert (i.image, i.cdrom, i.bus) == ("127.0.0.1:5000/d:1", True, "virtio")
     for v_ in (v, h, i):
         v_.validate("volume")
+
+
+def test_the_boot_disk_and_the_seed_are_not_volumes():
+    xml = """<domain><devices>
+      <disk device="disk"><target dev="vda"/><alias name="ua-root"/></disk>
+      <disk device="cdrom"><target dev="sda"/><alias name="ua-cidata"/></disk>
+      <disk device="disk"><target dev="vdb"/><alias name="ua-data"/></disk>
+    </devices></domain>"""
+    assert attached_volumes(xml) == {"data": "vdb"}
+    assert hotplug_plan([], [], attached_volumes(xml)) == ([], ["data"])
