@@ -2,8 +2,10 @@
 
 A candidate takes the Lease when it is free or its holder has not renewed it within
 ``leaseDurationSeconds``; the leader renews every ``renew`` seconds and steps down (stops acting)
-when it cannot renew before the lease would expire. Updates go through the Lease's
-resourceVersion, so two candidates never both win one round.
+when a renewal the API server answered fails for longer than 2/3 of the lease (another holder, a
+conflict). While the API server does not answer at all, the leader stays leader: nobody can take the
+Lease meanwhile, and it re-checks as soon as the API server is back (edge autonomy). Updates go
+through the Lease's resourceVersion, so two candidates never both win one round.
 """
 
 from __future__ import annotations
@@ -104,12 +106,22 @@ class LeaderElector:
     def run(self, stop: threading.Event) -> None:
         """Keep trying; set/clear :attr:`is_leader`. Returns when ``stop`` is set (releasing the Lease)."""
         while not stop.is_set():
+            unreachable = False
             try:
                 ok = self.try_acquire_or_renew()
-            except Exception as e:
+            except ApiException as e:
                 log.warning("lease %s/%s: %s", self.namespace, self.name, e)
-                ok = False
+                ok, unreachable = False, e.status >= 500
+            except Exception as e:  # no answer at all (connection refused, timeout)
+                log.warning("lease %s/%s: %s", self.namespace, self.name, e)
+                ok, unreachable = False, True
             now = _now()
+            if unreachable and self.is_leader.is_set():
+                # Edge autonomy: while the API server cannot be reached, no other candidate can take
+                # the Lease through it either, and every write of ours fails anyway; so stay leader
+                # until the API server answers again and says who holds the Lease.
+                stop.wait(self.renew / 2)
+                continue
             if ok:
                 self._last_renew = now
                 if not self.is_leader.is_set():
