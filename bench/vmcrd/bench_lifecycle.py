@@ -6,7 +6,8 @@ Per cycle, for one VM (the bootable test disk, 256 MiB, TCG):
 
 * patch ``spec.running=true`` -> ``status.printableStatus`` Running (the VM pod runs: QEMU started),
   and -> condition Ready;
-* patch ``spec.running=false`` -> Stopped with no pod left (ACPI shutdown of the guest included);
+* patch ``spec.running=false`` -> Stopped with no pod left (ACPI shutdown of the booted guest
+  included);
 * floor, right after the VM is Ready: ``virDomainCreateXML`` (what ``virsh create`` does) of the
   VM's own domain XML, renamed, with a new UUID and a fresh overlay on the same base image, without
   the NIC and the seed (both are held by the running VM), until the domain is active.
@@ -90,6 +91,12 @@ class Bench:
         return any(
             c["type"] == "Ready" and c["status"] == "True" for c in self.status(name).get("conditions", [])
         )
+
+    def console(self, name: str) -> str:
+        try:
+            return self.core.read_namespaced_pod_log(f"{name}-vm", self.ns)
+        except client.ApiException:
+            return ""
 
     def pods(self, name: str) -> list:
         return self.core.list_namespaced_pod(self.ns, label_selector=f"edgevirt.io/vm={name}").items
@@ -187,6 +194,9 @@ def main() -> int:
             t_run = b.wait("Running", lambda: b.status("bench").get("printableStatus") == "Running")
             t_ready = b.wait("Ready", lambda: b.ready("bench"))
             f = floor(conn, uid, logs)
+            # stop a booted guest (an ACPI button before the guest listens would wait out the grace
+            # period): wait, untimed, for its console to say it is up
+            b.wait("the guest up", lambda: "EDGEVIRT-GUEST: up" in b.console("bench"), 300, 0.5)
             t1 = time.monotonic()
             b.patch("bench", {"running": False})
             t_stop = b.wait(
