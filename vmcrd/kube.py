@@ -23,6 +23,9 @@ from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 log = logging.getLogger(__name__)
+#: Longest wait between relists after the API server failed: short, so that after an outage of an
+#: edge node's API server the controllers see its return (and catch status up) within seconds.
+RELIST_BACKOFF_MAX = 4.0
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
@@ -143,11 +146,11 @@ class Informer:
                     continue
                 log.warning("%s: API error %s %s: relisting in %.1fs", self.name, e.status, e.reason, backoff)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, 30)
+                backoff = min(backoff * 2, RELIST_BACKOFF_MAX)
             except Exception as e:  # connection dropped, apiserver away: keep what we have, retry
                 log.warning("%s: %s: relisting in %.1fs", self.name, e, backoff)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, 30)
+                backoff = min(backoff * 2, RELIST_BACKOFF_MAX)
 
     def start(self, stop: threading.Event) -> threading.Thread:
         t = threading.Thread(target=self.run, args=(stop,), name=f"informer-{self.name}", daemon=True)
