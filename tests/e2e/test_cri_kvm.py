@@ -27,20 +27,11 @@ import pytest
 import yaml
 from localcluster.components import BY_NAME
 
+from tests.waiting import wait_for as wait
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 VM_LAN = "edgevirt-vmnet"
-
-
-def wait(what: str, check, timeout: float = 180, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def crictl(
