@@ -41,6 +41,26 @@ def _waiting_reason(pod: dict) -> tuple[str, str]:
     return "", ""
 
 
+def pod_ready(pod: dict | None) -> bool:
+    ready = _pod_condition(pod or {}, "Ready")
+    return bool(ready and ready.get("status") == "True")
+
+
+def guest_running(pod: dict) -> bool:
+    """The VM pod runs its VM: phase Running and the container started (or the pod Ready).
+
+    Pod readiness alone is not the truth about the guest: after the node's heartbeat lapsed (an API
+    server outage, a partition) the node lifecycle controller marks every pod of the node NotReady
+    while the VM runs on untouched, until kubelet reports again. The VM stays Running (or Paused)
+    then; only its Ready condition follows the pod's.
+    """
+    st = pod.get("status") or {}
+    if st.get("phase") != "Running":
+        return False
+    running = any((cs.get("state") or {}).get("running") for cs in st.get("containerStatuses") or [])
+    return running or pod_ready(pod)
+
+
 def printable(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: str = "") -> tuple[str, str]:
     """(printableStatus, message) of a VM given its pod (or None). ``sandbox_error``: kubelet's last
     FailedCreatePodSandBox message for a pod still Pending (kubelet keeps retrying: still Starting)."""
@@ -71,8 +91,7 @@ def printable(vm: dict, pod: dict | None, create_error: str = "", sandbox_error:
         return api.ERROR_IMAGE, f"{reason}: {message}".rstrip(": ")
     if reason == "CrashLoopBackOff":
         return api.CRASH_LOOP, message
-    ready = _pod_condition(pod, "Ready")
-    if (pod.get("status") or {}).get("phase") == "Running" and ready and ready.get("status") == "True":
+    if guest_running(pod):
         if ((vm.get("status") or {}).get("domainState") or "").lower() == "paused":
             return api.PAUSED, "the guest is suspended"
         return api.RUNNING, ""
@@ -134,14 +153,26 @@ def compute(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: s
     if pod_state(pod) is not PodState.ACTIVE:
         ips = []
     conds = [dict(c) for c in old.get("conditions") or []]
-    set_condition(
-        conds,
-        api.COND_READY,
-        pstatus == api.RUNNING,
-        pstatus,
-        message or ("the guest is running" if pstatus == api.RUNNING else ""),
-        gen,
-    )
+    if pstatus == api.RUNNING and not pod_ready(pod):
+        pod_cond = _pod_condition(pod or {}, "Ready") or {}
+        set_condition(
+            conds,
+            api.COND_READY,
+            False,
+            "PodNotReady",
+            pod_cond.get("message")
+            or "the guest runs but its pod is not Ready (the node has not reported to the API server lately)",
+            gen,
+        )
+    else:
+        set_condition(
+            conds,
+            api.COND_READY,
+            pstatus == api.RUNNING,
+            pstatus,
+            message or ("the guest is running" if pstatus == api.RUNNING else ""),
+            gen,
+        )
     paused = pstatus == api.PAUSED
     set_condition(
         conds, api.COND_PAUSED, paused, "Suspended" if paused else "NotPaused", message if paused else "", gen

@@ -170,6 +170,25 @@ def test_status_running_ready_paused_and_ips():
     assert cond(s2, "Failure")["lastTransitionTime"] == cond(s, "Failure")["lastTransitionTime"]
 
 
+def test_a_running_guest_whose_pod_lost_readiness_stays_running_and_can_show_paused():
+    """After an API server outage the node lifecycle controller marks the node's pods NotReady; the
+    guest runs on, so the VM stays Running (and Paused when suspended); only Ready follows the pod."""
+    vm = make_vm({"running": True, "image": "x"})
+    p = pod(
+        "Running",
+        conditions=[{"type": "Ready", "status": "False"}],
+        containerStatuses=[{"name": "vm", "ready": False, "state": {"running": {"startedAt": "x"}}}],
+    )
+    s = status.compute(vm, p)
+    assert s["printableStatus"] == "Running"
+    assert cond(s, "Ready")["status"] == "False" and cond(s, "Ready")["reason"] == "PodNotReady"
+    vm["status"] = {**s, "domainState": "Paused"}
+    assert status.compute(vm, p)["printableStatus"] == "Paused"
+    # a started pod whose container is not running yet is still Starting
+    waiting = pod("Running", containerStatuses=[{"name": "vm", "state": {"waiting": {"reason": "x"}}}])
+    assert status.compute(make_vm({"running": True, "image": "x"}), waiting)["printableStatus"] == "Starting"
+
+
 def test_status_failures_name_the_cause():
     vm = make_vm({"running": True, "image": "x"})
     unsched = pod(
