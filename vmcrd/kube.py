@@ -90,6 +90,13 @@ class Informer:
             self.cache = fresh
         self.relists += 1
         self.synced.set()
+        log.log(
+            logging.INFO if self.relists > 1 else logging.DEBUG,
+            "%s: listed %d at resourceVersion %s",
+            self.name,
+            len(fresh),
+            body["metadata"]["resourceVersion"],
+        )
         for k in list(fresh) + sorted(gone):
             self.handler(k)
         return body["metadata"]["resourceVersion"]
@@ -112,6 +119,7 @@ class Informer:
     def watch(self, rv: str, stop: threading.Event) -> None:
         """Watch from ``rv`` until ``stop``; raises :class:`Gone` on 410."""
         while not stop.is_set():
+            log.debug("%s: watching from resourceVersion %s", self.name, rv)
             for ev in self._events(rv):
                 typ, obj = ev.get("type"), ev.get("object") or {}
                 if typ == "ERROR":
@@ -122,6 +130,7 @@ class Informer:
                 if typ == "BOOKMARK":
                     continue
                 k = key_of(obj)
+                log.debug("%s: %s %s at resourceVersion %s", self.name, typ, k, rv)
                 with self.lock:
                     if typ == "DELETED":
                         self.cache.pop(k, None)
