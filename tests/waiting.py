@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 180, interval: float = 1.0) -> Any:
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 180, interval: float = 0.5) -> Any:
     """Return check()'s first truthy value; fail naming ``what`` and the last value after ``timeout``."""
     deadline = time.monotonic() + timeout
     last = None

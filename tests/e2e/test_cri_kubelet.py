@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from localcluster.components import BY_NAME
 
+from tests.waiting import wait_for
+
 pytestmark = pytest.mark.cluster
 
 POD = """apiVersion: v1
@@ -41,17 +43,6 @@ spec:
       mkdir -p /www && echo page-{token} > /www/index.html && echo started-{token}
       && exec httpd -f -p 8080 -h /www
 """
-
-
-def wait(what: str, check, timeout: float = 120, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def shim_crictl(cluster, *args: str) -> subprocess.CompletedProcess:
@@ -106,7 +97,7 @@ def test_runc_pod_runs_logs_execs_port_forwards_and_leaves_nothing(cluster, runc
     info = json.loads(cluster.crictl("inspectp", pod_id).stdout)["info"]
     netns = next(n["path"] for n in info["runtimeSpec"]["linux"]["namespaces"] if n["type"] == "network")
     # logs, exec, port-forward (containerd's streaming server, URL passed through unchanged).
-    logs = wait("the pod's output", lambda: cluster.kubectl("logs", name, check=False).stdout, 60)
+    logs = wait_for("the pod's output", lambda: cluster.kubectl("logs", name, check=False).stdout, 60)
     assert f"started-{token}" in logs
     assert cluster.kubectl("exec", name, "--", "sh", "-c", "echo exec-$((6*7))").stdout.strip() == "exec-42"
     pf = subprocess.Popen(
@@ -127,8 +118,8 @@ def test_runc_pod_runs_logs_execs_port_forwards_and_leaves_nothing(cluster, runc
         pf.wait(10)
     # Delete: kubelet stops and (GC, within its one-minute period) removes the sandbox through the shim.
     cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", timeout=150)
-    wait("the sandbox to be removed", lambda: not sandboxes(cluster, name), 150, 2)
-    wait("the shim's record to be dropped", lambda: not record.exists(), 30)
+    wait_for("the sandbox to be removed", lambda: not sandboxes(cluster, name), 150, 2)
+    wait_for("the shim's record to be dropped", lambda: not record.exists(), 30)
     assert not Path(netns).exists(), f"netns {netns} left behind"
     assert pod_id not in Path("/proc/self/mountinfo").read_text()
 
@@ -158,7 +149,7 @@ def test_a_handler_the_node_does_not_serve_fails_with_the_shims_message(cluster)
             )
             return next((e["message"] for e in ev["items"]), None)
 
-        msg = wait("FailedCreatePodSandBox", failed_event, 120, 2)
+        msg = wait_for("FailedCreatePodSandBox", failed_event, 120, 2)
         assert f'unknown runtime handler "{rc}"' in msg and "RunPodSandboxRequest.runtime_handler" in msg, msg
         assert '"runc"' in msg and '"kvm"' in msg
         assert not sandboxes(cluster, name)
@@ -182,13 +173,13 @@ def test_kill9_of_the_shim_restarts_nothing(cluster, runc_pod):
     pid = proc.pid()
     assert pid, "edgevirt-cri of the local cluster is not running"
     os.kill(pid, signal.SIGKILL)
-    wait("edgevirt-cri to die", lambda: not Path(f"/proc/{pid}").exists(), 10, 0.1)
+    wait_for("edgevirt-cri to die", lambda: not Path(f"/proc/{pid}").exists(), 10, 0.1)
     res = cluster.up("edgevirt-cri")
     assert res.returncode == 0, res.stdout + res.stderr
     assert proc.pid() not in (None, pid)
     # kubelet relists through the new shim; give it several sync periods (syncFrequency 10s) to act
     # on anything it believed changed, and check it did nothing.
-    wait("kubelet to talk to the new shim", lambda: _relisted(cluster), 60, 1)
+    wait_for("kubelet to talk to the new shim", lambda: _relisted(cluster), 60, 1)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         assert _state(cluster, name) == before
@@ -245,10 +236,10 @@ def test_kubectl_attach_through_the_shim(cluster):
 
         try:
             # kubectl prints its "If you don't see a command prompt" hint once the stream is up.
-            wait("kubectl attach to connect", lambda: saw("command prompt"), 60, 0.2)
+            wait_for("kubectl attach to connect", lambda: saw("command prompt"), 60, 0.2)
             proc.stdin.write(f"{token}\n")
             proc.stdin.flush()
-            wait("the echo through attach", lambda: saw(f"got-{token}"), 60, 0.2)
+            wait_for("the echo through attach", lambda: saw(f"got-{token}"), 60, 0.2)
         finally:
             proc.kill()
             proc.wait(10)

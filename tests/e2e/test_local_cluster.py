@@ -21,6 +21,8 @@ import pytest
 import yaml
 from localcluster.components import cri_enabled
 
+from tests.waiting import wait_for
+
 pytestmark = pytest.mark.cluster
 
 POD_YAML = """apiVersion: v1
@@ -36,17 +38,6 @@ spec:
     imagePullPolicy: Always
     command: ["sh", "-c", "echo started {token}; sleep 3600"]
 """
-
-
-def wait(what: str, check, timeout: float = 120, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def test_node_is_ready(cluster):
@@ -97,7 +88,7 @@ def test_busybox_pod_runs_logs_execs_and_leaves_nothing(cluster):
         netns = _netns_of(cluster, pod_id)
         assert Path(netns).exists()
         # logs and exec.
-        logs = wait("the pod's output", lambda: cluster.kubectl("logs", name, check=False).stdout, 60)
+        logs = wait_for("the pod's output", lambda: cluster.kubectl("logs", name, check=False).stdout, 60)
         assert f"started {token}" in logs
         out = cluster.kubectl("exec", name, "--", "sh", "-c", "echo exec-$((6*7)); cat /proc/1/cmdline")
         assert "exec-42" in out.stdout
@@ -105,7 +96,7 @@ def test_busybox_pod_runs_logs_execs_and_leaves_nothing(cluster):
     finally:
         cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
     # kubelet's garbage collector removes the dead sandbox within its one-minute period.
-    wait(
+    wait_for(
         "the sandbox to be removed",
         lambda: not json.loads(cluster.crictl("pods", "--name", name, "-o", "json").stdout)["items"],
         150,
@@ -250,7 +241,7 @@ def test_down_is_clean_after_a_component_was_killed_and_up_restores(cluster):
     """kill -9 a component, down must still leave nothing; up brings everything back."""
     pid = _pids(cluster)["kube-scheduler"]
     os.kill(pid, signal.SIGKILL)
-    wait("the scheduler to die", lambda: not Path(f"/proc/{pid}").exists(), 10, 0.1)
+    wait_for("the scheduler to die", lambda: not Path(f"/proc/{pid}").exists(), 10, 0.1)
     res = cluster.down()
     assert res.returncode == 0, res.stdout + res.stderr
     assert "nothing of the cluster is left running" in res.stdout

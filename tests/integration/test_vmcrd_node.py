@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import yaml
 from vm_env import console_size, wait_console
 
 from cri_shim.vm import DiskManager, VMSpec
+from tests.waiting import wait_for
 from vmcrd import api
 from vmcrd.kube import api_client
 from vmcrd.node import NodeController
@@ -42,17 +42,6 @@ spec:
   containers:
   - {{name: compute, image: "busybox:latest", command: [sleep, "3600"]}}
 """
-
-
-def wait_for(what: str, check, timeout: float = 120, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture
