@@ -30,6 +30,7 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -46,6 +47,7 @@ from vmcrd.kube import api_client  # noqa: E402
 KUBECONFIG = REPO / ".local/kubeconfig"
 BIN = Path(sys.executable).parent
 IMAGE = "127.0.0.1:5000/vm/test-disk:1"
+KUBECTL = [str(REPO / ".local/bin/kubectl"), "--kubeconfig", str(KUBECONFIG)]
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -160,35 +162,18 @@ def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
     return dt
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cycles", type=int, default=10)
-    ap.add_argument("--burst", type=int, default=10)
-    args = ap.parse_args()
-    import build_vm_disk
-
-    build_vm_disk.push(build_vm_disk.build_vm_disk(), IMAGE)
-    ns = f"bench-vm-{uuid.uuid4().hex[:6]}"
-    kubectl = [str(REPO / ".local/bin/kubectl"), "--kubeconfig", str(KUBECONFIG)]
-    subprocess.run([*kubectl, "apply", "-k", str(REPO / "deploy")], check=True, capture_output=True)
-    subprocess.run([*kubectl, "create", "namespace", ns], check=True, capture_output=True)
-    node = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
-    logs = Path(tempfile.mkdtemp(prefix="bench-vm-"))
-    procs = [
-        subprocess.Popen(
-            [str(BIN / "edgevirt-controller"), "--mode", mode, "--kubeconfig", str(KUBECONFIG),
-             "--namespace", ns, *(["--lease-namespace", ns] if mode == "cluster" else ["--node", node])],
-            stdout=(logs / f"{mode}.log").open("w"), stderr=subprocess.STDOUT,
-        )
-        for mode in ("cluster", "node")
-    ]  # fmt: skip
-    b = Bench(ns)
+def measure(b: Bench, cycles: int, burst_size: int) -> tuple[list, list, list, list, float]:
+    """(running, ready, stop, floor, burst) seconds: the cycles of one VM, then the burst."""
     conn = libvirt.open("qemu:///system")
-    running, ready, stop, floor_t = [], [], [], []
+    running: list[float] = []
+    ready: list[float] = []
+    stop: list[float] = []
+    floor_t: list[float] = []
+    logs = Path(tempfile.mkdtemp(prefix="bench-floor-"))
     try:
         b.create("bench")
         uid = b.vm("bench")["metadata"]["uid"]
-        for _ in range(args.cycles + 1):  # the first cycle warms the image cache (not counted)
+        for _ in range(cycles + 1):  # the first cycle warms the image cache (not counted)
             t0 = time.monotonic()
             b.patch("bench", {"running": True})
             t_run = b.wait("Running", lambda: b.status("bench").get("printableStatus") == "Running")
@@ -208,7 +193,7 @@ def main() -> int:
             stop.append(t_stop - t1)
             floor_t.append(f)
         running, ready, stop, floor_t = running[1:], ready[1:], stop[1:], floor_t[1:]
-        names = [f"burst{i:02d}" for i in range(args.burst)]
+        names = [f"burst{i:02d}" for i in range(burst_size)]
         for n in names:
             b.create(n)
         t0 = time.monotonic()
@@ -222,14 +207,50 @@ def main() -> int:
         )
         burst = t_burst - t0
     finally:
-        subprocess.run([*kubectl, "delete", "vm", "--all", "-n", ns, "--wait=true", "--timeout=300s"],
+        conn.close()
+    return running, ready, stop, floor_t, burst
+
+
+@contextlib.contextmanager
+def controllers_on_a_namespace(prefix: str) -> Iterator[Bench]:
+    """A fresh namespace with both controller modes running for it (CRD and RBAC applied, the test
+    disk pushed); on exit its VMs are deleted (finalizers run), the controllers stopped and it goes."""
+    import build_vm_disk
+
+    build_vm_disk.push(build_vm_disk.build_vm_disk(), IMAGE)
+    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    subprocess.run([*KUBECTL, "apply", "-k", str(REPO / "deploy")], check=True, capture_output=True)
+    subprocess.run([*KUBECTL, "create", "namespace", ns], check=True, capture_output=True)
+    node = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    logs = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "edgevirt-controller"), "--mode", mode, "--kubeconfig", str(KUBECONFIG),
+             "--namespace", ns, *(["--lease-namespace", ns] if mode == "cluster" else ["--node", node])],
+            stdout=(logs / f"{mode}.log").open("w"), stderr=subprocess.STDOUT,
+        )
+        for mode in ("cluster", "node")
+    ]  # fmt: skip
+    try:
+        yield Bench(ns)
+    finally:
+        subprocess.run([*KUBECTL, "delete", "vm", "--all", "-n", ns, "--wait=true", "--timeout=300s"],
                        capture_output=True)  # fmt: skip
         for p in procs:
             p.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(20)
-        subprocess.run([*kubectl, "delete", "namespace", ns, "--wait=false"], capture_output=True)
-        conn.close()
+        subprocess.run([*KUBECTL, "delete", "namespace", ns, "--wait=false"], capture_output=True)
+        print(f"controller logs: {logs}", file=sys.stderr)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cycles", type=int, default=10)
+    ap.add_argument("--burst", type=int, default=10)
+    args = ap.parse_args()
+    with controllers_on_a_namespace("bench-vm") as b:
+        running, ready, stop, floor_t, burst = measure(b, args.cycles, args.burst)
     f50 = statistics.median(floor_t)
     print(f"| measure ({args.cycles} cycles) | p50 | p95 | ratio p50 to the floor |")
     print("|---|---|---|---|")
