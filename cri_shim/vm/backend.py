@@ -11,7 +11,8 @@ its one container is a libvirt/QEMU virtual machine.
   result), the tap-fd NIC, vCPUs/memory from the container's resources, the serial console into
   the container's CRI log (converted by :class:`ConsoleLogConverter`).
 * Start/Stop/Remove/Status/Stats map to the domain; StopContainer is ACPI shutdown, destroy after
-  the timeout. Exec, Attach and PortForward answer UNIMPLEMENTED naming what to use instead.
+  the timeout. Attach bridges to the serial console through the shim's streaming server
+  (:mod:`cri_shim.streaming`); Exec and PortForward answer UNIMPLEMENTED naming what to use instead.
 
 Everything the handler made is recorded on disk (:mod:`.pod_records`) before it is made, so a
 restarted shim reports the same IDs and states and a failure halfway is rolled back (also one left
@@ -38,6 +39,7 @@ import grpc
 from .. import protos
 from ..backend import TypedBackend
 from ..errors import BackendError, invalid, unimplemented
+from ..streaming import StreamingServer, open_pty
 from . import cni_exec
 from .cloudinit import CloudInit
 from .cni import DEFAULT_DEVICE_DIR, nics_from_cni_result
@@ -59,8 +61,8 @@ _K8S_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?$")
 _IMAGE_ID = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
 NOT_SUPPORTED = (
     "{what} is not supported for VM pods (runtime handler kvm): the guest runs its own OS with no "
-    "agent; use `kubectl logs` for the serial console output, `kubectl vm console NAME` "
-    "(virsh console) for an interactive console, and the VM's IP for its services"
+    "agent; use `kubectl logs` for the serial console output, `kubectl attach -it POD` (or "
+    "`kubectl vm console NAME`) for an interactive console, and the VM's IP for its services"
 )
 
 
@@ -102,8 +104,11 @@ class KvmBackend(TypedBackend):
         domain_type: str | None = None,
         default_memory_mib: int = 256,
         manager: DomainManager | None = None,
+        streaming_address: str = "127.0.0.1:0",
     ) -> None:
         self.name = name
+        self.streaming_address = streaming_address
+        self._streaming: StreamingServer | None = None
         self.state_dir = Path(state_dir)
         self.image_roots = [Path(os.path.realpath(r)) for r in (image_roots or [])]
         self.default_memory_mib = default_memory_mib
@@ -159,6 +164,8 @@ class KvmBackend(TypedBackend):
     def close(self) -> None:
         for cid in list(self._converters):
             self._stop_console(cid, final=False)
+        if self._streaming is not None:
+            self._streaming.close()
         self.manager.close()
 
     def status(self, req: Any) -> Any:
@@ -806,8 +813,38 @@ class KvmBackend(TypedBackend):
         raise unimplemented(NOT_SUPPORTED.format(what="Exec (kubectl exec)"))
 
     def attach(self, req: Any) -> Any:
-        self._container(req.container_id)
-        raise unimplemented(NOT_SUPPORTED.format(what="Attach (kubectl attach)"))
+        """A URL of the shim's streaming server that bridges the client to the VM's serial console
+        (the pty QEMU made for it); ``kubectl attach -it POD`` is an interactive console."""
+        c = self._container(req.container_id)
+        if not (req.stdin or req.stdout or req.stderr):
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "AttachRequest: one of stdin, stdout, or stderr must be set",
+            )
+        state, c = self._state(c)
+        if state != "RUNNING":
+            raise BackendError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"container {c['id']} is not running ({state.lower()}): start it (StartContainer) first",
+            )
+        domain = c["domain"]
+
+        def open_console() -> int:
+            return open_pty(self.manager.console_pty(domain))
+
+        url = self.streaming.attach_url(
+            open_console, domain, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, tty=req.tty
+        )
+        return self.api.AttachResponse(url=url)
+
+    @property
+    def streaming(self) -> StreamingServer:
+        """The streaming server for Attach, started on first use (loopback, ``streaming_address``)."""
+        with self._locks_lock:
+            if self._streaming is None:
+                host, _, port = self.streaming_address.rpartition(":")
+                self._streaming = StreamingServer(host or "127.0.0.1", int(port or 0))
+            return self._streaming
 
     def port_forward(self, req: Any) -> Any:
         self._sandbox(req.pod_sandbox_id)
@@ -833,6 +870,7 @@ def create(name: str, options: dict[str, Any]) -> KvmBackend:
         "insecure_registries",
         "domain_type",
         "default_memory_mib",
+        "streaming_address",
     }
     unknown = sorted(set(options) - known)
     if unknown:
@@ -851,4 +889,5 @@ def create(name: str, options: dict[str, Any]) -> KvmBackend:
         insecure_registries=list(options.get("insecure_registries") or []),
         domain_type=options.get("domain_type"),
         default_memory_mib=int(options.get("default_memory_mib") or 256),
+        streaming_address=str(options.get("streaming_address") or "127.0.0.1:0"),
     )

@@ -473,6 +473,16 @@ class DomainManager:
     def xml(self, name: str, inactive: bool = False) -> str:
         return self._dom(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
 
+    def console_pty(self, name: str) -> str:
+        """The pty of the running domain's serial console (``/dev/pts/N``, chosen by QEMU at start)."""
+        root = ET.fromstring(self.xml(name))
+        for el in (*root.iterfind("devices/serial"), *root.iterfind("devices/console")):
+            src = el.find("source")
+            path = src.get("path") if src is not None else el.get("tty")
+            if el.get("type") == "pty" and path:
+                return path
+        raise VMError(f"domain {name} has no pty console (is it running?)")
+
     def stats(self, name: str) -> DomainStats:
         dom = self._dom(name)
         if not dom.isActive():
