@@ -146,6 +146,9 @@ def build_pod(
                 "image": image if is_oci_ref(image) else PLACEHOLDER_IMAGE,
                 "imagePullPolicy": "IfNotPresent",
                 "resources": {"requests": requests, "limits": limits},
+                # the serial console is an interactive terminal: `kubectl attach -it` (CRI Attach)
+                "stdin": True,
+                "tty": True,
             }
         ],
     }
