@@ -24,6 +24,7 @@ Console markers (one line each, on ttyS0):
     EDGEVIRT-GUEST: blocks <dev>...       block devices after "up"; then, while running:
     EDGEVIRT-GUEST: block+ <dev> <sectors> / block- <dev>   a disk was hot-plugged / unplugged
     EDGEVIRT-GUEST: acpi power button     ACPI power button pressed; the guest powers off
+    EDGEVIRT-GUEST: echo <line>           a line typed on the serial console (an attach's stdin)
 
 Output: ~/.cache/edgevirt/guest/<kernel-version>-<hash of this file and its inputs>/{vmlinuz,initrd.img}
 CLI: python3 deploy/images/build_guest.py [--kernel-version V] [--cache-dir DIR]  (prints the paths)
@@ -119,6 +120,8 @@ for e in /sys/class/input/event*; do
   [ "$(cat $e/device/name 2>/dev/null)" = "Power Button" ] || continue
   (head -c 1 /dev/input/${e##*/} >/dev/null && say "acpi power button" && poweroff -f) &
 done
+# the serial console's input (CRI Attach: crictl/kubectl attach -i): every line read is said back
+(while read -r line; do say "echo $line"; done < /dev/ttyS0) &
 blocks=" $(ls /sys/block | tr '\n' ' ')"
 say "blocks$blocks"
 while true; do

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from localcluster.components import BY_NAME
 
+from tests.attaching import attach_and_type
 from tests.waiting import wait_for as wait
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -220,6 +221,16 @@ def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cri, vm
     assert int(stats[0]["cpu"]["usageCoreNanoSeconds"]["value"]) > 0
     r = cri("exec", cid, "true", check=False)
     assert r.returncode != 0 and "not supported for VM pods" in r.stderr
+    # Attach is the serial console, both ways: the test guest says back each line it reads. Two
+    # attaches in a row: a detach leaves the VM and its console as they were.
+    for word in ("first-attach", "second-attach"):
+        out = attach_and_type(
+            [TOOLS["crictl"], "--config", "/dev/null", "-r", cri.shim.endpoint, "attach", "-i", cid], word
+        )
+        assert f"EDGEVIRT-GUEST: echo {word}" in out, out
+    assert [c["state"] for c in json.loads(cri("ps", "--id", cid, "-o", "json").stdout)["containers"]] == [
+        "CONTAINER_RUNNING"
+    ]
     cri("stop", "--timeout", "60", cid)
     st = json.loads(cri("inspect", cid).stdout)["status"]
     assert (st["state"], st["exitCode"], st["reason"]) == ("CONTAINER_EXITED", 0, "Completed"), st
@@ -369,6 +380,10 @@ def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluste
         cs = after["status"]["containerStatuses"][0]
         assert cs["containerID"].endswith(cid) and cs["restartCount"] == 0 and "running" in cs["state"]
         assert json.loads(shim(cluster, "inspectp", sid).stdout)["status"]["state"] == "SANDBOX_READY"
+        # kubectl attach -i: API server -> kubelet -> the shim's streaming server -> the serial console
+        kubectl = [str(cluster.paths.tool("kubectl")), "--kubeconfig", str(cluster.paths.kubeconfig)]
+        out = attach_and_type([*kubectl, "attach", "-i", name], "kubectl-attach")
+        assert "EDGEVIRT-GUEST: echo kubectl-attach" in out, out
     finally:
         cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
     if sid:

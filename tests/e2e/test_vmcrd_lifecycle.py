@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.attaching import attach_and_type
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -149,6 +150,9 @@ def test_vm_life_with_kubectl_vm(env, vm_image):
     )
 
     token = wait_for("the guest's first boot", lambda: _data_line(k, ns, "nothing"), 180, 2)
+    # kubectl vm console = kubectl attach -it to the serial console (here stdin is a pipe, no terminal)
+    out = attach_and_type(["kubectl", "vm", "console", "web", "-n", ns], "vm-console", env=vm_env)
+    assert "EDGEVIRT-GUEST: echo vm-console" in out, out
 
     vm_cmd("mount", "web", "--volume-name", "data", "--empty-disk", "64Mi")
     wait_for(
