@@ -92,6 +92,13 @@ def env(vm_ns):
     return k, ns
 
 
+def apply_vm(k, ns: str, name: str, **spec) -> str:
+    """``kubectl apply`` a VirtualMachine with this spec; its UID."""
+    manifest = {"apiVersion": "edgevirt.io/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": name}}
+    k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({**manifest, "spec": spec}))
+    return k.kubectl_json("get", "vm", name, "-n", ns)["metadata"]["uid"]
+
+
 def sandbox_failure(k, ns: str) -> str | None:
     for e in k.kubectl_json("get", "events", "-n", ns)["items"]:
         m = e.get("message", "")
@@ -115,20 +122,17 @@ def test_vm_life_with_kubectl_vm(env, vm_image):
     def vm() -> dict:
         return k.kubectl_json("get", "vm", "web", "-n", ns)
 
-    manifest = {
-        "apiVersion": "edgevirt.io/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": "web"},
-        "spec": {
-            "running": False,
-            "memory": "256Mi",
-            "image": vm_image,
-            "networks": [{"name": "default", "mac": "02:00:00:00:00:33"}],
-            # a boot-time data disk: the test guest prints what an earlier boot wrote to it
-            "volumes": [{"name": "state", "emptyDisk": {"capacity": "16Mi"}}],
-        },
-    }
-    k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
+    apply_vm(
+        k,
+        ns,
+        "web",
+        running=False,
+        memory="256Mi",
+        image=vm_image,
+        networks=[{"name": "default", "mac": "02:00:00:00:00:33"}],
+        # a boot-time data disk: the test guest prints what an earlier boot wrote to it
+        volumes=[{"name": "state", "emptyDisk": {"capacity": "16Mi"}}],
+    )
     vm_cmd("start", "web")
 
     def ready_or_no_handler():
@@ -209,19 +213,16 @@ def _data_line(k, ns: str, had: str) -> str | None:
 
 def test_always_brings_back_a_guest_that_powered_off_and_halted_stops_it(env, vm_image):
     k, ns = env
-    manifest = {
-        "apiVersion": "edgevirt.io/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": "loop"},
-        "spec": {
-            "runStrategy": "Always",
-            "memory": "256Mi",
-            "image": vm_image,
-            # the test guest powers itself off this many seconds after boot (tests only)
-            "cloudInit": {"userData": "#cloud-config\n# edgevirt.poweroff: 5\n"},
-        },
-    }
-    k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
+    apply_vm(
+        k,
+        ns,
+        "loop",
+        runStrategy="Always",
+        memory="256Mi",
+        image=vm_image,
+        # the test guest powers itself off this many seconds after boot (tests only)
+        cloudInit={"userData": "#cloud-config\n# edgevirt.poweroff: 5\n"},
+    )
 
     def pod_uids() -> set[str]:
         pods = k.kubectl_json("get", "pods", "-n", ns, "-l", "edgevirt.io/vm=loop")["items"]
@@ -275,14 +276,7 @@ def test_kill9_of_the_controllers_at_random_points_converges_without_duplicates(
 
     k, ns, ctls = vm_ns
     rng = random.Random(int(os.environ.get("EDGEVIRT_CHAOS_SEED", "20261127")))
-    manifest = {
-        "apiVersion": "edgevirt.io/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": "chaos"},
-        "spec": {"running": False, "memory": "256Mi", "image": vm_image},
-    }
-    k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
-    uid = k.kubectl_json("get", "vm", "chaos", "-n", ns)["metadata"]["uid"]
+    uid = apply_vm(k, ns, "chaos", running=False, memory="256Mi", image=vm_image)
     vm_env = {**k.env, "PATH": f"{VENV_BIN}:{k.env['PATH']}"}
 
     def vm_cmd(*args: str) -> None:
@@ -348,15 +342,8 @@ def test_vms_run_on_while_the_api_server_is_away_and_status_catches_up(vm_ns, vm
     from localcluster.components import BY_NAME
 
     k, ns, _ = vm_ns
-    manifest = {
-        "apiVersion": "edgevirt.io/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": "edge"},
-        "spec": {"running": True, "memory": "256Mi", "image": vm_image},
-    }
-    k.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
+    uid = apply_vm(k, ns, "edge", running=True, memory="256Mi", image=vm_image)
     k.kubectl("wait", "--for=condition=Ready", "vm/edge", "-n", ns, "--timeout=300s", timeout=320)
-    uid = k.kubectl_json("get", "vm", "edge", "-n", ns)["metadata"]["uid"]
     [(dom, _)] = _vm_domains(uid)
     qemu = _qemu_pid(dom)
     apiserver = BY_NAME["kube-apiserver"].process(k.paths)
