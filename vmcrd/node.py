@@ -16,36 +16,22 @@ from __future__ import annotations
 
 import logging
 import threading
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from cri_shim.kvm.contract import ANN_VOLUMES, to_volume_spec
+from cri_shim.vm import attached_volumes
+
 from . import api, podspec
 from .kube import EventRecorder, Informer, WorkQueue
-from .podspec import to_volume_spec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgevirt/vm")
 HOST_DISK_ROOT = Path("/var/lib/edgevirt/hostdisks")
-
-
-def attached_volumes(domain_xml: str) -> dict[str, str]:
-    """Volume name -> guest target of the user volumes (alias ``ua-<name>``) in a live domain XML.
-    The disks the VM layer adds itself (the boot disk ``root``, the NoCloud seed ``cidata``) are not
-    volumes: never reported, never unplugged."""
-    from cri_shim.vm.manager import RESERVED_DISK_NAMES
-
-    out = {}
-    for d in ET.fromstring(domain_xml).iterfind("devices/disk"):
-        a, t = d.find("alias"), d.find("target")
-        name = (a.get("name") or "")[3:] if a is not None and (a.get("name") or "").startswith("ua-") else ""
-        if name and name not in RESERVED_DISK_NAMES:
-            out[name] = t.get("dev", "") if t is not None else ""
-    return out
 
 
 def hotplug_plan(
@@ -270,7 +256,7 @@ class NodeController:
 def podspec_volumes(pod: dict) -> list[dict]:
     import json
 
-    raw = (pod["metadata"].get("annotations") or {}).get(podspec.ANN_VOLUMES, "[]")
+    raw = (pod["metadata"].get("annotations") or {}).get(ANN_VOLUMES, "[]")
     try:
         return list(json.loads(raw))
     except ValueError:

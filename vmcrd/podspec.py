@@ -2,30 +2,11 @@
 
 The cluster-mode controller turns a VirtualMachine that should run into one pod with
 ``runtimeClassName: kvm``. kubelet hands the pod's annotations to the CRI runtime in
-``RunPodSandbox`` (``PodSandboxConfig.annotations``), so the shim's kvm handler reads everything it
-needs from them. The contract (import these constants on the shim side, do not copy the strings):
-
-=====================================  ===============================================================
-annotation                             value
-=====================================  ===============================================================
-``edgevirt.io/vm-uid``                 the VirtualMachine's UID: the key of its writable disks
-                                       (overlay, emptyDisks), which survive stop/start of the VM
-``edgevirt.io/vm-name``                the VirtualMachine's name (namespace = the pod's)
-``edgevirt.io/image``                  the VM's boot image, exactly ``spec.image`` (OCI ref, file:///,
-                                       https://...#sha256=); authoritative over the container image
-``edgevirt.io/mac``                    MAC of the VM's NIC (``spec.networks[0].mac``); absent -> shim
-                                       picks one
-``edgevirt.io/cloud-init-user-data``   NoCloud user-data (``spec.cloudInit.userData``); absent -> none
-``edgevirt.io/kernel-boot``            JSON ``{"kernel":..,"initrd":..,"cmdline":..}``; absent -> disk boot
-``edgevirt.io/volumes``                JSON list of ``spec.volumes[]`` items as in the VM spec (name,
-                                       hotpluggable, one of emptyDisk/image/hostDisk, bus, readOnly,
-                                       cdrom); always present (``[]`` when none)
-``edgevirt.io/spec-hash``              hash of the boot-relevant spec (controller bookkeeping; the shim
-                                       ignores it)
-``edgevirt.io/state-request``          the restart request this pod was created for (bookkeeping)
-=====================================  ===============================================================
-
-The reader side is :func:`parse_pod_annotations` (-> :class:`PodVM`), for the kvm handler.
+``RunPodSandbox``, so the kvm handler reads everything it needs from them. The annotation contract
+belongs to the reading side, :mod:`cri_shim.kvm.contract`; this module writes it, plus two
+annotations of the controller's own bookkeeping that the handler ignores: ``edgevirt.io/spec-hash``
+(hash of the boot-relevant spec) and ``edgevirt.io/state-request`` (the restart request the pod was
+created for).
 
 Labels: ``edgevirt.io/vm=<name>``, ``edgevirt.io/vm-uid=<uid>``. The pod's single container is
 named ``compute``; its image is the VM image when that is an OCI reference (so kubelet's pull is
@@ -38,21 +19,23 @@ kubelet, decides whether a VM that ended runs again (runStrategy).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
 from typing import Any
 
+from cri_shim.kvm.contract import (
+    ANN_CLOUD_INIT_USER_DATA,
+    ANN_IMAGE,
+    ANN_KERNEL_BOOT,
+    ANN_MAC,
+    ANN_VM_NAME,
+    ANN_VM_UID,
+    ANN_VOLUMES,
+)
+
 from . import api
 
-ANN_VM_UID = "edgevirt.io/vm-uid"
-ANN_VM_NAME = "edgevirt.io/vm-name"
-ANN_IMAGE = "edgevirt.io/image"
-ANN_MAC = "edgevirt.io/mac"
-ANN_CLOUD_INIT_USER_DATA = "edgevirt.io/cloud-init-user-data"
-ANN_KERNEL_BOOT = "edgevirt.io/kernel-boot"
-ANN_VOLUMES = "edgevirt.io/volumes"
 ANN_SPEC_HASH = "edgevirt.io/spec-hash"
 ANN_STATE_REQUEST = api.STATE_REQUEST
 
@@ -191,73 +174,3 @@ def owned_by(pod: dict[str, Any], vm: dict[str, Any]) -> bool:
         if ref.get("controller") and ref.get("uid") == vm["metadata"]["uid"]:
             return True
     return False
-
-
-class ContractError(ValueError):
-    """An annotation of the VM pod contract is malformed; the message names the annotation."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PodVM:
-    """What the kvm handler needs from a VM pod's annotations (the reader side of the contract)."""
-
-    vm_uid: str
-    vm_name: str
-    image: str
-    mac: str | None = None
-    user_data: str | None = None
-    kernel_boot: dict[str, str] | None = None
-    volumes: tuple[dict[str, Any], ...] = ()
-
-
-def parse_pod_annotations(ann: dict[str, str]) -> PodVM | None:
-    """Read the contract from ``PodSandboxConfig.annotations``: None for a pod that is not a
-    VirtualMachine's (no ``edgevirt.io/vm-uid``); :class:`ContractError` when it is malformed."""
-    uid = ann.get(ANN_VM_UID)
-    if not uid:
-        return None
-    image = ann.get(ANN_IMAGE, "")
-    if not image:
-        raise ContractError(f"annotation {ANN_IMAGE}: missing or empty (the VM's boot image)")
-    kb = None
-    if ann.get(ANN_KERNEL_BOOT):
-        try:
-            kb = json.loads(ann[ANN_KERNEL_BOOT])
-        except ValueError as e:
-            raise ContractError(f"annotation {ANN_KERNEL_BOOT}: not JSON ({e})") from None
-        if not isinstance(kb, dict) or not kb.get("kernel"):
-            raise ContractError(f'annotation {ANN_KERNEL_BOOT}: needs an object with "kernel"')
-    try:
-        vols = json.loads(ann.get(ANN_VOLUMES) or "[]")
-    except ValueError as e:
-        raise ContractError(f"annotation {ANN_VOLUMES}: not JSON ({e})") from None
-    if not isinstance(vols, list) or not all(isinstance(v, dict) and v.get("name") for v in vols):
-        raise ContractError(f"annotation {ANN_VOLUMES}: needs a JSON list of objects with a name")
-    return PodVM(
-        vm_uid=uid,
-        vm_name=ann.get(ANN_VM_NAME, ""),
-        image=image,
-        mac=ann.get(ANN_MAC) or None,
-        user_data=ann.get(ANN_CLOUD_INIT_USER_DATA) or None,
-        kernel_boot=kb,
-        volumes=tuple(vols),
-    )
-
-
-def to_volume_spec(v: dict[str, Any]) -> Any:
-    """A ``spec.volumes[]`` item (as in the VM spec and the ``edgevirt.io/volumes`` annotation) ->
-    ``cri_shim.vm.VolumeSpec`` (used by node mode for hotplug and by the kvm handler at boot)."""
-    from cri_shim.vm import HostDisk, VolumeSpec
-
-    hd = v.get("hostDisk")
-    return VolumeSpec(
-        name=v["name"],
-        empty_disk=(v.get("emptyDisk") or {}).get("capacity"),
-        host_disk=HostDisk(path=hd["path"], type=hd.get("type", "Disk"), capacity=hd.get("capacity"))
-        if hd
-        else None,
-        image=v.get("image"),
-        bus=v.get("bus", "virtio"),
-        read_only=bool(v.get("readOnly")),
-        cdrom=bool(v.get("cdrom")),
-    )

@@ -19,6 +19,7 @@ from .cloudinit import CloudInit, network_config_from_cni
 from .cni import nics_from_cni_result
 from .console_log import ConsoleLogConverter
 from .disks import DiskManager
+from .domain_xml import RESERVED_DISK_NAMES, attached_volumes
 from .errors import ImageError, ValidationError, VMError
 from .images import BaseImage, ImageStore, SkopeoSource
 from .manager import (
@@ -34,6 +35,7 @@ from .manager import (
 from .spec import DiskSpec, DomainSpec, KernelBoot, NicSpec
 
 __all__ = [
+    "RESERVED_DISK_NAMES",
     "BaseImage",
     "CloudInit",
     "ConsoleLogConverter",
@@ -55,6 +57,7 @@ __all__ = [
     "VMSpec",
     "ValidationError",
     "VolumeSpec",
+    "attached_volumes",
     "network_config_from_cni",
     "nics_from_cni_result",
 ]

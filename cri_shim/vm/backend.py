@@ -39,6 +39,7 @@ import grpc
 from .. import protos
 from ..backend import TypedBackend
 from ..errors import BackendError, invalid, unimplemented
+from ..kvm.contract import ANN_IMAGE, ANN_MAC, ContractError, parse_pod_annotations, to_volume_spec
 from ..streaming import StreamingServer, open_pty
 from . import cni_exec
 from .cloudinit import CloudInit
@@ -306,13 +307,9 @@ class KvmBackend(TypedBackend):
         _check_name("config.metadata.uid", md.uid)
         ann = dict(cfg.annotations)
         try:
-            from vmcrd.podspec import ContractError, parse_pod_annotations
-
             vm = parse_pod_annotations(ann)
         except ContractError as e:
             raise invalid("config.annotations", str(e), "fix the VM pod's annotations") from None
-        from vmcrd.podspec import ANN_MAC
-
         mac = ann.get(ANN_MAC) or (derived_mac(vm.vm_uid) if vm is not None else None)
         if mac:
             try:
@@ -454,8 +451,6 @@ class KvmBackend(TypedBackend):
 
     # ------------------------------------------------------------ containers
     def _image_ref(self, sb: dict[str, Any], cfg: Any) -> str:
-        from vmcrd.podspec import ANN_IMAGE
-
         ref = sb["annotations"].get(ANN_IMAGE) or cfg.image.user_specified_image or cfg.image.image
         if not ref:
             raise invalid("config.image.image", "is empty", "give the VM disk image reference")
@@ -496,8 +491,6 @@ class KvmBackend(TypedBackend):
         )
 
     def create_container(self, req: Any) -> Any:
-        from vmcrd.podspec import parse_pod_annotations, to_volume_spec
-
         sb = self._sandbox(req.pod_sandbox_id)
         cfg = req.config
         _check_name("config.metadata.name", cfg.metadata.name)

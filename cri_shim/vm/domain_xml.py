@@ -58,16 +58,36 @@ def disk_element(disk: DiskSpec) -> ET.Element:
         _sub(el, "boot", order=str(disk.boot_order))
     if disk.serial:
         _sub(el, "serial", disk.serial)
-    _sub(el, "alias", name=f"ua-{_alias(disk.name)}")
+    _sub(el, "alias", name=user_alias(disk.name))
     return el
 
 
-def _alias(name: str) -> str:
-    """A libvirt user alias (``ua-`` + [A-Za-z0-9_-]): unsafe characters become '_' plus a hash."""
+#: libvirt's prefix of user-chosen device aliases; every disk edgevirt makes carries one
+USER_ALIAS_PREFIX = "ua-"
+#: disks the VM layer adds itself: never user volumes (not reported, never unplugged)
+RESERVED_DISK_NAMES = ("root", "cidata")
+
+
+def user_alias(name: str) -> str:
+    """The libvirt user alias of disk ``name`` (``ua-`` + [A-Za-z0-9_-]): unsafe characters become
+    '_' plus a hash, so any name gives a valid, distinct alias."""
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in name)
     if safe != name:
         safe = f"{safe[:40]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return safe
+    return USER_ALIAS_PREFIX + safe
+
+
+def attached_volumes(xml: str) -> dict[str, str]:
+    """Volume name -> guest target of the user volumes in a (live) domain XML: disks whose alias is
+    a user alias, without the reserved disks (boot disk, NoCloud seed)."""
+    out = {}
+    for d in ET.fromstring(xml).iterfind("devices/disk"):
+        a, t = d.find("alias"), d.find("target")
+        alias = (a.get("name") or "") if a is not None else ""
+        name = alias[len(USER_ALIAS_PREFIX) :] if alias.startswith(USER_ALIAS_PREFIX) else ""
+        if name and name not in RESERVED_DISK_NAMES:
+            out[name] = t.get("dev", "") if t is not None else ""
+    return out
 
 
 def disk_xml(disk: DiskSpec) -> str:

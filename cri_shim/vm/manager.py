@@ -32,6 +32,7 @@ import libvirt
 
 from . import cloudinit, domain_xml
 from .disks import DiskManager, parse_quantity
+from .domain_xml import RESERVED_DISK_NAMES
 from .errors import ValidationError, VMError
 from .images import ImageStore
 from .spec import HOTPLUG_BUSES, DiskSpec, DomainSpec, KernelBoot, NicSpec, check_name, next_target
@@ -52,7 +53,6 @@ _SHUTOFF_REASONS = dict(enumerate((
 _SHUTDOWN_REASONS = {0: "unknown", 1: "user"}
 _CRASHED_REASONS = {0: "unknown", 1: "panicked"}
 #: container-like exit codes for a stopped VM (CRI ContainerStatus.exit_code)
-RESERVED_DISK_NAMES = ("root", "cidata")
 EXIT_CODES = {"shutdown": 0, "destroyed": 137, "crashed": 139, "failed": 1, "daemon": 137}
 
 
@@ -560,7 +560,7 @@ class DomainManager:
 
     @staticmethod
     def _find_disk(xml: str, volume_name: str) -> ET.Element | None:
-        alias = "ua-" + domain_xml._alias(volume_name)
+        alias = domain_xml.user_alias(volume_name)
         for d in ET.fromstring(xml).iterfind("devices/disk"):
             a = d.find("alias")
             if a is not None and a.get("name") == alias:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmcrd.node import attached_volumes, hotplug_plan, to_volume_spec
+from cri_shim.kvm.contract import to_volume_spec
+from cri_shim.vm import attached_volumes
+from vmcrd.node import hotplug_plan
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True)
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cri_shim.kvm import contract
 from vmcrd import api, podspec, status
 
 names = st.from_regex(r"[a-z]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
@@ -230,7 +231,7 @@ def test_restart_required_when_boot_spec_changed():
 @given(specs, names)
 def test_the_shim_reads_back_what_the_controller_wrote(spec, name):
     vm = make_vm(spec, name)
-    got = podspec.parse_pod_annotations(podspec.build_pod(vm, None)["metadata"]["annotations"])
+    got = contract.parse_pod_annotations(podspec.build_pod(vm, None)["metadata"]["annotations"])
     assert got is not None
     assert (got.vm_uid, got.vm_name, got.image) == (vm["metadata"]["uid"], name, spec["image"])
     assert got.mac == (spec["networks"][0]["mac"] if spec.get("networks") else None)
@@ -240,14 +241,14 @@ def test_the_shim_reads_back_what_the_controller_wrote(spec, name):
 
 
 def test_contract_reader_refuses_malformed_annotations_naming_them():
-    assert podspec.parse_pod_annotations({"io.kubernetes.pod.name": "x"}) is None  # not a VM pod
-    base = {podspec.ANN_VM_UID: "u1", podspec.ANN_IMAGE: "img"}
-    with pytest.raises(podspec.ContractError, match=re.escape("edgevirt.io/image")):
-        podspec.parse_pod_annotations({podspec.ANN_VM_UID: "u1"})
-    with pytest.raises(podspec.ContractError, match=re.escape("edgevirt.io/volumes: not JSON")):
-        podspec.parse_pod_annotations({**base, podspec.ANN_VOLUMES: "[{"})
-    with pytest.raises(podspec.ContractError, match=re.escape("edgevirt.io/volumes: needs a JSON list")):
-        podspec.parse_pod_annotations({**base, podspec.ANN_VOLUMES: '[{"bus": "virtio"}]'})
-    with pytest.raises(podspec.ContractError, match=re.escape("edgevirt.io/kernel-boot")):
-        podspec.parse_pod_annotations({**base, podspec.ANN_KERNEL_BOOT: '{"cmdline": "x"}'})
-    assert podspec.parse_pod_annotations(base).volumes == ()
+    assert contract.parse_pod_annotations({"io.kubernetes.pod.name": "x"}) is None  # not a VM pod
+    base = {contract.ANN_VM_UID: "u1", contract.ANN_IMAGE: "img"}
+    with pytest.raises(contract.ContractError, match=re.escape("edgevirt.io/image")):
+        contract.parse_pod_annotations({contract.ANN_VM_UID: "u1"})
+    with pytest.raises(contract.ContractError, match=re.escape("edgevirt.io/volumes: not JSON")):
+        contract.parse_pod_annotations({**base, contract.ANN_VOLUMES: "[{"})
+    with pytest.raises(contract.ContractError, match=re.escape("edgevirt.io/volumes: needs a JSON list")):
+        contract.parse_pod_annotations({**base, contract.ANN_VOLUMES: '[{"bus": "virtio"}]'})
+    with pytest.raises(contract.ContractError, match=re.escape("edgevirt.io/kernel-boot")):
+        contract.parse_pod_annotations({**base, contract.ANN_KERNEL_BOOT: '{"cmdline": "x"}'})
+    assert contract.parse_pod_annotations(base).volumes == ()

@@ -1,0 +1,110 @@
+"""The VM pod contract: the pod annotations through which a VirtualMachine tells the kvm handler
+what to boot.
+
+The kvm handler reads them (kubelet passes a pod's annotations to ``RunPodSandbox`` in
+``PodSandboxConfig.annotations``), so they are defined, parsed and validated here, on the reading
+side; the VirtualMachine controller (``vmcrd.podspec``) imports these names to write them. Nothing
+in ``cri_shim`` imports ``vmcrd``.
+
+=====================================  ===============================================================
+annotation                             value
+=====================================  ===============================================================
+``edgevirt.io/vm-uid``                 the VirtualMachine's UID: the key of its writable disks
+                                       (overlay, emptyDisks), which survive stop/start of the VM
+``edgevirt.io/vm-name``                the VirtualMachine's name (namespace = the pod's)
+``edgevirt.io/image``                  the VM's boot image, exactly ``spec.image`` (OCI ref, file:///,
+                                       https://...#sha256=); authoritative over the container image
+``edgevirt.io/mac``                    MAC of the VM's NIC (``spec.networks[0].mac``); absent -> the
+                                       handler picks one
+``edgevirt.io/cloud-init-user-data``   NoCloud user-data (``spec.cloudInit.userData``); absent -> none
+``edgevirt.io/kernel-boot``            JSON ``{"kernel":..,"initrd":..,"cmdline":..}``; absent -> disk
+                                       boot
+``edgevirt.io/volumes``                JSON list of ``spec.volumes[]`` items as in the VM spec (name,
+                                       hotpluggable, one of emptyDisk/image/hostDisk, bus, readOnly,
+                                       cdrom); always present (``[]`` when none)
+=====================================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from ..vm.manager import HostDisk, VolumeSpec
+
+ANN_VM_UID = "edgevirt.io/vm-uid"
+ANN_VM_NAME = "edgevirt.io/vm-name"
+ANN_IMAGE = "edgevirt.io/image"
+ANN_MAC = "edgevirt.io/mac"
+ANN_CLOUD_INIT_USER_DATA = "edgevirt.io/cloud-init-user-data"
+ANN_KERNEL_BOOT = "edgevirt.io/kernel-boot"
+ANN_VOLUMES = "edgevirt.io/volumes"
+
+
+class ContractError(ValueError):
+    """An annotation of the VM pod contract is malformed; the message names the annotation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PodVM:
+    """What the kvm handler needs from a VM pod's annotations (the reader side of the contract)."""
+
+    vm_uid: str
+    vm_name: str
+    image: str
+    mac: str | None = None
+    user_data: str | None = None
+    kernel_boot: dict[str, str] | None = None
+    volumes: tuple[dict[str, Any], ...] = ()
+
+
+def parse_pod_annotations(ann: dict[str, str]) -> PodVM | None:
+    """Read the contract from ``PodSandboxConfig.annotations``: None for a pod that is not a
+    VirtualMachine's (no ``edgevirt.io/vm-uid``); :class:`ContractError` when it is malformed."""
+    uid = ann.get(ANN_VM_UID)
+    if not uid:
+        return None
+    image = ann.get(ANN_IMAGE, "")
+    if not image:
+        raise ContractError(f"annotation {ANN_IMAGE}: missing or empty (the VM's boot image)")
+    kb = None
+    if ann.get(ANN_KERNEL_BOOT):
+        try:
+            kb = json.loads(ann[ANN_KERNEL_BOOT])
+        except ValueError as e:
+            raise ContractError(f"annotation {ANN_KERNEL_BOOT}: not JSON ({e})") from None
+        if not isinstance(kb, dict) or not kb.get("kernel"):
+            raise ContractError(f'annotation {ANN_KERNEL_BOOT}: needs an object with "kernel"')
+    try:
+        vols = json.loads(ann.get(ANN_VOLUMES) or "[]")
+    except ValueError as e:
+        raise ContractError(f"annotation {ANN_VOLUMES}: not JSON ({e})") from None
+    if not isinstance(vols, list) or not all(isinstance(v, dict) and v.get("name") for v in vols):
+        raise ContractError(f"annotation {ANN_VOLUMES}: needs a JSON list of objects with a name")
+    return PodVM(
+        vm_uid=uid,
+        vm_name=ann.get(ANN_VM_NAME, ""),
+        image=image,
+        mac=ann.get(ANN_MAC) or None,
+        user_data=ann.get(ANN_CLOUD_INIT_USER_DATA) or None,
+        kernel_boot=kb,
+        volumes=tuple(vols),
+    )
+
+
+def to_volume_spec(v: dict[str, Any]) -> VolumeSpec:
+    """A ``spec.volumes[]`` item (as in the VM spec and the ``edgevirt.io/volumes`` annotation) ->
+    the libvirt layer's :class:`VolumeSpec` (the kvm handler at boot, node mode for hotplug)."""
+    hd = v.get("hostDisk")
+    return VolumeSpec(
+        name=v["name"],
+        empty_disk=(v.get("emptyDisk") or {}).get("capacity"),
+        host_disk=HostDisk(path=hd["path"], type=hd.get("type", "Disk"), capacity=hd.get("capacity"))
+        if hd
+        else None,
+        image=v.get("image"),
+        bus=v.get("bus", "virtio"),
+        read_only=bool(v.get("readOnly")),
+        cdrom=bool(v.get("cdrom")),
+    )
