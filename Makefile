@@ -15,9 +15,12 @@ test: install lint
 install:
 	deploy/install/install
 
+## lint: ruff, the one-way layers (import-linter, contracts in pyproject.toml) and types (mypy)
 lint:
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports
+	$(VENV)/mypy
 
 unit:
 	$(VENV)/pytest tests/unit
