@@ -31,7 +31,7 @@ import dataclasses
 import json
 from typing import Any
 
-from ..vm.manager import HostDisk, VolumeSpec
+from ..vm.model import HostDisk, VolumeSpec
 
 ANN_VM_UID = "edgevirt.io/vm-uid"
 ANN_VM_NAME = "edgevirt.io/vm-name"

@@ -43,12 +43,13 @@ from ..kvm.contract import ANN_IMAGE, ANN_MAC, ContractError, parse_pod_annotati
 from ..streaming import StreamingServer, open_pty
 from . import cni_exec
 from .cloudinit import CloudInit
-from .cni import DEFAULT_DEVICE_DIR, nics_from_cni_result
 from .console_log import ConsoleLogConverter
 from .disks import DiskManager
-from .errors import ImageError, ValidationError, VMError
+from .errors import DomainNotFound, ImageError, ValidationError, VMError
 from .images import ImageStore, SkopeoSource
-from .manager import DomainManager, DomainNotFound, VMSpec
+from .lifecycle import DomainManager
+from .model import VMSpec
+from .nics import DEFAULT_DEVICE_DIR, nics_from_cni_result
 from .pod_records import Records
 from .spec import KernelBoot, check_mac
 
@@ -140,7 +141,7 @@ class KvmBackend(TypedBackend):
         )
         if self._reason is None:
             try:
-                self.manager.conn  # noqa: B018 - connect now: a node without libvirt has no kvm handler
+                self.manager.connect()  # now: a node without libvirt has no kvm handler
             except VMError as e:
                 self._reason = str(e)
         self.sandboxes = Records(self.state_dir, "sandboxes")
@@ -158,7 +159,7 @@ class KvmBackend(TypedBackend):
 
     def handler_works(self, handler: str) -> bool:
         try:
-            return bool(self.manager.conn.getLibVersion())
+            return bool(self.manager.lib_version())
         except Exception:
             return False
 
@@ -174,7 +175,7 @@ class KvmBackend(TypedBackend):
         api = self.api
         out = api.StatusResponse()
         try:
-            self.manager.conn.getLibVersion()
+            self.manager.lib_version()
             rt = (True, "", "")
         except Exception as e:
             rt = (False, "LibvirtUnavailable", str(e))

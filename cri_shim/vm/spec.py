@@ -2,7 +2,7 @@
 
 These are the *resolved* shapes (file paths, MACs, tap device nodes) that :mod:`.domain_xml`
 renders. The CRI handler and the VirtualMachine controller build them from their own APIs;
-:class:`.manager.DomainManager` fills in disks it creates itself (overlay, seed ISO, emptyDisk).
+:mod:`.build` fills in the disks it creates itself (overlay, seed ISO, emptyDisk).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import pytest
 from cri_shim import protos
 from cri_shim.errors import BackendError
 from cri_shim.vm import backend as kvm
-from cri_shim.vm.errors import ImageError
-from cri_shim.vm.manager import DomainNotFound, DomainState
+from cri_shim.vm.errors import DomainNotFound, ImageError
+from cri_shim.vm.model import DomainState
 
 api = protos.api()
 
@@ -37,9 +37,10 @@ class FakeManager:
         self.removed: list[str] = []
         self.specs: dict[str, object] = {}
 
-    conn = property(lambda self: self)
+    def connect(self) -> None:
+        pass
 
-    def getLibVersion(self) -> int:
+    def lib_version(self) -> int:
         return 9000000
 
     def create(self, spec, start=True, paused=False):
