@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except protos.StubError as e:
         print(f"edgevirt-cri: cannot load the CRI stubs: {e}", file=sys.stderr)
         return 1
-    from .backends import build
+    from .backends.loader import build
     from .router import Router
     from .server import serve
     from .state import IdIndex

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from . import protos
-from .backend import Backend
+from .backends.base import Backend
 from .errors import BackendError, invalid
 from .methods import METHODS, Route
 from .state import IdIndex

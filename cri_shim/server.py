@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from . import status as local
+from . import runtime_status as local
 from .errors import BackendError
 from .methods import IMAGE, METHODS, RUNTIME, Route
 from .router import Router

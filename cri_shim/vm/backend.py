@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 
 from .. import protos
-from ..backend import TypedBackend
+from ..backends.base import TypedBackend
 from ..errors import BackendError, invalid, unimplemented
 from ..kvm.contract import ANN_IMAGE, ANN_MAC, ContractError, parse_pod_annotations, to_volume_spec
 from ..streaming import StreamingServer, open_pty

@@ -13,7 +13,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from . import protos
-from .backend import Backend
+from .backends.base import Backend
 from .errors import BackendError
 from .router import Router
 

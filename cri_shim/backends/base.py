@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from . import protos
-from .errors import BackendError, unimplemented
-from .methods import METHODS
+from .. import protos
+from ..errors import BackendError, unimplemented
+from ..methods import METHODS
 
 
 class Backend(ABC):

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from .backend import Backend
-from .errors import BackendError
-from .methods import path
+from ..errors import BackendError
+from ..methods import path
+from .base import Backend
 
 # Like kubelet's CRI client: 16 MiB messages; reconnect quickly after containerd restarts.
 CHANNEL_OPTIONS = [
