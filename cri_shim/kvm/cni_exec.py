@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .errors import VMError
+from ..vm.errors import VMError
 
 IFNAME = "eth0"
 DEFAULT_TIMEOUT = 60.0
