@@ -137,11 +137,11 @@ def parse(data: Any, source: str = "(inline)") -> Config:
             raise ConfigError(
                 f'{source}: handlers must be a non-empty mapping, e.g. {{"": containerd, runc: containerd}}'
             )
-        cfg.handlers = {("" if h is None else str(h)): str(b) for h, b in handlers.items()}
-    for h, b in cfg.handlers.items():
-        if b not in cfg.backends:
+        cfg.handlers = {("" if h is None else str(h)): str(n) for h, n in handlers.items()}
+    for h, name in cfg.handlers.items():
+        if name not in cfg.backends:
             raise ConfigError(
-                f"{source}: handlers.{h or '(default)'}: backend {b!r} is not defined; define it under "
+                f"{source}: handlers.{h or '(default)'}: backend {name!r} is not defined; define it under "
                 f"backends (defined: {sorted(cfg.backends)})"
             )
     if "" not in cfg.handlers:

@@ -37,6 +37,7 @@ def build(config: Config) -> tuple[dict[str, Backend], dict[str, str], dict[str,
         if name not in config.handlers.values():
             log.warning("backend %s serves no handler; not started", name)
             continue
+        backend: Backend | None
         try:
             backend = create(bcfg)
             reason = backend.unavailable_reason()
@@ -49,7 +50,8 @@ def build(config: Config) -> tuple[dict[str, Backend], dict[str, str], dict[str,
             if backend is not None:
                 backend.close()
             continue
-        backends[name] = backend
+        if backend is not None:
+            backends[name] = backend
     handlers: dict[str, str] = {}
     unavailable: dict[str, str] = {}
     for handler, name in config.handlers.items():

@@ -37,7 +37,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from .errors import ImageError, ValidationError
 
@@ -57,7 +57,7 @@ class BaseImage:
     ref: str
 
 
-def qemu_img_info(path: Path) -> dict:
+def qemu_img_info(path: Path) -> dict[str, Any]:
     r = subprocess.run(
         ["qemu-img", "info", "--output=json", "--force-share", "--", str(path)],
         capture_output=True,
@@ -66,7 +66,8 @@ def qemu_img_info(path: Path) -> dict:
     )
     if r.returncode != 0:
         raise ImageError(f"qemu-img info {path} failed: {r.stderr.strip()}")
-    return json.loads(r.stdout)
+    info: dict[str, Any] = json.loads(r.stdout)
+    return info
 
 
 def check_disk_file(path: Path, field: str) -> tuple[str, int]:
@@ -176,7 +177,7 @@ def extract_disk_from_oci_layout(layout: Path, dest: Path, tag: str | None = Non
             raise ImageError(f"cannot read {member} from layer {path.name}")
         with open(dest, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
-    return mdesc["digest"]
+    return str(mdesc["digest"])
 
 
 def extract_disk_from_rootfs(rootfs: Path, dest: Path) -> None:
