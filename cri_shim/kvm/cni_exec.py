@@ -23,7 +23,7 @@ from ..vm.errors import VMError
 
 IFNAME = "eth0"
 DEFAULT_TIMEOUT = 60.0
-_ARG_VALUE = re.compile(r"^[^;=\s]*$")
+_ARG_VALUE = re.compile(r"[^;=\s]*")
 
 
 class CNIError(VMError):
@@ -47,7 +47,7 @@ class Attachment:
     def cni_args(self) -> str:
         parts = ["IgnoreUnknown=1"]
         for k, v in self.args:
-            if not _ARG_VALUE.match(v):
+            if not _ARG_VALUE.fullmatch(v):
                 raise CNIError(f"CNI_ARGS {k}={v!r} has ';', '=' or spaces; it cannot be passed safely")
             parts.append(f"{k}={v}")
         return ";".join(parts)
@@ -66,7 +66,7 @@ def load_conflist(path: Path) -> dict[str, Any]:
     if not isinstance(plugins, list) or not plugins or not all(isinstance(p, dict) for p in plugins):
         raise CNIError(f"{path}: 'plugins' must be a non-empty list of plugin configurations")
     for i, p in enumerate(plugins):
-        if not isinstance(p.get("type"), str) or not re.match(r"^[A-Za-z0-9_.-]+$", p["type"]):
+        if not isinstance(p.get("type"), str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", p["type"]):
             raise CNIError(f"{path}: plugins[{i}].type must be a plugin file name")
     if not conf.get("name") or not conf.get("cniVersion"):
         raise CNIError(f"{path}: 'name' and 'cniVersion' are required")

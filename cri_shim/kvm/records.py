@@ -27,7 +27,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from .contract import ContractError, PodContract, PodVM, parse_pod_contract
 
-ID_RE = re.compile(r"^[0-9a-f]{64}$")
+ID_RE = re.compile(r"[0-9a-f]{64}")
 
 SandboxPhase = Literal["setup", "ready"]
 ContainerPhase = Literal["setup", "created"]
@@ -178,12 +178,12 @@ class RecordStore(Generic[R]):
             if f.name.startswith("."):
                 f.unlink(missing_ok=True)  # a temporary file left by a kill -9
                 continue
-            if f.suffix == ".json" and ID_RE.match(f.stem):
+            if f.suffix == ".json" and ID_RE.fullmatch(f.stem):
                 with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                     self._cache[f.stem] = load(json.loads(f.read_text()))
 
     def _path(self, id_: str) -> Path:
-        if not ID_RE.match(id_):
+        if not ID_RE.fullmatch(id_):
             raise ValueError(f"not a record id: {id_!r}")
         return self.dir / f"{id_}.json"
 

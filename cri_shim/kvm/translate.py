@@ -37,12 +37,12 @@ from .records import ContainerMetadata, ContainerRecord, PodMetadata, SandboxRec
 
 NETNS_PREFIX = "cni-kvm-"
 DOMAIN_PREFIX = "edgevirt-"
-K8S_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?$")
-IMAGE_ID = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
+K8S_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?")
+IMAGE_ID = re.compile(r"(sha256:)?[0-9a-f]{64}")
 
 
 def check_name(field: str, value: str) -> str:
-    if not K8S_NAME.match(value or ""):
+    if not K8S_NAME.fullmatch(value or ""):
         raise ValidationError(
             field, f"{value!r} is not a Kubernetes name", "use letters, digits, '-', '.', '_'"
         )
@@ -150,7 +150,7 @@ def image_ref(contract: PodContract, req: ContainerRequest) -> str:
     ref = contract.image or req.user_specified_image or req.image
     if not ref:
         raise ValidationError("config.image.image", "is empty", "give the VM disk image reference")
-    if IMAGE_ID.match(ref):
+    if IMAGE_ID.fullmatch(ref):
         raise ValidationError(
             "config.image.image",
             f"{ref!r} is an image ID, not a reference the kvm handler can fetch",

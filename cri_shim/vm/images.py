@@ -41,7 +41,7 @@ from typing import IO, Any, Protocol
 
 from .errors import ImageError, ValidationError
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 CHUNK = 1 << 20
 Progress = Callable[[int, int | None], None]
 
@@ -140,7 +140,7 @@ def extract_disk_from_oci_layout(layout: Path, dest: Path, tag: str | None = Non
 
     def blob(digest: str) -> Path:
         algo, _, hexd = digest.partition(":")
-        if algo != "sha256" or not SHA256_RE.match(hexd):
+        if algo != "sha256" or not SHA256_RE.fullmatch(hexd):
             raise ImageError(f"unsupported digest {digest!r} in {layout}")
         return layout / "blobs" / "sha256" / hexd
 
@@ -215,7 +215,7 @@ class SkopeoSource:
         argv = ["skopeo", "inspect", *flags, "--format", "{{.Digest}}", "--", src]
         r = subprocess.run(argv, capture_output=True, text=True, check=False)
         d = r.stdout.strip()
-        return d if r.returncode == 0 and d.startswith("sha256:") and SHA256_RE.match(d[7:]) else None
+        return d if r.returncode == 0 and d.startswith("sha256:") and SHA256_RE.fullmatch(d[7:]) else None
 
     def fetch_disk(self, ref: str, dest: Path, progress: Progress | None = None) -> None:
         src, flags = self.source_ref(ref)

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable
 
 DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
-TAP_ENV_RE = re.compile(r"^EDGEVIRT_TAP_(\d+)$")
+TAP_ENV_RE = re.compile(r"EDGEVIRT_TAP_(\d+)")
 PLACEHOLDER_RE = re.compile(r"@EDGEVIRT_TAP_(\d+)_FD@")
 
 
@@ -38,7 +38,7 @@ def rewrite_argv(
     """Open every EDGEVIRT_TAP_<n> device and substitute its fd into argv. Raises SystemExit."""
     fds: dict[str, int] = {}
     for key, path in sorted(env.items()):
-        m = TAP_ENV_RE.match(key)
+        m = TAP_ENV_RE.fullmatch(key)
         if not m:
             continue
         try:

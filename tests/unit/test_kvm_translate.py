@@ -194,3 +194,10 @@ def test_requests_are_read_off_the_protobuf_messages():
     assert translate.PodRequest.from_cri(pcfg) == translate.PodRequest(
         metadata=PodMetadata("web", "ns", "u1", 1), annotations={ANN_MAC: "02:00:00:00:00:01"}, hostname="h"
     )
+
+
+def test_a_mac_annotation_with_a_newline_is_refused():
+    with pytest.raises(ValidationError, match=r"^config\.annotations\[edgevirt\.io/mac\]: .* is not a MAC"):
+        translate.new_sandbox(pod({ANN_MAC: "02:00:00:00:00:01\n"}), SID, 0)
+    with pytest.raises(ValidationError, match=r"is not a Kubernetes name"):
+        translate.new_sandbox(pod(name="web\n"), SID, 0)
