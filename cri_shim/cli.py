@@ -16,8 +16,7 @@ from . import config as config_mod
 from . import protos
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CRI server; returns the exit code."""
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="edgevirt-cri", description="CRI runtime.v1 endpoint for runc, kata and kvm pods"
     )
@@ -28,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--state-dir", help="where ID -> backend records live (overrides the config)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CRI server; returns the exit code."""
+    args = _arguments(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except protos.StubError as e:
         print(f"edgevirt-cri: cannot load the CRI stubs: {e}", file=sys.stderr)
         return 1
-    from .backends import build
+    from .backends.loader import build
     from .router import Router
     from .server import serve
     from .state import IdIndex

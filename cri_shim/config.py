@@ -98,55 +98,62 @@ def parse(data: Any, source: str = "(inline)") -> Config:
         raise ConfigError(f"{source}: workers: {workers!r} must be an integer >= 4")
     cfg.workers = workers
     if "backends" in data:
-        backends = data["backends"]
-        if not isinstance(backends, dict) or not backends:
-            raise ConfigError(
-                f"{source}: backends must be a non-empty mapping name -> {{type: containerd, ...}}"
-            )
-        cfg.backends = {}
-        for name, spec in backends.items():
-            where = f"{source}: backends.{name}"
-            if not isinstance(spec, dict):
-                raise ConfigError(f"{where} must be a mapping with a type ({' or '.join(BACKEND_TYPES)})")
-            kind = spec.get("type")
-            if kind not in BACKEND_TYPES:
-                raise ConfigError(
-                    f"{where}.type: {kind!r} is not a backend type; use one of {list(BACKEND_TYPES)}"
-                )
-            b = BackendConfig(name=str(name), type=kind)
-            if kind == "containerd":
-                b.socket = str(spec.get("socket", DEFAULT_CONTAINERD_SOCKET))
-                try:
-                    raw = spec.get("timeout")
-                    b.timeout = None if raw is None else float(raw)
-                    if b.timeout is not None and b.timeout <= 0:
-                        raise ValueError
-                except (TypeError, ValueError):
-                    raise ConfigError(
-                        f"{where}.timeout: {spec.get('timeout')!r} must be a positive number of seconds"
-                    ) from None
-            else:
-                b.factory = str(spec.get("factory", ""))
-                if ":" not in b.factory:
-                    raise ConfigError(f'{where}.factory: {b.factory!r} must be "package.module:callable"')
-                b.options = dict(spec.get("options") or {})
-            cfg.backends[b.name] = b
+        cfg.backends = _backends(data["backends"], source)
     if "handlers" in data:
-        handlers = data["handlers"]
-        if not isinstance(handlers, dict) or not handlers:
+        cfg.handlers = _handlers(data["handlers"], source)
+    for h, name in cfg.handlers.items():
+        if name not in cfg.backends:
             raise ConfigError(
-                f'{source}: handlers must be a non-empty mapping, e.g. {{"": containerd, runc: containerd}}'
-            )
-        cfg.handlers = {("" if h is None else str(h)): str(b) for h, b in handlers.items()}
-    for h, b in cfg.handlers.items():
-        if b not in cfg.backends:
-            raise ConfigError(
-                f"{source}: handlers.{h or '(default)'}: backend {b!r} is not defined; define it under "
+                f"{source}: handlers.{h or '(default)'}: backend {name!r} is not defined; define it under "
                 f"backends (defined: {sorted(cfg.backends)})"
             )
     if "" not in cfg.handlers:
         raise ConfigError(f'{source}: handlers: the default handler "" is missing; add e.g. "": containerd')
     return cfg
+
+
+def _backends(backends: Any, source: str) -> dict[str, BackendConfig]:
+    if not isinstance(backends, dict) or not backends:
+        raise ConfigError(f"{source}: backends must be a non-empty mapping name -> {{type: containerd, ...}}")
+    out: dict[str, BackendConfig] = {}
+    for name, spec in backends.items():
+        b = _backend(str(name), spec, f"{source}: backends.{name}")
+        out[b.name] = b
+    return out
+
+
+def _backend(name: str, spec: Any, where: str) -> BackendConfig:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping with a type ({' or '.join(BACKEND_TYPES)})")
+    kind = spec.get("type")
+    if kind not in BACKEND_TYPES:
+        raise ConfigError(f"{where}.type: {kind!r} is not a backend type; use one of {list(BACKEND_TYPES)}")
+    b = BackendConfig(name=name, type=kind)
+    if kind == "containerd":
+        b.socket = str(spec.get("socket", DEFAULT_CONTAINERD_SOCKET))
+        try:
+            raw = spec.get("timeout")
+            b.timeout = None if raw is None else float(raw)
+            if b.timeout is not None and b.timeout <= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}.timeout: {spec.get('timeout')!r} must be a positive number of seconds"
+            ) from None
+    else:
+        b.factory = str(spec.get("factory", ""))
+        if ":" not in b.factory:
+            raise ConfigError(f'{where}.factory: {b.factory!r} must be "package.module:callable"')
+        b.options = dict(spec.get("options") or {})
+    return b
+
+
+def _handlers(handlers: Any, source: str) -> dict[str, str]:
+    if not isinstance(handlers, dict) or not handlers:
+        raise ConfigError(
+            f'{source}: handlers must be a non-empty mapping, e.g. {{"": containerd, runc: containerd}}'
+        )
+    return {("" if h is None else str(h)): str(n) for h, n in handlers.items()}
 
 
 def load(path: str | Path | None) -> Config:

@@ -23,11 +23,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 
 from . import protos
-from .backend import Backend
+from .backends.base import Backend
 from .errors import BackendError, invalid
 from .methods import METHODS, Route
 from .state import IdIndex
@@ -100,7 +101,7 @@ class Router:
         return self._merged_events(request)
 
     # --- helpers ---
-    def _parse(self, method: str, request: bytes):
+    def _parse(self, method: str, request: bytes) -> Any:
         try:
             return getattr(self.api, f"{method}Request").FromString(request)
         except Exception as e:
@@ -110,7 +111,7 @@ class Router:
             ) from e
 
     def _field(self, method: str, request: bytes, name: str) -> str:
-        value = getattr(self._parse(method, request), name)
+        value: str = getattr(self._parse(method, request), name)
         if not value:
             raise invalid(
                 f"{method}Request.{name}", "is empty", f"set {name} to the ID returned by the runtime"
@@ -242,8 +243,8 @@ class Router:
         if not parts:
             # Nobody answered: the default backend's error (it names what is down).
             raise next((e for b, e in errors if b is self.default), errors[0][1])
-        for backend, e in errors:
-            if e.code == grpc.StatusCode.UNIMPLEMENTED:
+        for backend, err in errors:
+            if err.code == grpc.StatusCode.UNIMPLEMENTED:
                 continue  # that backend has nothing of this kind
             with self._last_lock:
                 last = self._last.get((method, backend.name, request))
@@ -251,8 +252,8 @@ class Router:
                 "%s: backend %s failed (%s: %s); %s",
                 method,
                 backend.name,
-                e.code.name,
-                e.message,
+                err.code.name,
+                err.message,
                 "using its last answer" if last is not None else "it has no earlier answer to reuse",
             )
             if last is not None:
@@ -286,7 +287,7 @@ class Router:
     def _merged_events(self, request: bytes) -> Iterator[bytes]:
         import queue
 
-        q: queue.Queue = queue.Queue(maxsize=1024)
+        q: queue.Queue[object] = queue.Queue(maxsize=1024)
         stop = threading.Event()
         done = object()
 
@@ -313,7 +314,7 @@ class Router:
                     finished += 1
                 elif isinstance(item, BackendError):
                     raise item
-                else:
+                elif isinstance(item, bytes):
                     yield item
         finally:
             stop.set()

@@ -10,20 +10,28 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 
-from . import status as local
+from . import runtime_status as local
 from .errors import BackendError
 from .methods import IMAGE, METHODS, RUNTIME, Route
 from .router import Router
 
 log = logging.getLogger("edgevirt-cri.server")
 
+Unary = Callable[[bytes, grpc.ServicerContext], bytes]
+if TYPE_CHECKING:  # generic only in grpc-stubs
+    _GenericRpcHandler = grpc.GenericRpcHandler[bytes, bytes]
+else:
+    _GenericRpcHandler = grpc.GenericRpcHandler
 
-def _abort(context: grpc.ServicerContext, method: str, e: BackendError):
+
+def _abort(context: grpc.ServicerContext, method: str, e: BackendError) -> NoReturn:
     if e.code not in (grpc.StatusCode.NOT_FOUND,):
         log.info("%s: %s: %s", method, e.code.name, e.message)
     context.abort(e.code, e.message)
@@ -34,12 +42,12 @@ def _timeout(context: grpc.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining < 1e6 else None
 
 
-class CriHandler(grpc.GenericRpcHandler):
+class CriHandler(_GenericRpcHandler):
     """Dispatches /runtime.v1.{RuntimeService,ImageService}/<Method> to the router."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
         for method, (service, route) in METHODS.items():
             if route is Route.EVENTS:
                 h = grpc.unary_stream_rpc_method_handler(self._events)
@@ -47,7 +55,7 @@ class CriHandler(grpc.GenericRpcHandler):
                 h = grpc.unary_unary_rpc_method_handler(self._unary(method, route))
             self._handlers[f"/{service}/{method}"] = h
 
-    def _unary(self, method: str, route: Route):
+    def _unary(self, method: str, route: Route) -> Unary:
         router = self.router
         if method == "Version":
             return lambda request, context: local.version(request)
@@ -66,20 +74,22 @@ class CriHandler(grpc.GenericRpcHandler):
 
         return unary
 
-    def _events(self, request: bytes, context: grpc.ServicerContext):
+    def _events(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
             yield from self.router.events(request)
         except BackendError as e:
             _abort(context, "GetContainerEvents", e)
 
-    def service(self, handler_call_details):
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
         h = self._handlers.get(handler_call_details.method)
         if h is not None:
             return h
         return grpc.unary_unary_rpc_method_handler(_unimplemented(handler_call_details.method))
 
 
-def _unimplemented(method: str):
+def _unimplemented(method: str) -> Unary:
     def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
         service = method.rsplit("/", 1)[0].lstrip("/")
         if service in (RUNTIME, IMAGE):

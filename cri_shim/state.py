@@ -12,7 +12,7 @@ import re
 import threading
 from pathlib import Path
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}")
 
 
 class IdIndex:
@@ -42,7 +42,7 @@ class IdIndex:
             self.containers[f.name] = (backend, sandbox)
 
     def _write(self, kind: str, id_: str, text: str) -> None:
-        if not _SAFE_ID.match(id_):
+        if not _SAFE_ID.fullmatch(id_):
             raise ValueError(f"refusing to record {kind} ID {id_!r}: not a plain identifier")
         final = self.dir / kind / id_
         tmp = self.dir / kind / f".{id_}.{threading.get_ident()}.tmp"

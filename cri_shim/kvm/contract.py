@@ -23,15 +23,20 @@ annotation                             value
                                        hotpluggable, one of emptyDisk/image/hostDisk, bus, readOnly,
                                        cdrom); always present (``[]`` when none)
 =====================================  ===============================================================
+
+The kvm handler reads a pod's annotations once, at ``RunPodSandbox`` (:func:`parse_pod_contract`),
+and keeps the parsed :class:`PodContract` in the sandbox's record; ``edgevirt.io/image`` and
+``edgevirt.io/mac`` are honoured on any kvm pod, the rest only on a VirtualMachine's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from ..vm.manager import HostDisk, VolumeSpec
+from ..vm.model import HostDisk, VolumeSpec
 
 ANN_VM_UID = "edgevirt.io/vm-uid"
 ANN_VM_NAME = "edgevirt.io/vm-name"
@@ -59,7 +64,25 @@ class PodVM:
     volumes: tuple[dict[str, Any], ...] = ()
 
 
-def parse_pod_annotations(ann: dict[str, str]) -> PodVM | None:
+@dataclasses.dataclass(frozen=True)
+class PodContract:
+    """The contract as one pod's annotations carry it: the VM (None for a kvm pod that is not a
+    VirtualMachine's) and the two annotations honoured on any kvm pod, as written."""
+
+    vm: PodVM | None = None
+    image: str | None = None  # edgevirt.io/image
+    mac: str | None = None  # edgevirt.io/mac (checked where the sandbox's MAC is chosen)
+
+
+def parse_pod_contract(ann: Mapping[str, str]) -> PodContract:
+    """Read the whole contract from ``PodSandboxConfig.annotations``; :class:`ContractError` when
+    it is malformed."""
+    return PodContract(
+        vm=parse_pod_annotations(ann), image=ann.get(ANN_IMAGE) or None, mac=ann.get(ANN_MAC) or None
+    )
+
+
+def parse_pod_annotations(ann: Mapping[str, str]) -> PodVM | None:
     """Read the contract from ``PodSandboxConfig.annotations``: None for a pod that is not a
     VirtualMachine's (no ``edgevirt.io/vm-uid``); :class:`ContractError` when it is malformed."""
     uid = ann.get(ANN_VM_UID)

@@ -1,38 +1,75 @@
 """The libvirt layer shared by the CRI kvm handler and the VirtualMachine controller's node mode.
 
-``vmcrd`` imports ``cri_shim.vm``; nothing here imports ``vmcrd``. One module per job:
+``vmcrd`` imports ``cri_shim.vm``; nothing here imports ``vmcrd`` or the kvm handler. One module
+per job:
 
+* :mod:`.model` - what callers hand in and get back (VMSpec, VolumeSpec, HostDisk, DomainState,
+  DomainStats)
+* :mod:`.states` - libvirt state/reason codes -> DomainState, exit codes (pure tables)
+* :mod:`.connection` - the one seam to libvirt's connection (open/reconnect, lookup, define, list)
+* :mod:`.lifecycle` - :class:`DomainManager`: create (with its undo list), start, shutdown, destroy,
+  suspend/resume, remove, facts, console pty
+* :mod:`.build` - VMSpec -> DomainSpec, making the files (overlay, volumes, seed ISO)
+* :mod:`.hotplug` - attach/detach a volume on a running domain
 * :mod:`.spec` - resolved domain data (disks, NICs, kernel boot) and input validation
 * :mod:`.domain_xml` - domain XML via ElementTree (accel type, disks, console log, tap-fd NICs)
 * :mod:`.tapwrap` / :mod:`.wrapper_install` - the QEMU wrapper that opens macvtap tap devices
 * :mod:`.images` - image references -> verified base disks in a content-addressed cache
 * :mod:`.disks` - qcow2 overlays (per VM or per pod), emptyDisk, hostDisk
 * :mod:`.cloudinit` - NoCloud seed ISO, network-config v2 from a CNI result
-* :mod:`.cni` - NICs (MAC + tap device node) from a macvtap CNI result
+* :mod:`.nics` - NICs (MAC + tap device node) from a macvtap CNI result
 * :mod:`.console_log` - serial console -> CRI log format
-* :mod:`.manager` - :class:`DomainManager`, the one owner of every domain operation
 
-The node's acceleration (``kvm`` vs TCG) comes from :mod:`runtimeclass.probe`.
+The names below are imported on first use, so importing one module of this package (e.g.
+:mod:`.model` for the VM pod contract) does not load libvirt. The node's acceleration (``kvm`` vs
+TCG) comes from :mod:`runtimeclass.probe`.
 """
 
-from .cloudinit import CloudInit, network_config_from_cni
-from .cni import nics_from_cni_result
-from .console_log import ConsoleLogConverter
-from .disks import DiskManager
-from .domain_xml import RESERVED_DISK_NAMES, attached_volumes
-from .errors import ImageError, ValidationError, VMError
-from .images import BaseImage, ImageStore, SkopeoSource
-from .manager import (
-    DomainExists,
-    DomainManager,
-    DomainNotFound,
-    DomainState,
-    DomainStats,
-    HostDisk,
-    VMSpec,
-    VolumeSpec,
-)
-from .spec import DiskSpec, DomainSpec, KernelBoot, NicSpec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cloudinit import CloudInit, network_config_from_cni
+    from .console_log import ConsoleLogConverter
+    from .disks import DiskManager
+    from .domain_xml import RESERVED_DISK_NAMES, attached_volumes
+    from .errors import DomainExists, DomainNotFound, ImageError, ValidationError, VMError
+    from .images import BaseImage, ImageStore, SkopeoSource
+    from .lifecycle import DomainManager
+    from .model import DomainState, DomainStats, HostDisk, VMSpec, VolumeSpec
+    from .nics import nics_from_cni_result
+    from .spec import DiskSpec, DomainSpec, KernelBoot, NicSpec
+
+#: public name -> the module that defines it
+_HOME = {
+    "RESERVED_DISK_NAMES": ".domain_xml",
+    "BaseImage": ".images",
+    "CloudInit": ".cloudinit",
+    "ConsoleLogConverter": ".console_log",
+    "DiskManager": ".disks",
+    "DiskSpec": ".spec",
+    "DomainExists": ".errors",
+    "DomainManager": ".lifecycle",
+    "DomainNotFound": ".errors",
+    "DomainSpec": ".spec",
+    "DomainState": ".model",
+    "DomainStats": ".model",
+    "HostDisk": ".model",
+    "ImageError": ".errors",
+    "ImageStore": ".images",
+    "KernelBoot": ".spec",
+    "NicSpec": ".spec",
+    "SkopeoSource": ".images",
+    "VMError": ".errors",
+    "VMSpec": ".model",
+    "ValidationError": ".errors",
+    "VolumeSpec": ".model",
+    "attached_volumes": ".domain_xml",
+    "network_config_from_cni": ".cloudinit",
+    "nics_from_cni_result": ".nics",
+}
 
 __all__ = [
     "RESERVED_DISK_NAMES",
@@ -61,3 +98,16 @@ __all__ = [
     "network_config_from_cni",
     "nics_from_cni_result",
 ]
+
+
+def __getattr__(name: str) -> object:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

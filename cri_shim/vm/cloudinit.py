@@ -43,8 +43,33 @@ def network_config_from_cni(
     if not isinstance(result, dict):
         raise ValidationError(field, "is not a CNI result object", "pass the parsed JSON result of CNI ADD")
     macs = [check_mac(f"networks[{i}].mac", m) for i, m in enumerate(macs)]
-    interfaces = result.get("interfaces") or []
-    # which CNI interface index belongs to NIC i: the one whose mac matches, else the i-th in a sandbox
+    ethernets: dict[str, Any] = {}
+    for n, mac in enumerate(macs):
+        ethernets[f"eth{n}"] = {
+            "match": {"macaddress": mac},
+            "set-name": f"eth{n}",
+            "dhcp4": False,
+            "dhcp6": False,
+        }
+    nic_of_iface = _nic_of_iface(result.get("interfaces") or [], macs)
+    gateways = _add_addresses(result.get("ips") or [], f"{field}.ips", macs, nic_of_iface, ethernets)
+    _add_routes(result.get("routes") or [], f"{field}.routes", macs, gateways, ethernets)
+    for n, gateway in gateways.items():
+        routes = ethernets[f"eth{n}"].setdefault("routes", [])
+        if not any(rt["to"] in ("0.0.0.0/0", "::/0") for rt in routes) and ":" not in gateway:
+            routes.append({"to": "0.0.0.0/0", "via": gateway})
+    dns = result.get("dns") or {}
+    if dns.get("nameservers") and macs:
+        ns: dict[str, Any] = {"addresses": [str(ipaddress.ip_address(a)) for a in dns["nameservers"]]}
+        if dns.get("search"):
+            ns["search"] = [str(s) for s in dns["search"]]
+        ethernets["eth0"]["nameservers"] = ns
+    return {"version": 2, "ethernets": ethernets}
+
+
+def _nic_of_iface(interfaces: list[dict[str, Any]], macs: list[str]) -> dict[int | None, int]:
+    """Which NIC each CNI interface index belongs to: the one whose MAC matches, else the i-th in
+    a sandbox (None: the ips of a result without interfaces go to NIC 0)."""
     sandbox_ifaces = [i for i, itf in enumerate(interfaces) if itf.get("sandbox")] or list(
         range(len(interfaces))
     )
@@ -55,17 +80,20 @@ def network_config_from_cni(
         nic_of_iface[idx] = n
     if not interfaces and macs:
         nic_of_iface = {None: 0}
-    ethernets: dict[str, Any] = {}
-    for n, mac in enumerate(macs):
-        ethernets[f"eth{n}"] = {
-            "match": {"macaddress": mac},
-            "set-name": f"eth{n}",
-            "dhcp4": False,
-            "dhcp6": False,
-        }
+    return nic_of_iface
+
+
+def _add_addresses(
+    ips: list[dict[str, Any]],
+    field: str,
+    macs: list[str],
+    nic_of_iface: dict[int | None, int],
+    ethernets: dict[str, Any],
+) -> dict[int, str]:
+    """Put every CNI ip on its NIC; returns the first gateway of each NIC."""
     gateways: dict[int, str] = {}
-    for k, ip in enumerate(result.get("ips") or []):
-        f = f"{field}.ips[{k}]"
+    for k, ip in enumerate(ips):
+        f = f"{field}[{k}]"
         try:
             if "/" not in str(ip["address"]):
                 raise ValueError("no prefix length")
@@ -85,35 +113,33 @@ def network_config_from_cni(
             except ValueError:
                 raise ValidationError(f"{f}.gateway", f"{ip['gateway']!r}", "use an IP address") from None
             gateways.setdefault(n, str(gw))
-    for k, r in enumerate(result.get("routes") or []):
-        f = f"{field}.routes[{k}]"
+    return gateways
+
+
+def _add_routes(
+    routes: list[dict[str, Any]],
+    field: str,
+    macs: list[str],
+    gateways: dict[int, str],
+    ethernets: dict[str, Any],
+) -> None:
+    """CNI routes have no interface: put them on the first NIC with a gateway (else NIC 0)."""
+    for k, r in enumerate(routes):
         try:
             dst = ipaddress.ip_network(r["dst"], strict=False)
         except (KeyError, TypeError, ValueError):
             raise ValidationError(
-                f"{f}.dst", f"{r!r} has no destination", "routes need dst a.b.c.d/nn"
+                f"{field}[{k}].dst", f"{r!r} has no destination", "routes need dst a.b.c.d/nn"
             ) from None
-        # CNI routes have no interface: put them on the first NIC whose gateway can reach them
-        n = next(iter(gateways), 0) if macs else None
-        if n is None:
+        if not macs:
             continue
-        gw = r.get("gw") or gateways.get(n)
-        if not gw:
+        n = next(iter(gateways), 0)
+        via = r.get("gw") or gateways.get(n)
+        if not via:
             continue
         ethernets[f"eth{n}"].setdefault("routes", []).append(
-            {"to": str(dst), "via": str(ipaddress.ip_address(gw))}
+            {"to": str(dst), "via": str(ipaddress.ip_address(via))}
         )
-    for n, gw in gateways.items():
-        routes = ethernets[f"eth{n}"].setdefault("routes", [])
-        if not any(rt["to"] in ("0.0.0.0/0", "::/0") for rt in routes) and ":" not in gw:
-            routes.append({"to": "0.0.0.0/0", "via": gw})
-    dns = result.get("dns") or {}
-    if dns.get("nameservers") and macs:
-        ns: dict[str, Any] = {"addresses": [str(ipaddress.ip_address(a)) for a in dns["nameservers"]]}
-        if dns.get("search"):
-            ns["search"] = [str(s) for s in dns["search"]]
-        ethernets["eth0"]["nameservers"] = ns
-    return {"version": 2, "ethernets": ethernets}
 
 
 def render(ci: CloudInit) -> dict[str, str]:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 ESCAPE_RE = re.compile(rb"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_]|[a-z])")
 CONTROL_RE = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
@@ -78,7 +79,7 @@ class ConsoleLogConverter:
         self._pending = b""
         self._pending_since = 0.0
         self._lock = threading.Lock()
-        self._out = None
+        self._out: TextIO | None = None
         self._load_state()
 
     # -- state

@@ -21,9 +21,9 @@ from pathlib import Path
 from .errors import ValidationError, VMError
 from .images import BaseImage, qemu_img_info
 
-KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 SCOPES = ("vm", "pod")
-QUANTITY_RE = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+QUANTITY_RE = re.compile(r"([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?")
 UNITS = {
     None: 1,
     "k": 10**3,
@@ -42,7 +42,7 @@ def parse_quantity(field: str, value: str | int) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
     else:
-        m = QUANTITY_RE.match(str(value).strip())
+        m = QUANTITY_RE.fullmatch(str(value).strip())
         if not m:
             raise ValidationError(field, f"{value!r} is not a size", "use a quantity such as 64Mi or 1Gi")
         n = int(m.group(1)) * UNITS[m.group(2)]
@@ -54,7 +54,7 @@ def parse_quantity(field: str, value: str | int) -> int:
 
 
 def _check_key(field: str, key: str) -> str:
-    if not isinstance(key, str) or not KEY_RE.match(key) or key in (".", ".."):
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key) or key in (".", ".."):
         raise ValidationError(
             field, f"{key!r} is not a safe key", "use [A-Za-z0-9_.-], starting alphanumeric"
         )

@@ -19,3 +19,11 @@ class ValidationError(VMError, ValueError):
 
 class ImageError(VMError):
     """An image reference could not be resolved, fetched or verified."""
+
+
+class DomainNotFound(VMError):
+    """No such domain."""
+
+
+class DomainExists(VMError):
+    """A domain with this name is already defined."""

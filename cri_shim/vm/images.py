@@ -37,11 +37,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from .errors import ImageError, ValidationError
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 CHUNK = 1 << 20
 Progress = Callable[[int, int | None], None]
 
@@ -57,7 +57,7 @@ class BaseImage:
     ref: str
 
 
-def qemu_img_info(path: Path) -> dict:
+def qemu_img_info(path: Path) -> dict[str, Any]:
     r = subprocess.run(
         ["qemu-img", "info", "--output=json", "--force-share", "--", str(path)],
         capture_output=True,
@@ -66,7 +66,8 @@ def qemu_img_info(path: Path) -> dict:
     )
     if r.returncode != 0:
         raise ImageError(f"qemu-img info {path} failed: {r.stderr.strip()}")
-    return json.loads(r.stdout)
+    info: dict[str, Any] = json.loads(r.stdout)
+    return info
 
 
 def check_disk_file(path: Path, field: str) -> tuple[str, int]:
@@ -139,7 +140,7 @@ def extract_disk_from_oci_layout(layout: Path, dest: Path, tag: str | None = Non
 
     def blob(digest: str) -> Path:
         algo, _, hexd = digest.partition(":")
-        if algo != "sha256" or not SHA256_RE.match(hexd):
+        if algo != "sha256" or not SHA256_RE.fullmatch(hexd):
             raise ImageError(f"unsupported digest {digest!r} in {layout}")
         return layout / "blobs" / "sha256" / hexd
 
@@ -176,7 +177,7 @@ def extract_disk_from_oci_layout(layout: Path, dest: Path, tag: str | None = Non
             raise ImageError(f"cannot read {member} from layer {path.name}")
         with open(dest, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
-    return mdesc["digest"]
+    return str(mdesc["digest"])
 
 
 def extract_disk_from_rootfs(rootfs: Path, dest: Path) -> None:
@@ -214,7 +215,7 @@ class SkopeoSource:
         argv = ["skopeo", "inspect", *flags, "--format", "{{.Digest}}", "--", src]
         r = subprocess.run(argv, capture_output=True, text=True, check=False)
         d = r.stdout.strip()
-        return d if r.returncode == 0 and d.startswith("sha256:") and SHA256_RE.match(d[7:]) else None
+        return d if r.returncode == 0 and d.startswith("sha256:") and SHA256_RE.fullmatch(d[7:]) else None
 
     def fetch_disk(self, ref: str, dest: Path, progress: Progress | None = None) -> None:
         src, flags = self.source_ref(ref)

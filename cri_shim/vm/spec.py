@@ -2,7 +2,7 @@
 
 These are the *resolved* shapes (file paths, MACs, tap device nodes) that :mod:`.domain_xml`
 renders. The CRI handler and the VirtualMachine controller build them from their own APIs;
-:class:`.manager.DomainManager` fills in disks it creates itself (overlay, seed ISO, emptyDisk).
+:mod:`.build` fills in the disks it creates itself (overlay, seed ISO, emptyDisk).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ BUSES = ("virtio", "scsi", "sata")
 HOTPLUG_BUSES = ("virtio", "scsi")
 DISK_FORMATS = ("qcow2", "raw")
 DOMAIN_TYPES = ("kvm", "qemu")
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]{1,2}$")
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+TARGET_RE = re.compile(r"(vd|sd|hd)[a-z]{1,2}")
 CONTROL_RE = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffe\uffff]")  # also not representable in XML
 MAX_NAME = 200
 
@@ -53,7 +53,7 @@ def check_abs_path(field: str, value: str | Path) -> Path:
 def check_mac(field: str, value: str) -> str:
     """A unicast MAC, returned lower-case."""
     mac = str(value).lower()
-    if not MAC_RE.match(mac):
+    if not MAC_RE.fullmatch(mac):
         raise ValidationError(field, f"{value!r} is not a MAC address", "use the form 02:00:00:00:00:01")
     if int(mac[:2], 16) & 1:
         raise ValidationError(
@@ -94,11 +94,11 @@ class DiskSpec:
                 "QEMU cannot make a sata disk read-only",
                 "use bus virtio or scsi, or cdrom: true",
             )
-        if self.target and not TARGET_RE.match(self.target):
+        if self.target and not TARGET_RE.fullmatch(self.target):
             raise ValidationError(
                 f"{field}.target", f"{self.target!r} is not a disk target", "use e.g. vdb or sdc"
             )
-        if self.serial and not re.match(r"^[A-Za-z0-9_.-]{1,20}$", self.serial):
+        if self.serial and not re.fullmatch(r"[A-Za-z0-9_.-]{1,20}", self.serial):
             raise ValidationError(
                 f"{field}.serial", f"{self.serial!r} is not a safe serial", "use [A-Za-z0-9_.-]{1,20}"
             )
@@ -195,7 +195,7 @@ class DomainSpec:
         if self.emulator is not None:
             self.emulator = check_abs_path("emulator", self.emulator)
         for k in self.metadata:
-            if not re.match(r"^[a-zA-Z][a-zA-Z0-9_-]{0,62}$", k):
+            if not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9_-]{0,62}", k):
                 raise ValidationError(f"metadata.{k}", "is not a valid key", "use [a-zA-Z][a-zA-Z0-9_-]*")
             if CONTROL_RE.search(self.metadata[k]):
                 raise ValidationError(f"metadata.{k}", "has control characters", "use printable text")

@@ -25,17 +25,20 @@ The file is standalone (stdlib only): :func:`install_wrapper` copies it to a sta
 import os
 import re
 import sys
+from collections.abc import Callable
 
 DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
-TAP_ENV_RE = re.compile(r"^EDGEVIRT_TAP_(\d+)$")
+TAP_ENV_RE = re.compile(r"EDGEVIRT_TAP_(\d+)")
 PLACEHOLDER_RE = re.compile(r"@EDGEVIRT_TAP_(\d+)_FD@")
 
 
-def rewrite_argv(argv: list[str], env: dict[str, str], opener=os.open) -> list[str]:
+def rewrite_argv(
+    argv: list[str], env: dict[str, str], opener: Callable[[str, int], int] = os.open
+) -> list[str]:
     """Open every EDGEVIRT_TAP_<n> device and substitute its fd into argv. Raises SystemExit."""
     fds: dict[str, int] = {}
     for key, path in sorted(env.items()):
-        m = TAP_ENV_RE.match(key)
+        m = TAP_ENV_RE.fullmatch(key)
         if not m:
             continue
         try:

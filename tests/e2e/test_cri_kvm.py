@@ -127,7 +127,7 @@ class PrivateKvmShim:
         self.shim.extra_config = {
             "backends": {
                 "containerd": {"type": "containerd", "socket": str(self.containerd.socket)},
-                "kvm": {"type": "plugin", "factory": "cri_shim.vm.backend:create", "options": self.options},
+                "kvm": {"type": "plugin", "factory": "cri_shim.kvm:create", "options": self.options},
             },
             "handlers": {"": "containerd", "runc": "containerd", "kvm": "kvm"},
         }

@@ -8,7 +8,7 @@ import itertools
 import grpc
 
 from cri_shim import protos
-from cri_shim.backend import TypedBackend
+from cri_shim.backends.base import TypedBackend
 from cri_shim.errors import BackendError
 
 api = protos.api()

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from cri_fake import FakeBackend, api
 
-from cri_shim import status as local
+from cri_shim import runtime_status as local
 from cri_shim.errors import BackendError
 from cri_shim.router import Router
 from cri_shim.state import IdIndex

@@ -10,9 +10,9 @@ import grpc
 import pytest
 from cri_fake import FakeBackend, api
 
-from cri_shim import backends as backends_mod
 from cri_shim import config
 from cri_shim._generated import api_pb2_grpc
+from cri_shim.backends import loader as backends_mod
 from cri_shim.router import Router
 from cri_shim.server import serve
 from cri_shim.state import IdIndex

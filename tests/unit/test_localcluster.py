@@ -216,7 +216,7 @@ def test_edgevirt_cri_config_routes_kvm_to_the_vm_backend(paths: Paths, monkeypa
     assert cfg["handlers"] == {"": "containerd", "runc": "containerd", "kata": "containerd", "kvm": "kvm"}
     assert cfg["backends"]["containerd"] == {"type": "containerd", "socket": str(paths.containerd_sock)}
     kvm = cfg["backends"]["kvm"]
-    assert kvm["type"] == "plugin" and kvm["factory"] == "cri_shim.vm.backend:create"
+    assert kvm["type"] == "plugin" and kvm["factory"] == "cri_shim.kvm:create"
     assert kvm["options"] == {
         "state_dir": str(paths.data / "edgevirt-cri-kvm"),
         "vm_state_dir": "/var/lib/edgevirt/vm",
@@ -233,7 +233,7 @@ def test_edgevirt_cri_config_routes_kvm_to_the_vm_backend(paths: Paths, monkeypa
     from cri_shim import config as cri_config
 
     loaded = cri_config.load(str(paths.etc / "edgevirt-cri.yaml"))
-    assert loaded.backends["kvm"].factory == "cri_shim.vm.backend:create"
+    assert loaded.backends["kvm"].factory == "cri_shim.kvm:create"
     assert loaded.handlers["kvm"] == "kvm"
 
 

@@ -124,7 +124,7 @@ def test_seed_iso_has_cidata_label_and_files(tmp_path):
 def test_nics_from_macvtap_result():
     from pathlib import Path
 
-    from cri_shim.vm.cni import nics_from_cni_result
+    from cri_shim.vm.nics import nics_from_cni_result
 
     nics = nics_from_cni_result(CNI_1_0, "abc123")
     assert [(n.mac, n.tap_device) for n in nics] == [(MAC, Path("/run/edgevirt/macvtap/abc123/eth0"))]

@@ -210,3 +210,15 @@ def test_disk_manager_confinement_and_kinds(tmp_path):
     dm.remove("vm", "uid1")  # idempotent
     assert not (tmp_path / "state/disks").exists()
     assert hp.exists()  # host disks belong to the host
+
+
+@pytest.mark.parametrize("key", ["abc\n", "abc\n\n", "\nabc", "a/b", ".."])
+def test_a_disk_key_with_a_newline_makes_no_folder(tmp_path, key):
+    # `$` matches before a trailing newline: a disk folder "abc\n" was created
+    dm = DiskManager(tmp_path / "state")
+    with pytest.raises(ValidationError, match=r"is not a safe key"):
+        dm.dir_for("vm", key)
+    with pytest.raises(ValidationError, match=r"is not a safe key"):
+        dm.empty_disk("pod", key, "data", "1Mi")
+    assert not (tmp_path / "state").exists() or list((tmp_path / "state").rglob("*")) == []
+    assert dm.dir_for("vm", "abc") == tmp_path / "state" / "disks" / "vm" / "abc"

@@ -8,8 +8,9 @@ import libvirt
 import pytest
 
 from cri_shim.vm import tapwrap
-from cri_shim.vm.manager import VolumeSpec, map_state
+from cri_shim.vm.model import VolumeSpec
 from cri_shim.vm.spec import ValidationError
+from cri_shim.vm.states import map_state
 from cri_shim.vm.wrapper_install import install_wrapper
 
 
@@ -76,3 +77,10 @@ def test_install_wrapper_is_idempotent(tmp_path):
     mtime = p.stat().st_mtime_ns
     assert install_wrapper(tmp_path) == p
     assert p.stat().st_mtime_ns == mtime  # unchanged file: libvirt keeps its capability cache
+
+
+def test_the_state_table_uses_libvirts_state_codes():
+    from cri_shim.vm import states
+
+    for name in ("NOSTATE", "RUNNING", "BLOCKED", "PAUSED", "SHUTDOWN", "SHUTOFF", "CRASHED", "PMSUSPENDED"):
+        assert getattr(states, f"VIR_DOMAIN_{name}") == getattr(libvirt, f"VIR_DOMAIN_{name}"), name

@@ -213,3 +213,17 @@ def test_metadata_namespace():
     assert METADATA_NS in xml
     assert read_metadata(xml) == {"uid": "u1", "diskScope": "vm"}
     assert read_metadata("<domain/>") == {}
+
+
+@pytest.mark.parametrize("mac", ["02:00:00:00:00:01\n", "02:00:00:00:00:01\n\n", "\n02:00:00:00:00:01"])
+def test_a_mac_with_a_newline_never_reaches_qemu(mac):
+    # `$` matches before a trailing newline: "…\n" once passed the check and became part of the
+    # -device argument
+    from cri_shim.vm.spec import check_mac
+
+    with pytest.raises(ValidationError, match=r"^networks\[0\]\.mac: .* is not a MAC address"):
+        check_mac("networks[0].mac", mac)
+    spec = DomainSpec(name="vm", nics=[NicSpec(mac=mac, tap_device=Path("/run/tap"))], emulator=Path("/e"))
+    with pytest.raises(ValidationError, match=r"is not a MAC address"):
+        build_domain_xml(spec)
+    assert check_mac("f", "02:00:00:00:00:0A") == "02:00:00:00:00:0a"

@@ -189,7 +189,7 @@ def vm_network(paths: Paths) -> Path:
 
 def edgevirt_cri(paths: Paths) -> Path:
     """edgevirt-cri in front of the cluster's containerd: handlers "", runc and kata pass through to
-    containerd; kvm goes to the VM handler (cri_shim.vm.backend), which edgevirt-cri registers only
+    containerd; kvm goes to the VM handler (cri_shim.kvm), which edgevirt-cri registers only
     when it imports and reports itself available (see deploy/cri/edgevirt-cri.yaml); until then
     kvm pods are refused with the reason and everything else runs."""
     j = json.dumps
@@ -205,7 +205,7 @@ backends:
     socket: {paths.containerd_sock}
   kvm:
     type: plugin
-    factory: cri_shim.vm.backend:create
+    factory: cri_shim.kvm:create
     options:
       state_dir: {j(str(paths.kvm_state))}
       vm_state_dir: {j(str(paths.vm_state))}

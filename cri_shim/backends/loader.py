@@ -1,4 +1,4 @@
-"""Builds the configured backends. A `plugin` backend (the kvm VM handler, once it exists) is created
+"""Builds the configured backends. A `plugin` backend (the kvm VM handler, cri_shim.kvm) is created
 by its factory `package.module:callable(name, options) -> Backend`; it is registered only when its
 factory imports and it reports itself available on this node, otherwise its handlers stay
 unregistered and the reason is logged and shown to clients that ask for them."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .backend import Backend
-from .config import BackendConfig, Config
+from ..config import BackendConfig, Config
+from .base import Backend
 from .containerd import ContainerdBackend
 
 log = logging.getLogger("edgevirt-cri.backends")
@@ -23,7 +23,9 @@ def create(cfg: BackendConfig) -> Backend:
     factory = getattr(importlib.import_module(module), attr)
     backend = factory(cfg.name, dict(cfg.options))
     if not isinstance(backend, Backend):
-        raise ValueError(f"{cfg.factory} returned {type(backend).__name__}, not a cri_shim.backend.Backend")
+        raise ValueError(
+            f"{cfg.factory} returned {type(backend).__name__}, not a cri_shim.backends.base.Backend"
+        )
     return backend
 
 
@@ -35,6 +37,7 @@ def build(config: Config) -> tuple[dict[str, Backend], dict[str, str], dict[str,
         if name not in config.handlers.values():
             log.warning("backend %s serves no handler; not started", name)
             continue
+        backend: Backend | None
         try:
             backend = create(bcfg)
             reason = backend.unavailable_reason()
@@ -47,7 +50,8 @@ def build(config: Config) -> tuple[dict[str, Backend], dict[str, str], dict[str,
             if backend is not None:
                 backend.close()
             continue
-        backends[name] = backend
+        if backend is not None:
+            backends[name] = backend
     handlers: dict[str, str] = {}
     unavailable: dict[str, str] = {}
     for handler, name in config.handlers.items():

@@ -16,14 +16,14 @@ from .errors import ValidationError
 from .spec import NicSpec, check_mac
 
 DEFAULT_DEVICE_DIR = Path("/run/edgevirt/macvtap")
-SAFE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}$")
+SAFE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}")
 
 
 def nics_from_cni_result(
     result: dict[str, Any], container_id: str, device_dir: Path = DEFAULT_DEVICE_DIR
 ) -> list[NicSpec]:
     """One :class:`NicSpec` per interface of the result that lives in a sandbox (the pod netns)."""
-    if not SAFE_RE.match(container_id or "") or ".." in container_id:
+    if not SAFE_RE.fullmatch(container_id or "") or ".." in container_id:
         raise ValidationError(
             "containerID", f"{container_id!r} is not a safe id", "use the CNI_CONTAINERID as given"
         )
@@ -36,7 +36,7 @@ def nics_from_cni_result(
         if not itf.get("sandbox"):
             continue
         name = str(itf.get("name", ""))
-        if not SAFE_RE.match(name) or len(name) > 15 or ".." in name:
+        if not SAFE_RE.fullmatch(name) or len(name) > 15 or ".." in name:
             raise ValidationError(
                 f"cniResult.interfaces[{i}].name", f"{name!r}", "use a Linux interface name"
             )

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from . import protos
-from .errors import BackendError, unimplemented
-from .methods import METHODS
+from .. import protos
+from ..errors import BackendError, unimplemented
+from ..methods import METHODS
 
 
 class Backend(ABC):
@@ -75,4 +75,5 @@ class TypedBackend(Backend):
             req = getattr(api, in_type).FromString(request)
         except Exception as e:  # a malformed message from the client
             raise BackendError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse {in_type}: {e}") from e
-        return impl(req).SerializeToString()
+        response: bytes = impl(req).SerializeToString()
+        return response

@@ -19,11 +19,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .errors import VMError
+from ..vm.errors import VMError
 
 IFNAME = "eth0"
 DEFAULT_TIMEOUT = 60.0
-_ARG_VALUE = re.compile(r"^[^;=\s]*$")
+_ARG_VALUE = re.compile(r"[^;=\s]*")
 
 
 class CNIError(VMError):
@@ -47,7 +47,7 @@ class Attachment:
     def cni_args(self) -> str:
         parts = ["IgnoreUnknown=1"]
         for k, v in self.args:
-            if not _ARG_VALUE.match(v):
+            if not _ARG_VALUE.fullmatch(v):
                 raise CNIError(f"CNI_ARGS {k}={v!r} has ';', '=' or spaces; it cannot be passed safely")
             parts.append(f"{k}={v}")
         return ";".join(parts)
@@ -56,16 +56,17 @@ class Attachment:
 def load_conflist(path: Path) -> dict[str, Any]:
     """Parse and check a ``.conflist`` (name, cniVersion, non-empty plugins each with a type)."""
     try:
-        conf = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text())
     except OSError as e:
         raise CNIError(f"cannot read the VM network's conflist {path}: {e}") from None
     except ValueError as e:
         raise CNIError(f"the VM network's conflist {path} is not JSON: {e}") from None
-    plugins = conf.get("plugins") if isinstance(conf, dict) else None
+    conf: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    plugins = conf.get("plugins")
     if not isinstance(plugins, list) or not plugins or not all(isinstance(p, dict) for p in plugins):
         raise CNIError(f"{path}: 'plugins' must be a non-empty list of plugin configurations")
     for i, p in enumerate(plugins):
-        if not isinstance(p.get("type"), str) or not re.match(r"^[A-Za-z0-9_.-]+$", p["type"]):
+        if not isinstance(p.get("type"), str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", p["type"]):
             raise CNIError(f"{path}: plugins[{i}].type must be a plugin file name")
     if not conf.get("name") or not conf.get("cniVersion"):
         raise CNIError(f"{path}: 'name' and 'cniVersion' are required")
@@ -155,11 +156,12 @@ class ConfList:
         if command != "ADD":
             return None
         try:
-            return json.loads(out)
+            result = json.loads(out)
         except ValueError:
-            raise CNIError(
-                f"CNI ADD of plugin {plugin['type']} printed no JSON result: {out[:500]!r}"
-            ) from None
+            result = None
+        if not isinstance(result, dict):
+            raise CNIError(f"CNI ADD of plugin {plugin['type']} printed no JSON result: {out[:500]!r}")
+        return result
 
     def add(self, att: Attachment) -> dict[str, Any]:
         """ADD every plugin in order; on a failure, DEL what was added (best effort) and raise."""

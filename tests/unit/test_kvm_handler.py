@@ -5,6 +5,7 @@ states never flip back, and bad annotations name the field."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -14,9 +15,9 @@ import pytest
 
 from cri_shim import protos
 from cri_shim.errors import BackendError
-from cri_shim.vm import backend as kvm
-from cri_shim.vm.errors import ImageError
-from cri_shim.vm.manager import DomainNotFound, DomainState
+from cri_shim.kvm import factory, translate
+from cri_shim.vm.errors import DomainNotFound, ImageError
+from cri_shim.vm.model import DomainState, DomainStats, VMSpec
 
 api = protos.api()
 
@@ -30,54 +31,84 @@ fi
 """
 
 
-class FakeManager:
+class FakeDomains:
+    """The libvirt layer as the handler sees it (cri_shim.kvm.containers.Domains)."""
+
     def __init__(self) -> None:
         self.domains: dict[str, str] = {}  # name -> phase
         self.fail_create: Exception | None = None
         self.removed: list[str] = []
-        self.specs: dict[str, object] = {}
+        self.specs: dict[str, VMSpec] = {}
 
-    conn = property(lambda self: self)
+    def connect(self) -> None:
+        pass
 
-    def getLibVersion(self) -> int:
+    def lib_version(self) -> int:
         return 9000000
 
-    def create(self, spec, start=True, paused=False):
+    def create(self, spec: VMSpec, *, start: bool = True, paused: bool = False) -> str:
         self.domains[spec.name] = "shutoff"
         self.specs[spec.name] = spec
         if self.fail_create:
             raise self.fail_create
         return "uuid"
 
-    def metadata(self, name):
+    def metadata(self, name: str) -> dict[str, str]:
         return {"consoleLog": f"/nonexistent/{name}.log"}
 
-    def start(self, name):
+    def start(self, name: str, paused: bool = False) -> None:
         self.domains[name] = "running"
 
-    def state(self, name):
+    def state(self, name: str) -> DomainState:
         if name not in self.domains:
             raise DomainNotFound(name)
         phase = self.domains[name]
         return DomainState(phase, "shutdown", 0 if phase == "shutoff" else None)
 
-    def shutdown(self, name, timeout=30):
+    def stats(self, name: str) -> DomainStats:
+        return DomainStats(1, 2, 3, 4, None, None)
+
+    def shutdown(self, name: str, timeout: float = 30.0, poll: float = 0.2) -> str:
         self.domains[name] = "shutoff"
         return "shutdown"
 
-    def destroy(self, name):
+    def destroy(self, name: str) -> None:
         self.domains[name] = "shutoff"
 
-    def remove(self, name, delete_disks=False):
+    def remove(self, name: str, delete_disks: bool = False) -> bool:
         self.removed.append(name)
         return self.domains.pop(name, None) is not None
 
-    def close(self):
+    def console_pty(self, name: str) -> str:
+        return "/dev/null"
+
+    def close(self) -> None:
         pass
 
 
+class FakeNetns:
+    """Network namespaces as files in a directory (no ip netns, no root)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir()
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def create(self, name: str) -> str:
+        self.path(name).touch()
+        return str(self.path(name))
+
+    def delete(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    def names(self) -> set[str]:
+        return {p.name for p in self.root.iterdir()}
+
+
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def env(tmp_path: Path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "macvtap").write_text(PLUGIN)
@@ -88,32 +119,20 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         "plugins": [{"type": "macvtap", "capabilities": {"mac": True}}],
     }
     (tmp_path / "vm.conflist").write_text(json.dumps(conf))
-    netns: set[str] = set()
-    monkeypatch.setattr(kvm, "NETNS_DIR", tmp_path / "netns")
-    (tmp_path / "netns").mkdir()
-
-    def create(name: str) -> str:
-        netns.add(name)
-        (tmp_path / "netns" / name).touch()
-        return str(tmp_path / "netns" / name)
-
-    def delete(name: str) -> None:
-        netns.discard(name)
-        (tmp_path / "netns" / name).unlink(missing_ok=True)
-
-    monkeypatch.setattr(kvm.KvmBackend, "_netns_create", staticmethod(create))
-    monkeypatch.setattr(kvm.KvmBackend, "_netns_delete", staticmethod(delete))
-    mgr = FakeManager()
+    netns = FakeNetns(tmp_path / "netns")
+    mgr = FakeDomains()
+    opts = factory.parse_options(
+        "kvm",
+        {
+            "state_dir": str(tmp_path / "state"),
+            "vm_state_dir": str(tmp_path / "vm"),
+            "cni_conflist": str(tmp_path / "vm.conflist"),
+            "cni_bin_dirs": [str(bindir)],
+        },
+    )
 
     def make():
-        return kvm.KvmBackend(
-            "kvm",
-            state_dir=tmp_path / "state",
-            vm_state_dir=tmp_path / "vm",
-            cni_conflist=tmp_path / "vm.conflist",
-            cni_bin_dirs=[bindir],
-            manager=mgr,
-        )
+        return factory.build_handler("kvm", opts, domains=mgr, netns=netns)
 
     return make, mgr, netns, tmp_path
 
@@ -158,7 +177,7 @@ def test_ids_and_states_survive_a_restart_and_exits_never_flip(env):
     mgr.domains[f"edgevirt-{cid[:20]}"] = "running"  # whatever libvirt says later: it stays exited
     assert cstate(b2, cid) == api.CONTAINER_EXITED
     b2.remove_pod_sandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid))
-    assert not netns and not mgr.domains
+    assert not netns.names() and not mgr.domains
     assert b2.list_pod_sandbox(api.ListPodSandboxRequest()).items == []
     with pytest.raises(BackendError) as e:
         b2.pod_sandbox_status(api.PodSandboxStatusRequest(pod_sandbox_id=sid))
@@ -194,17 +213,17 @@ def test_a_pod_left_half_made_is_undone_at_start(env):
     make, _mgr, netns, tmp = env
     b = make()
     sid = run_pod(b, tmp)
-    rec = b.sandboxes.get(sid)
-    b.sandboxes.put({**rec, "phase": "setup"})  # as if the shim died inside RunPodSandbox
+    rec = b.sandboxes.store.get(sid)
+    b.sandboxes.store.put(dataclasses.replace(rec, phase="setup"))  # the shim died inside RunPodSandbox
     b2 = make()
-    assert b2.sandboxes.get(sid) is None and not netns
+    assert b2.sandboxes.store.get(sid) is None and not netns.names()
 
 
 def test_vm_annotations_give_a_stable_mac_and_bad_ones_name_the_field(env):
     make, mgr, _netns, tmp = env
     b = make()
     sid = run_pod(b, tmp, {"edgevirt.io/vm-uid": "vm-1", "edgevirt.io/image": "127.0.0.1:5000/vm/d:1"})
-    assert b.sandboxes.get(sid)["mac"] == kvm.derived_mac("vm-1")
+    assert b.sandboxes.store.get(sid).mac == translate.derived_mac("vm-1")
     cid = create(b, sid, image="sha256:" + "b" * 64)  # the annotation wins over the image ID
     spec = mgr.specs[f"edgevirt-{cid[:20]}"]
     assert (spec.disk_scope, spec.disk_key, spec.uid) == ("vm", "vm-1", "vm-1")
@@ -224,3 +243,56 @@ def test_status_reports_libvirt_and_the_cni_plugins(env):
     (tmp / "bin" / "macvtap").unlink()
     conds = {c.type: (c.status, c.message) for c in b.status(api.StatusRequest()).status.conditions}
     assert conds["NetworkReady"] == (False, "macvtap")
+
+
+def test_create_container_uses_the_contract_parsed_at_run_pod_sandbox(env):
+    make, mgr, _netns, tmp = env
+    b = make()
+    sid = run_pod(b, tmp, {"edgevirt.io/vm-uid": "vm-1", "edgevirt.io/image": "127.0.0.1:5000/vm/d:1"})
+    rec = b.sandboxes.store.get(sid)
+    # the raw annotations in the record no longer matter: CreateContainer never reads them
+    b.sandboxes.store.put(dataclasses.replace(rec, annotations={"edgevirt.io/image": "other"}))
+    spec = mgr.specs[f"edgevirt-{create(b, sid)[:20]}"]
+    assert (spec.image, spec.disk_key) == ("127.0.0.1:5000/vm/d:1", "vm-1")
+
+
+def test_stop_records_the_exit_and_stats_only_for_a_running_vm(env):
+    make, _mgr, _netns, tmp = env
+    b = make()
+    cid = create(b, run_pod(b, tmp))
+    stats = b.container_stats(api.ContainerStatsRequest(container_id=cid)).stats
+    assert stats.attributes.id == cid and not stats.HasField("cpu")
+    b.start_container(api.StartContainerRequest(container_id=cid))
+    stats = b.container_stats(api.ContainerStatsRequest(container_id=cid)).stats
+    assert (stats.cpu.usage_core_nano_seconds.value, stats.memory.rss_bytes.value) == (2, 4 * 1024)
+    assert len(b.list_container_stats(api.ListContainerStatsRequest()).stats) == 1
+    b.stop_container(api.StopContainerRequest(container_id=cid, timeout=10))
+    st = b.container_status(api.ContainerStatusRequest(container_id=cid)).status
+    assert (st.state, st.exit_code, st.reason) == (api.CONTAINER_EXITED, 0, "Completed")
+    with pytest.raises(BackendError, match="has already run") as e:
+        b.start_container(api.StartContainerRequest(container_id=cid))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert b.list_container_stats(api.ListContainerStatsRequest()).stats == []
+    with pytest.raises(BackendError) as e:
+        b.attach(api.AttachRequest(container_id=cid, stdout=True))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_domain_that_vanished_is_an_exit_and_the_factory_names_bad_options(env):
+    make, mgr, _netns, tmp = env
+    b = make()
+    cid = create(b, run_pod(b, tmp))
+    b.start_container(api.StartContainerRequest(container_id=cid))
+    mgr.domains.clear()
+    st = b.container_status(api.ContainerStatusRequest(container_id=cid)).status
+    assert (st.state, st.exit_code, st.reason) == (api.CONTAINER_EXITED, 137, "DomainGone")
+    with pytest.raises(ValueError, match=r"backends\.kvm\.options: unknown key\(s\) \['bogus'\]"):
+        factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "bogus": 1})
+    with pytest.raises(ValueError, match=r"backends\.kvm\.options\.cni_conflist is required"):
+        factory.parse_options("kvm", {"state_dir": "/x"})
+    down = factory.build_handler(
+        "kvm",
+        factory.parse_options("kvm", {"state_dir": str(tmp / "s2"), "cni_conflist": "/nonexistent"}),
+        domains=mgr,
+    )
+    assert "cannot read the VM network's conflist /nonexistent" in (down.unavailable_reason() or "")

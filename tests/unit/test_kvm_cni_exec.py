@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cri_shim.vm import cni_exec
-from cri_shim.vm.pod_records import Records
+from cri_shim.kvm import cni_exec
 
 PLUGIN = """#!/usr/bin/env python3
 import json, os, sys
@@ -120,21 +119,3 @@ def test_cni_args_refuse_separators():
     att = cni_exec.Attachment(container_id="c", netns="", args=(("K8S_POD_NAME", "a;b=c"),))
     with pytest.raises(cni_exec.CNIError, match="K8S_POD_NAME"):
         att.cni_args()
-
-
-def test_records_survive_a_reload_and_resolve_unique_prefixes(tmp_path):
-    r = Records(tmp_path, "sandboxes")
-    a, b = "ab" + "0" * 62, "ac" + "0" * 62
-    r.put({"id": a, "x": 1})
-    r.put({"id": b, "x": 2})
-    (r.dir / ".tmp-left-by-kill").write_text("{")
-    again = Records(tmp_path, "sandboxes")
-    assert again.get(a) == {"id": a, "x": 1}
-    assert again.resolve("ab") == {"id": a, "x": 1}
-    assert again.resolve("a") is None  # ambiguous
-    assert not (r.dir / ".tmp-left-by-kill").exists()
-    again.update(b, x=3)
-    again.delete(a)
-    assert {x["id"]: x["x"] for x in Records(tmp_path, "sandboxes").all()} == {b: 3}
-    with pytest.raises(ValueError):
-        again.put({"id": "../x"})

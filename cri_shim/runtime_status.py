@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from . import protos
-from .backend import Backend
+from .backends.base import Backend
 from .errors import BackendError
 from .router import Router
 
@@ -27,15 +28,17 @@ KUBE_API_VERSION = "0.1.0"  # VersionResponse.version: the version of the kubele
 
 def version(request: bytes) -> bytes:
     api = protos.api()
-    return api.VersionResponse(
+    response: bytes = api.VersionResponse(
         version=KUBE_API_VERSION,
         runtime_name=RUNTIME_NAME,
         runtime_version=VERSION,
         runtime_api_version=RUNTIME_API_VERSION,
     ).SerializeToString()
+    return response
 
 
-def _backend_status(backend: Backend, request: bytes, timeout: float):
+def _backend_status(backend: Backend, request: bytes, timeout: float) -> tuple[Any, BackendError | None]:
+    """(the backend's StatusResponse, None), or (None, why it did not answer)."""
     api = protos.api()
     try:
         return api.StatusResponse.FromString(backend.invoke("Status", request, timeout)), None
@@ -94,4 +97,5 @@ def status(router: Router, request: bytes, timeout: float = 10.0) -> bytes:
         out.info["edgevirt"] = json.dumps(
             {"backends": per_backend, "handlers": router.handlers, "unavailable": router.unavailable}
         )
-    return out.SerializeToString()
+    response: bytes = out.SerializeToString()
+    return response

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from .backend import Backend
-from .errors import BackendError
-from .methods import path
+from ..errors import BackendError
+from ..methods import path
+from .base import Backend
 
 # Like kubelet's CRI client: 16 MiB messages; reconnect quickly after containerd restarts.
 CHANNEL_OPTIONS = [
@@ -51,10 +51,10 @@ class ContainerdBackend(Backend):
         # must not be cut short). None: the client's deadline, or no deadline, as with containerd.
         self.default_timeout = timeout
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        self._calls: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+        self._calls: dict[str, grpc.UnaryUnaryMultiCallable[bytes, bytes]] = {}
         self._lock = threading.Lock()
 
-    def _call(self, method: str) -> grpc.UnaryUnaryMultiCallable:
+    def _call(self, method: str) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
         call = self._calls.get(method)
         if call is None:
             with self._lock:
@@ -89,7 +89,7 @@ class ContainerdBackend(Backend):
         except grpc.RpcError as e:
             raise self._error("GetContainerEvents", e) from None
         finally:
-            stream.cancel()
+            stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave RpcContext.cancel unannotated
 
     def handler_works(self, handler: str) -> bool:
         shim = SHIM_BINARIES.get(handler)

@@ -1,0 +1,180 @@
+"""The lifecycle of a VM container: its record and its libvirt domain, kept in step.
+
+* create: the record is written (phase ``setup``) before the domain is defined; if defining fails,
+  the domain and the record are removed again; a record still in ``setup`` at start (the shim was
+  killed halfway) is undone by :meth:`ContainerLifecycle.recover`.
+* start, stop (ACPI shutdown, destroy after the timeout), remove.
+* :meth:`ContainerLifecycle.observe` asks libvirt whether a started container's domain has ended and
+  records the end once (exit code, reason), so a container's state never flips back; reading the
+  state (:attr:`~.records.ContainerRecord.state`) never asks libvirt.
+
+Locking is the caller's (the handler holds the container's lock). Errors of the libvirt layer
+(:class:`~cri_shim.vm.errors.VMError`) propagate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Protocol
+
+from ..vm.errors import DomainNotFound, VMError
+from ..vm.model import DomainState, DomainStats, VMSpec
+from .console import ConsoleLogs
+from .records import ContainerRecord, RecordStore
+
+log = logging.getLogger("edgevirt-cri.kvm")
+
+
+class Domains(Protocol):
+    """What the kvm handler uses of the libvirt layer (:class:`cri_shim.vm.DomainManager`)."""
+
+    def connect(self) -> None: ...
+
+    def lib_version(self) -> int: ...
+
+    def create(self, spec: VMSpec, *, start: bool = True, paused: bool = False) -> str: ...
+
+    def metadata(self, name: str) -> dict[str, str]: ...
+
+    def start(self, name: str, paused: bool = False) -> None: ...
+
+    def shutdown(self, name: str, timeout: float = 30.0, poll: float = 0.2) -> str: ...
+
+    def destroy(self, name: str) -> None: ...
+
+    def remove(self, name: str, delete_disks: bool = False) -> bool: ...
+
+    def state(self, name: str) -> DomainState: ...
+
+    def stats(self, name: str) -> DomainStats: ...
+
+    def console_pty(self, name: str) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def now() -> int:
+    return time.time_ns()
+
+
+class AlreadyRan(Exception):
+    """StartContainer of a container whose VM has run and ended (CRI: create a new one)."""
+
+
+class ContainerLifecycle:
+    """Containers of the kvm handler: records in ``store``, domains through ``domains``."""
+
+    def __init__(self, store: RecordStore[ContainerRecord], domains: Domains, consoles: ConsoleLogs) -> None:
+        self.store = store
+        self.domains = domains
+        self.consoles = consoles
+
+    def of_sandbox(self, sandbox_id: str) -> list[ContainerRecord]:
+        return [c for c in self.store.all() if c.sandbox_id == sandbox_id]
+
+    def create(self, c: ContainerRecord, spec: VMSpec) -> ContainerRecord:
+        """Record ``c``, define its domain (not started), touch its CRI log; all-or-nothing up to
+        the definition."""
+        self.store.put(c)
+        try:
+            self.domains.create(spec, start=False)
+            console = self.domains.metadata(spec.name).get("consoleLog", "")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.domains.remove(spec.name)
+            self.store.delete(c.id)
+            raise
+        if c.log_path:
+            Path(c.log_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(c.log_path).touch()
+        return self.store.update(c.id, lambda r: _created(r, console))
+
+    def start(self, c: ContainerRecord) -> ContainerRecord:
+        """Boot the VM and start its console log; no-op when it runs, :class:`AlreadyRan` when it
+        has ended."""
+        if c.started_at:
+            if self.observe(c).state == "RUNNING":
+                return c
+            raise AlreadyRan(c.id)
+        # the console log starts fresh for each boot (kubelet keeps the CRI log per container)
+        with contextlib.suppress(OSError):
+            Path(c.console_source).unlink(missing_ok=True)
+        self.domains.start(c.domain)
+        c = self.store.update(c.id, lambda r: _started(r, now()))
+        self.consoles.start(c)
+        return c
+
+    def stop(self, c: ContainerRecord, timeout: float) -> ContainerRecord:
+        """ACPI shutdown (destroy after ``timeout`` s; at once for 0), then record the end."""
+        if c.started_at and not c.finished_at:
+            try:
+                if timeout > 0:
+                    how = self.domains.shutdown(c.domain, timeout=timeout)
+                else:
+                    self.domains.destroy(c.domain)
+                    how = "destroyed"
+            except DomainNotFound:
+                how = "gone"
+            log.info("container %s stopped (%s)", c.id[:12], how)
+        c = self.observe(self.store.get(c.id) or c)
+        self.consoles.stop(c.id)
+        return c
+
+    def remove(self, c: ContainerRecord) -> None:
+        self.consoles.stop(c.id)
+        self.domains.remove(c.domain)
+        self.consoles.forget(c.id)
+        self.store.delete(c.id)
+
+    def observe(self, c: ContainerRecord) -> ContainerRecord:
+        """``c`` with the end of its domain recorded, if the domain has ended or is gone (asks
+        libvirt only for a started container without a recorded end; libvirt away: unchanged)."""
+        if c.finished_at or not c.started_at:
+            return c
+        try:
+            st = self.domains.state(c.domain)
+        except DomainNotFound:
+            msg = f"libvirt domain {c.domain} no longer exists"
+            return self.store.update(c.id, lambda r: r.ended(now(), 137, "DomainGone", msg))
+        except VMError:
+            return c  # libvirt away: the last known state (VMs run on without libvirtd)
+        if st.running:
+            return c
+        code = st.exit_code if st.exit_code is not None else 1
+        reason = "Completed" if code == 0 else "Error"
+        msg = f"domain {st.phase} ({st.reason})"
+        c = self.store.update(c.id, lambda r: r.ended(now(), code, reason, msg))
+        self.consoles.stop(c.id)
+        return c
+
+    def stats(self, c: ContainerRecord) -> DomainStats | None:
+        """The running VM's CPU and memory use; None when it is not running or libvirt cannot say."""
+        if self.observe(c).state != "RUNNING":
+            return None
+        try:
+            return self.domains.stats(c.domain)
+        except VMError:
+            return None
+
+    def recover(self) -> None:
+        """At start: undo containers left half-made, resume the console logs of running ones."""
+        for c in self.store.all():
+            if c.phase == "setup":
+                log.warning("container %s was left half-made; removing its domain", c.id[:12])
+                with contextlib.suppress(Exception):
+                    self.domains.remove(c.domain)
+                self.store.delete(c.id)
+            elif c.started_at and not c.finished_at:
+                self.consoles.start(c)
+
+
+def _created(c: ContainerRecord, console: str) -> ContainerRecord:
+    return dataclasses.replace(c, phase="created", console_source=console)
+
+
+def _started(c: ContainerRecord, at: int) -> ContainerRecord:
+    return dataclasses.replace(c, started_at=at)

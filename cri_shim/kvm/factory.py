@@ -1,0 +1,139 @@
+"""The kvm handler from edgevirt-cri's config: ``backends.<name>.options`` -> :class:`.handler.KvmHandler`.
+
+=======================  ========  ==============================================================
+option                   default   meaning
+=======================  ========  ==============================================================
+``state_dir``            required  the handler's records (must survive a restart of the shim)
+``cni_conflist``         required  the VM network's ``.conflist`` (the ``macvtap`` plugin)
+``vm_state_dir``         ``/var/lib/edgevirt/vm``  images, disks, domain files of the libvirt layer
+``cni_bin_dirs``         ``/opt/cni/bin``, ``/usr/lib/cni``  where the CNI plugins are
+``libvirt_uri``          ``qemu:///system``
+``image_roots``          none      where ``file://`` images and kernel-boot files may lie
+``insecure_registries``  none      registries pulled from without TLS verification
+``domain_type``          probed    ``kvm`` or ``qemu`` (TCG)
+``default_memory_mib``   256       a VM's memory when its container has no memory limit
+``streaming_address``    ``127.0.0.1:0``  where Attach's streaming server listens
+=======================  ========  ==============================================================
+
+A handler whose network or libvirt is not usable on this node is still made: it reports why
+(:meth:`~.handler.KvmHandler.unavailable_reason`) and edgevirt-cri does not register it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..vm.disks import DiskManager
+from ..vm.errors import VMError
+from ..vm.images import ImageStore, SkopeoSource
+from ..vm.lifecycle import DomainManager
+from ..vm.nics import DEFAULT_DEVICE_DIR
+from . import cni_exec
+from .containers import Domains
+from .handler import KvmHandler
+from .sandbox_net import IpNetns, Netns, SandboxNetwork
+from .translate import Limits
+
+REQUIRED = ("state_dir", "cni_conflist")
+
+
+@dataclasses.dataclass(frozen=True)
+class KvmOptions:
+    """The handler's options, checked and with their defaults."""
+
+    state_dir: Path
+    cni_conflist: Path
+    vm_state_dir: Path = Path("/var/lib/edgevirt/vm")
+    cni_bin_dirs: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
+    libvirt_uri: str = "qemu:///system"
+    image_roots: tuple[Path, ...] = ()
+    insecure_registries: tuple[str, ...] = ()
+    domain_type: str | None = None
+    default_memory_mib: int = 256
+    streaming_address: str = "127.0.0.1:0"
+
+
+def parse_options(name: str, options: Mapping[str, Any]) -> KvmOptions:
+    """``backends.<name>.options`` -> :class:`KvmOptions`; ValueError naming an unknown or missing key."""
+    known = {f.name for f in dataclasses.fields(KvmOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"backends.{name}.options: unknown key(s) {unknown}; known: {sorted(known)}")
+    for key in REQUIRED:
+        if not options.get(key):
+            raise ValueError(f"backends.{name}.options.{key} is required")
+    d = KvmOptions(state_dir=Path(options["state_dir"]), cni_conflist=Path(options["cni_conflist"]))
+    return dataclasses.replace(
+        d,
+        vm_state_dir=Path(options.get("vm_state_dir") or d.vm_state_dir),
+        cni_bin_dirs=tuple(Path(p) for p in options.get("cni_bin_dirs") or d.cni_bin_dirs),
+        libvirt_uri=str(options.get("libvirt_uri") or d.libvirt_uri),
+        image_roots=tuple(Path(r) for r in options.get("image_roots") or ()),
+        insecure_registries=tuple(str(r) for r in options.get("insecure_registries") or ()),
+        domain_type=options.get("domain_type"),
+        default_memory_mib=int(options.get("default_memory_mib") or d.default_memory_mib),
+        streaming_address=str(options.get("streaming_address") or d.streaming_address),
+    )
+
+
+def create(name: str, options: dict[str, Any]) -> KvmHandler:
+    """The factory named in edgevirt-cri's config (``cri_shim.kvm:create``)."""
+    return build_handler(name, parse_options(name, options))
+
+
+def domain_manager(opts: KvmOptions) -> DomainManager:
+    """The libvirt layer as the handler uses it (images under ``vm_state_dir``, file:// roots)."""
+    return DomainManager(
+        opts.vm_state_dir,
+        uri=opts.libvirt_uri,
+        domain_type=opts.domain_type,
+        images=ImageStore(
+            opts.vm_state_dir,
+            file_roots=opts.image_roots,
+            container_disks=SkopeoSource(opts.insecure_registries),
+        ),
+        disks=DiskManager(opts.vm_state_dir),
+    )
+
+
+def build_handler(
+    name: str, opts: KvmOptions, *, domains: Domains | None = None, netns: Netns | None = None
+) -> KvmHandler:
+    """The handler for ``opts``; ``domains`` and ``netns`` replace the real libvirt layer and
+    ``ip netns`` (tests)."""
+    reason: str | None = None
+    network: SandboxNetwork | None = None
+    try:
+        network = SandboxNetwork.load(opts.cni_conflist, list(opts.cni_bin_dirs), netns or IpNetns())
+        missing = network.missing_plugins()
+        if missing:
+            reason = (
+                f"CNI plugin(s) {', '.join(missing)} of {opts.cni_conflist} not found in "
+                f"{', '.join(map(str, opts.cni_bin_dirs))}"
+            )
+    except cni_exec.CNIError as e:
+        reason = str(e)
+    domains = domains if domains is not None else domain_manager(opts)
+    if reason is None:
+        try:
+            domains.connect()  # now: a node without libvirt has no kvm handler
+        except VMError as e:
+            reason = str(e)
+    limits = Limits(
+        image_roots=tuple(Path(os.path.realpath(r)) for r in opts.image_roots),
+        default_memory_mib=opts.default_memory_mib,
+        device_dir=network.device_dir if network is not None else DEFAULT_DEVICE_DIR,
+    )
+    return KvmHandler(
+        name,
+        state_dir=opts.state_dir,
+        network=network,
+        domains=domains,
+        limits=limits,
+        streaming_address=opts.streaming_address,
+        unavailable=reason,
+    )

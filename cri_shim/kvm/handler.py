@@ -1,0 +1,373 @@
+"""The CRI methods of the kvm runtime handler: a CRI pod is a network namespace with a macvtap NIC,
+and its one container is a libvirt/QEMU virtual machine.
+
+Each method is thin: find the record, take its lock, delegate, answer.
+
+* RunPodSandbox: the request and the VM pod contract become a sandbox record (:mod:`.translate`);
+  :mod:`.sandboxes` makes its namespace and attaches the VM network (:mod:`.sandbox_net`).
+* CreateContainer: the request and the sandbox's record become the container's record and the VM
+  (:mod:`.translate`); :mod:`.containers` defines the domain (not started) through the libvirt layer.
+* Start/Stop/Remove/Status/Stats map to the domain; StopContainer is ACPI shutdown, destroy after
+  the timeout. The serial console goes into the container's CRI log and Attach bridges to it
+  (:mod:`.console`); Exec and PortForward answer UNIMPLEMENTED naming what to use instead.
+
+Everything the handler makes is recorded on disk (:mod:`.records`) before it is made, so a
+restarted shim reports the same IDs and states and a failure halfway is rolled back (also one left
+by a kill -9: records still in their ``setup`` phase are undone at start).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .. import protos
+from ..backends.base import TypedBackend
+from ..errors import BackendError, invalid, unimplemented
+from ..vm.errors import DomainNotFound, ImageError, ValidationError, VMError
+from . import replies, translate
+from .cni_exec import CNIError
+from .console import ConsoleAttach, ConsoleLogs
+from .containers import AlreadyRan, ContainerLifecycle, Domains, now
+from .contract import ContractError
+from .records import ContainerRecord, SandboxRecord, container_store, sandbox_store
+from .sandbox_net import SandboxNetwork
+from .sandboxes import SandboxLifecycle
+
+log = logging.getLogger("edgevirt-cri.kvm")
+
+HANDLER = replies.HANDLER
+NOT_SUPPORTED = (
+    "{what} is not supported for VM pods (runtime handler kvm): the guest runs its own OS with no "
+    "agent; use `kubectl logs` for the serial console output, `kubectl attach -it POD` (or "
+    "`kubectl vm console NAME`) for an interactive console, and the VM's IP for its services"
+)
+
+
+def vm_error(e: VMError) -> BackendError:
+    """The gRPC status of a libvirt-layer failure: bad input, a missing domain, or anything else."""
+    if isinstance(e, ValidationError | ImageError):
+        return BackendError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, DomainNotFound):
+        return BackendError(grpc.StatusCode.NOT_FOUND, str(e))
+    return BackendError(grpc.StatusCode.UNKNOWN, str(e))
+
+
+class KeyedLocks:
+    """One re-entrant lock per sandbox or container ID."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, threading.RLock] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> threading.RLock:
+        with self._lock:
+            return self._locks.setdefault(key, threading.RLock())
+
+
+class KvmHandler(TypedBackend):
+    """CRI sandboxes and containers as network namespaces and libvirt domains."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        state_dir: Path,
+        network: SandboxNetwork | None,
+        domains: Domains,
+        limits: translate.Limits,
+        streaming_address: str = "127.0.0.1:0",
+        unavailable: str | None = None,
+    ) -> None:
+        self.name = name
+        self.network = network
+        self.domains = domains
+        self.limits = limits
+        self._reason = unavailable
+        self._lock = KeyedLocks()
+        self.sandboxes = SandboxLifecycle(sandbox_store(state_dir), network)
+        store = container_store(state_dir)
+        self.consoles = ConsoleLogs(store.dir)
+        self.containers = ContainerLifecycle(store, domains, self.consoles)
+        self.attach_urls = ConsoleAttach(streaming_address, domains.console_pty)
+        self.api = protos.api()
+        if unavailable is None:
+            self.sandboxes.recover()
+            self.containers.recover()
+
+    # ------------------------------------------------------------ backend interface
+    def unavailable_reason(self) -> str | None:
+        return self._reason
+
+    def handler_works(self, handler: str) -> bool:
+        try:
+            return bool(self.domains.lib_version())
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self.consoles.close()
+        self.attach_urls.close()
+        self.domains.close()
+
+    def status(self, req: Any) -> Any:
+        try:
+            self.domains.lib_version()
+            libvirt_error = None
+        except Exception as e:
+            libvirt_error = str(e)
+        missing = self.network.missing_plugins() if self.network else ["(no conflist)"]
+        return replies.runtime_status(self.api, libvirt_error, missing)
+
+    # ------------------------------------------------------------ lookups
+    def _sandbox(self, id_: str) -> SandboxRecord:
+        sb = self.sandboxes.store.resolve(id_)
+        if sb is None or sb.phase == "setup":
+            raise BackendError(grpc.StatusCode.NOT_FOUND, f"pod sandbox {id_!r} not found (kvm handler)")
+        return sb
+
+    def _container(self, id_: str) -> ContainerRecord:
+        c = self.containers.store.resolve(id_)
+        if c is None or c.phase == "setup":
+            raise BackendError(grpc.StatusCode.NOT_FOUND, f"container {id_!r} not found (kvm handler)")
+        return c
+
+    # ------------------------------------------------------------ sandboxes
+    def run_pod_sandbox(self, req: Any) -> Any:
+        if req.runtime_handler != HANDLER:
+            raise invalid("runtime_handler", f"{req.runtime_handler!r} is not served here", "use kvm")
+        try:
+            sb = translate.new_sandbox(
+                translate.PodRequest.from_cri(req.config), secrets.token_hex(32), now()
+            )
+        except ContractError as e:
+            raise invalid("config.annotations", str(e), "fix the VM pod's annotations") from None
+        except ValidationError as e:
+            raise invalid(e.field, e.problem, e.fix) from None
+        md = sb.metadata
+        with self._lock(sb.id):
+            try:
+                self.sandboxes.setup(sb)
+            except CNIError as e:
+                network = self.network.name if self.network else ""
+                raise BackendError(
+                    grpc.StatusCode.UNKNOWN,
+                    f"setting up the VM network {network} for pod {md.namespace}/{md.name} failed: {e}",
+                ) from None
+            except VMError as e:
+                raise vm_error(e) from None
+        log.info("pod sandbox %s (%s/%s) ready", sb.id[:12], md.namespace, md.name)
+        return self.api.RunPodSandboxResponse(pod_sandbox_id=sb.id)
+
+    def stop_pod_sandbox(self, req: Any) -> Any:
+        sb = self._sandbox(req.pod_sandbox_id)
+        with self._lock(sb.id):
+            for c in self.containers.of_sandbox(sb.id):
+                self._stop_container(c, timeout=0)
+            try:
+                self.sandboxes.stop(sb)
+            except CNIError as e:
+                raise BackendError(
+                    grpc.StatusCode.UNKNOWN, f"tearing down the pod network failed: {e}"
+                ) from None
+            except VMError as e:
+                raise vm_error(e) from None
+        return self.api.StopPodSandboxResponse()
+
+    def remove_pod_sandbox(self, req: Any) -> Any:
+        sb = self._sandbox(req.pod_sandbox_id)
+        with self._lock(sb.id):
+            self.stop_pod_sandbox(self.api.StopPodSandboxRequest(pod_sandbox_id=sb.id))
+            for c in self.containers.of_sandbox(sb.id):
+                self._remove_container(c)
+            self.sandboxes.remove(sb)
+        log.info("pod sandbox %s removed", sb.id[:12])
+        return self.api.RemovePodSandboxResponse()
+
+    def pod_sandbox_status(self, req: Any) -> Any:
+        sb = self._sandbox(req.pod_sandbox_id)
+        netns = self.network.netns_path(sb) if self.network else Path("/run/netns") / sb.netns
+        return replies.pod_sandbox_status(self.api, sb, netns, bool(req.verbose))
+
+    def list_pod_sandbox(self, req: Any) -> Any:
+        api, f = self.api, req.filter
+        want_id = ""
+        if f.id:
+            hit = self.sandboxes.store.resolve(f.id)
+            if hit is None:
+                return api.ListPodSandboxResponse()
+            want_id = hit.id
+        out = []
+        for sb in self.sandboxes.store.all():
+            if sb.phase == "setup" or (want_id and sb.id != want_id):
+                continue
+            item = replies.sandbox_message(api, sb, api.PodSandbox)
+            if f.HasField("state") and item.state != f.state.state:
+                continue
+            if replies.labels_match(sb.labels, f.label_selector):
+                out.append(item)
+        return api.ListPodSandboxResponse(items=out)
+
+    # ------------------------------------------------------------ containers
+    def create_container(self, req: Any) -> Any:
+        sb = self._sandbox(req.pod_sandbox_id)
+        request = translate.ContainerRequest.from_cri(req.config)
+        try:
+            translate.check_name("config.metadata.name", request.metadata.name)
+        except ValidationError as e:
+            raise vm_error(e) from None
+        with self._lock(sb.id):
+            try:
+                self._check_room_for_a_vm(sb)
+                c, spec = translate.new_container(request, sb, self.limits, secrets.token_hex(32), now())
+                self.containers.create(c, spec)
+            except VMError as e:
+                raise vm_error(e) from None
+        log.info("container %s (domain %s) created in pod %s", c.id[:12], c.domain, sb.id[:12])
+        return self.api.CreateContainerResponse(container_id=c.id)
+
+    def _check_room_for_a_vm(self, sb: SandboxRecord) -> None:
+        """A ready sandbox without a container that has not exited (a VM pod has one container)."""
+        if sb.state != "READY":
+            raise BackendError(grpc.StatusCode.FAILED_PRECONDITION, f"pod sandbox {sb.id[:12]} is not ready")
+        live = [c for c in self.containers.of_sandbox(sb.id) if self.containers.observe(c).state != "EXITED"]
+        if live:
+            raise BackendError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"a VM pod has one container; {live[0].metadata.name!r} "
+                f"({live[0].id[:12]}) still exists in pod sandbox {sb.id[:12]}",
+            )
+
+    def start_container(self, req: Any) -> Any:
+        c = self._container(req.container_id)
+        with self._lock(c.id):
+            try:
+                self.containers.start(c)
+            except AlreadyRan:
+                raise BackendError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"container {c.id[:12]} has already run; create a new one",
+                ) from None
+            except VMError as e:
+                raise vm_error(e) from None
+        return self.api.StartContainerResponse()
+
+    def _stop_container(self, c: ContainerRecord, timeout: float) -> None:
+        with self._lock(c.id):
+            try:
+                self.containers.stop(c, timeout)
+            except VMError as e:
+                raise vm_error(e) from None
+
+    def stop_container(self, req: Any) -> Any:
+        self._stop_container(self._container(req.container_id), float(req.timeout))
+        return self.api.StopContainerResponse()
+
+    def _remove_container(self, c: ContainerRecord) -> None:
+        with self._lock(c.id):
+            try:
+                self.containers.remove(c)
+            except VMError as e:
+                raise vm_error(e) from None
+
+    def remove_container(self, req: Any) -> Any:
+        self._remove_container(self._container(req.container_id))
+        return self.api.RemoveContainerResponse()
+
+    def container_status(self, req: Any) -> Any:
+        c = self.containers.observe(self._container(req.container_id))
+        return replies.container_status(self.api, c, bool(req.verbose))
+
+    def list_containers(self, req: Any) -> Any:
+        api, f = self.api, req.filter
+        want_id = want_sb = ""
+        if f.id:
+            hit = self.containers.store.resolve(f.id)
+            if hit is None:
+                return api.ListContainersResponse()
+            want_id = hit.id
+        if f.pod_sandbox_id:
+            sb = self.sandboxes.store.resolve(f.pod_sandbox_id)
+            if sb is None:
+                return api.ListContainersResponse()
+            want_sb = sb.id
+        out = []
+        for c in self.containers.store.all():
+            if c.phase == "setup" or (want_id and c.id != want_id) or (want_sb and c.sandbox_id != want_sb):
+                continue
+            if not replies.labels_match(c.labels, f.label_selector):
+                continue
+            item = replies.container_message(api, self.containers.observe(c))
+            if not f.HasField("state") or item.state == f.state.state:
+                out.append(item)
+        return api.ListContainersResponse(containers=out)
+
+    def container_stats(self, req: Any) -> Any:
+        c = self._container(req.container_id)
+        return self.api.ContainerStatsResponse(
+            stats=replies.container_stats(self.api, c, self.containers.stats(c))
+        )
+
+    def list_container_stats(self, req: Any) -> Any:
+        f = req.filter
+        out = []
+        for c in self.containers.store.all():
+            if c.phase == "setup" or (f.id and not c.id.startswith(f.id)):
+                continue
+            if f.pod_sandbox_id and not c.sandbox_id.startswith(f.pod_sandbox_id):
+                continue
+            if not replies.labels_match(c.labels, f.label_selector):
+                continue
+            if self.containers.observe(c).state == "RUNNING":
+                out.append(replies.container_stats(self.api, c, self.containers.stats(c)))
+        return self.api.ListContainerStatsResponse(stats=out)
+
+    def reopen_container_log(self, req: Any) -> Any:
+        c = self._container(req.container_id)
+        if self.containers.observe(c).state != "RUNNING" or not self.consoles.reopen(c.id):
+            raise BackendError(grpc.StatusCode.FAILED_PRECONDITION, f"container {c.id[:12]} is not running")
+        return self.api.ReopenContainerLogResponse()
+
+    def attach(self, req: Any) -> Any:
+        """A URL of the shim's streaming server that bridges the client to the VM's serial console
+        (the pty QEMU made for it); ``kubectl attach -it POD`` is an interactive console."""
+        c = self._container(req.container_id)
+        if not (req.stdin or req.stdout or req.stderr):
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT, "AttachRequest: one of stdin, stdout, or stderr must be set"
+            )
+        c = self.containers.observe(c)
+        if c.state != "RUNNING":
+            raise BackendError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"container {c.id} is not running ({c.state.lower()}): start it (StartContainer) first",
+            )
+        url = self.attach_urls.url(
+            c.domain, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, tty=req.tty
+        )
+        return self.api.AttachResponse(url=url)
+
+    # ------------------------------------------------------------ not for VMs
+    def exec_sync(self, req: Any) -> Any:
+        self._container(req.container_id)
+        raise unimplemented(NOT_SUPPORTED.format(what="ExecSync (kubectl exec)"))
+
+    def exec(self, req: Any) -> Any:
+        self._container(req.container_id)
+        raise unimplemented(NOT_SUPPORTED.format(what="Exec (kubectl exec)"))
+
+    def port_forward(self, req: Any) -> Any:
+        self._sandbox(req.pod_sandbox_id)
+        raise unimplemented(NOT_SUPPORTED.format(what="PortForward (kubectl port-forward)"))
+
+    def update_container_resources(self, req: Any) -> Any:
+        self._container(req.container_id)
+        raise unimplemented(
+            "UpdateContainerResources: a VM's vCPUs and memory change with a restart of the VM "
+            "(delete the pod; a VirtualMachine shows RestartRequired)"
+        )
