@@ -27,35 +27,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from benchkit import pct, status_kib  # noqa: E402
+from helpers import processes  # noqa: E402
+from helpers.netns import Namespaces, sh  # noqa: E402
+from helpers.waiting import wait_for  # noqa: E402
+
 RESULTS = REPO / "bench" / "RESULTS.md"
 BURST_PODS, BURST_PARALLEL = 24, 8
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 def daemon_rss_kb(pid: int) -> list[int]:
     """VmRSS of the daemon process and of its children (the workers)."""
-    pids = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        pids.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    out = []
-    for p in pids:
-        with open(f"/proc/{p}/status") as f:
-            out += [int(line.split()[1]) for line in f if line.startswith("VmRSS:")]
-    return out
+    return [status_kib(p) for p in [pid, *processes.children(pid)]]
 
 
 class Bench:
@@ -64,19 +50,17 @@ class Bench:
         self.n = iterations
         self.tag = f"evb{secrets.token_hex(3)}"
         self.host = f"{self.tag}-host"
-        self.netns: list[str] = []
+        self.netns = Namespaces()
         self.bin = tmp / "bin"
 
     def netns_add(self, name: str) -> str:
-        sh("ip", "netns", "add", name)
-        self.netns.append(name)
-        return f"/run/netns/{name}"
+        return self.netns.add(name)
 
     def setup(self) -> None:
         self.netns_add(self.host)
         sh("ip", "-n", self.host, "link", "add", "vm0", "type", "veth", "peer", "name", "vp0")
         sh("ip", "-n", self.host, "link", "set", "vm0", "up")
-        sh(str(REPO / "deploy/cni/install-plugin"), "--dest", str(self.bin))
+        sh(str(REPO / "deploy/cni/install-plugin"), "--dest", str(self.bin), timeout=300)
 
     def conf(self, kind: str, standalone: bool = False) -> bytes:
         ipam = {"type": "host-local", "dataDir": str(self.tmp / f"ipam-{kind}"),
@@ -96,7 +80,7 @@ class Bench:
         t0 = time.perf_counter()
         proc = subprocess.run(
             ["nsenter", f"--net=/run/netns/{self.host}", str(binary)],
-            input=self.conf(kind, standalone), env=env, capture_output=True,
+            input=self.conf(kind, standalone), env=env, capture_output=True, timeout=120,
         )  # fmt: skip
         dt = (time.perf_counter() - t0) * 1000
         if proc.returncode != 0:
@@ -107,7 +91,7 @@ class Bench:
         t = []
         for _ in range(10):
             t0 = time.perf_counter()
-            subprocess.run(["nsenter", f"--net=/run/netns/{self.host}", "true"], check=True)
+            subprocess.run(["nsenter", f"--net=/run/netns/{self.host}", "true"], check=True, timeout=60)
             t.append((time.perf_counter() - t0) * 1000)
         return statistics.median(t)
 
@@ -132,8 +116,7 @@ class Bench:
         return (t1 - t0) * 1000, (t2 - t1) * 1000
 
     def close(self) -> None:
-        for name in reversed(self.netns):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self.netns.close()
 
 
 def main() -> int:
@@ -155,8 +138,7 @@ def main() -> int:
             ["nsenter", f"--net=/run/netns/{b.host}", str(b.bin / "macvtap"), "daemon", "--socket",
              str(tmp / "macvtap.sock")], stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        while not (tmp / "macvtap.sock").exists():
-            time.sleep(0.05)
+        wait_for("the macvtap daemon's socket", (tmp / "macvtap.sock").exists, 60, 0.05)
         time.sleep(0.5)
         kinds = [("ours", False), ("ref", False), ("ours", True)]
         for k in kinds:  # warm-up: page cache, pyc files, host-local dirs
@@ -173,8 +155,7 @@ def main() -> int:
         nsenter_ms = b.baseline_nsenter()
     finally:
         if daemon is not None:
-            daemon.terminate()
-            daemon.wait()
+            processes.stop(daemon, grace=20)
         b.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,6 +1,6 @@
 """Benchmark of edgevirt-cri's containerd passthrough against containerd itself, in the same run.
 
-One private containerd (tests/integration/cri_env.py: own root, socket, pod network) and one
+One private containerd (tests/helpers/containerd.py: own root, socket, pod network) and one
 edgevirt-cri in front of it. The same Python gRPC client (stubs generated from cri-api) calls both
 endpoints, alternating call by call, so client cost and machine noise fall on both sides alike:
 
@@ -27,10 +27,14 @@ from pathlib import Path
 import grpc
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "deploy" / "local"))
 sys.path.insert(0, str(REPO))
 
-from cri_env import PrivateContainerd, Shim  # noqa: E402
+from benchkit import pct, status_kib  # noqa: E402
+from helpers.containerd import PrivateContainerd  # noqa: E402
+from helpers.shim import Shim  # noqa: E402
 
 from cri_shim import protos  # noqa: E402
 
@@ -81,18 +85,6 @@ def remove_pod(c: Client, sid: str) -> None:
     c.rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def summary(name: str, direct: list[float], shim: list[float]) -> dict:
     d50, s50 = statistics.median(direct), statistics.median(shim)
     return {
@@ -124,7 +116,7 @@ def main() -> int:
         direct, via = Client(f"unix://{ctd.socket}"), Client(shim.endpoint)
         direct.img.PullImage(api.PullImageRequest(image=api.ImageSpec(image=IMAGE)), timeout=300)
         time.sleep(2)
-        results["shim_rss_idle_kib"] = rss_kib(shim.proc.pid)
+        results["shim_rss_idle_kib"] = status_kib(shim.proc.pid)
         # Warm-up: first calls set up connections and caches on both sides.
         for c in (direct, via):
             remove_pod(c, start_pod(c, tmp, f"warm-{uuid.uuid4().hex[:6]}")[0])
@@ -158,7 +150,7 @@ def main() -> int:
                     assert n == args.pods, f"{method} via {key} returned {n} items, expected {args.pods}"
             lists[method] = summary(f"{method} ({args.pods} pods)", t["direct"], t["shim"])
         results["list"] = lists
-        results["shim_rss_after_kib"] = rss_kib(shim.proc.pid)
+        results["shim_rss_after_kib"] = status_kib(shim.proc.pid)
         for sid in sids:
             remove_pod(direct, sid)
     finally:

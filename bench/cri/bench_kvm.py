@@ -33,8 +33,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "deploy" / "local"))
 sys.path.insert(0, str(REPO / "deploy" / "images"))
-sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from benchkit import pct, status_kib, time_create_xml  # noqa: E402
+from helpers.shim import Shim as ShimProcess  # noqa: E402
+from helpers.vm_env import VM_IMAGE as IMAGE  # noqa: E402
+from helpers.waiting import wait_for  # noqa: E402
 from localcluster.components import BY_NAME  # noqa: E402
 from localcluster.paths import Paths  # noqa: E402
 
@@ -42,15 +47,6 @@ from cri_shim import protos  # noqa: E402
 
 api = protos.api()
 from cri_shim._generated import api_pb2_grpc  # noqa: E402
-
-IMAGE = "127.0.0.1:5000/vm/test-disk:1"
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 class Shim:
@@ -80,11 +76,12 @@ class Shim:
             api.CreateContainerRequest(pod_sandbox_id=sid, config=ccfg, sandbox_config=cfg)
         ).container_id
         self.rt.StartContainer(api.StartContainerRequest(container_id=cid))
-        while (
-            self.rt.ContainerStatus(api.ContainerStatusRequest(container_id=cid)).status.state
-            != api.CONTAINER_RUNNING
-        ):
-            time.sleep(0.001)
+        status = api.ContainerStatusRequest(container_id=cid)
+
+        def running() -> bool:
+            return self.rt.ContainerStatus(status).status.state == api.CONTAINER_RUNNING
+
+        wait_for(f"container {cid} RUNNING", running, 300, 0.001)
         return sid, cid, time.perf_counter() - t0
 
     def remove(self, sid: str, cid: str) -> None:
@@ -96,19 +93,7 @@ def floor(conn: libvirt.virConnect, inactive_xml: str) -> float:
     root = ET.fromstring(inactive_xml)
     root.find("name").text = f"bench-floor-{uuid.uuid4().hex[:8]}"  # type: ignore[union-attr]
     root.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
-    xml = ET.tostring(root, encoding="unicode")
-    t0 = time.perf_counter()
-    dom = conn.createXML(xml, 0)
-    while not dom.isActive():
-        time.sleep(0.001)
-    dt = time.perf_counter() - t0
-    dom.destroy()
-    return dt
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+    return time_create_xml(conn, ET.tostring(root, encoding="unicode"))
 
 
 def main() -> int:
@@ -122,7 +107,6 @@ def main() -> int:
         sys.exit("edgevirt-cri of the local cluster is not running: deploy/local/up")
     import build_vm_disk
     import yaml
-    from cri_env import Shim as ShimProcess
 
     build_vm_disk.push(build_vm_disk.build_vm_disk(), args.image)
     # an edgevirt-cri of its own with the cluster's kvm options: kubelet stops sandboxes it does not
@@ -147,7 +131,7 @@ def measure(args: argparse.Namespace, shim: Shim, pid: int) -> int:
     # warm: the image cache and QEMU's capabilities (not timed)
     sid, cid, _ = shim.run_vm(tmp, args.image)
     shim.remove(sid, cid)
-    rss_idle = rss_kib(pid)
+    rss_idle = status_kib(pid)
     shim_t: list[float] = []
     floor_t: list[float] = []
     for r in range(args.rounds):
@@ -166,7 +150,7 @@ def measure(args: argparse.Namespace, shim: Shim, pid: int) -> int:
         shim.remove(sid, cid)
     pods = [shim.run_vm(tmp, args.image) for _ in range(args.vms)]
     time.sleep(2)
-    rss_vms = rss_kib(pid)
+    rss_vms = status_kib(pid)
     for sid, cid, _ in pods:
         shim.remove(sid, cid)
     conn.close()

@@ -25,13 +25,15 @@ sys.path.insert(0, str(REPO / "deploy/images"))
 sys.path.insert(0, str(REPO / "tests"))
 
 import build_vm_disk  # noqa: E402
-import libvirt_daemon  # noqa: E402
+from helpers import libvirt_daemon  # noqa: E402
 
 from cri_shim.vm import DomainManager, ImageStore, VMSpec  # noqa: E402
 
 
 def virsh(*args: str) -> None:
-    subprocess.run(["virsh", "-q", "-c", "qemu:///system", *args], check=True, capture_output=True)
+    subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", *args], check=True, capture_output=True, timeout=120
+    )
 
 
 def main() -> int:
@@ -73,6 +75,7 @@ def main() -> int:
             subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(ref_overlay)],
                 check=True,
+                timeout=120,
             )
             virsh("define", str(state / "ref.xml"))
             virsh("start", "evbench-ref")

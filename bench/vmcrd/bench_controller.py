@@ -28,21 +28,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from benchkit import status_kib  # noqa: E402
+from helpers import processes  # noqa: E402
+from helpers.controller import CONTROLLER  # noqa: E402
+from helpers.waiting import wait_for  # noqa: E402
 from kubernetes import client  # noqa: E402
 
 from vmcrd import api  # noqa: E402
 from vmcrd.kube import api_client  # noqa: E402
 
 KUBECONFIG = REPO / ".local/kubeconfig"
-BIN = Path(sys.executable).parent
-
-
-def rss_kib(pid: int) -> tuple[int, int]:
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
-    )
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
 def make_vms(custom: client.CustomObjectsApi, ns: str, n: int, running: int) -> None:
@@ -71,7 +69,7 @@ def controller_round(custom, ns: str, n: int) -> tuple[float, int, int]:
     t0 = time.monotonic()
     p = subprocess.Popen(
         [
-            str(BIN / "edgevirt-controller"),
+            CONTROLLER,
             "--mode",
             "cluster",
             "--kubeconfig",
@@ -86,17 +84,19 @@ def controller_round(custom, ns: str, n: int) -> tuple[float, int, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def reconciled() -> bool:
+        if p.poll() is not None:
+            raise SystemExit(f"controller exited with {p.returncode}")
+        return all_reconciled(custom, ns, n)
+
     try:
-        while not all_reconciled(custom, ns, n):
-            if p.poll() is not None:
-                raise SystemExit(f"controller exited with {p.returncode}")
-            time.sleep(0.1)
+        wait_for(f"all {n} VMs reconciled", reconciled, 600, 0.1)
         elapsed = time.monotonic() - t0
         time.sleep(2.0)  # settle, then read memory
-        rss, hwm = rss_kib(p.pid)
+        rss, hwm = status_kib(p.pid), status_kib(p.pid, "VmHWM")
     finally:
-        p.terminate()
-        p.wait(30)
+        processes.stop(p, grace=30)
     return elapsed, rss, hwm
 
 
@@ -130,7 +130,9 @@ def bare_client_rss() -> int:
         "s = pathlib.Path('/proc/self/status').read_text().splitlines();"
         "print([l for l in s if l.startswith('VmRSS')][0])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     return int(out.split()[1])
 
 

@@ -38,21 +38,20 @@ import libvirt
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "deploy" / "images"))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from benchkit import pct, time_create_xml  # noqa: E402
+from helpers.controller import ControllerProcess  # noqa: E402
+from helpers.vm_env import VM_IMAGE as IMAGE  # noqa: E402
+from helpers.waiting import TimedOut, wait_for  # noqa: E402
 from kubernetes import client  # noqa: E402
 
 from vmcrd import api  # noqa: E402
 from vmcrd.kube import api_client  # noqa: E402
 
 KUBECONFIG = REPO / ".local/kubeconfig"
-BIN = Path(sys.executable).parent
-IMAGE = "127.0.0.1:5000/vm/test-disk:1"
 KUBECTL = [str(REPO / ".local/bin/kubectl"), "--kubeconfig", str(KUBECONFIG)]
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 class Bench:
@@ -79,12 +78,11 @@ class Bench:
         self.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, body)
 
     def wait(self, what: str, check, timeout: float = 300, interval: float = 0.02) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if check():
-                return time.monotonic()
-            time.sleep(interval)
-        raise SystemExit(f"timed out waiting for {what}")
+        """When ``check`` first held (time.monotonic()); a wait that runs out ends the benchmark."""
+        try:
+            return wait_for(what, lambda: check() and time.monotonic(), timeout, interval)
+        except TimedOut as e:
+            raise SystemExit(str(e)) from None
 
     def status(self, name: str) -> dict:
         return self.vm(name).get("status") or {}
@@ -127,6 +125,7 @@ def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
             capture_output=True,
             text=True,
             check=True,
+            timeout=60,
         ).stdout
     )
     overlay = tmp / f"{uuid.uuid4().hex[:8]}.qcow2"
@@ -144,6 +143,7 @@ def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
             str(overlay),
         ],
         check=True,
+        timeout=120,
     )
     src.set("file", str(overlay))
     for log in root.iter("log"):  # the serial console's log file is held by the running VM
@@ -151,13 +151,7 @@ def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
     emulator = devices.find("emulator")
     if emulator is not None:
         emulator.text = "/usr/bin/qemu-system-x86_64"  # no NIC: the tap-fd wrapper has nothing to do
-    xml = ET.tostring(root, encoding="unicode")
-    t0 = time.monotonic()
-    d = conn.createXML(xml, 0)
-    while not d.isActive():
-        time.sleep(0.001)
-    dt = time.monotonic() - t0
-    d.destroy()
+    dt = time_create_xml(conn, ET.tostring(root, encoding="unicode"))
     overlay.unlink()
     return dt
 
@@ -219,15 +213,17 @@ def controllers_on_a_namespace(prefix: str) -> Iterator[Bench]:
 
     build_vm_disk.push(build_vm_disk.build_vm_disk(), IMAGE)
     ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    subprocess.run([*KUBECTL, "apply", "-k", str(REPO / "deploy")], check=True, capture_output=True)
-    subprocess.run([*KUBECTL, "create", "namespace", ns], check=True, capture_output=True)
-    node = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(
+        [*KUBECTL, "apply", "-k", str(REPO / "deploy")], check=True, capture_output=True, timeout=120
+    )
+    subprocess.run([*KUBECTL, "create", "namespace", ns], check=True, capture_output=True, timeout=120)
+    node = subprocess.run(["hostname"], capture_output=True, text=True, timeout=60).stdout.strip()
     logs = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     procs = [
-        subprocess.Popen(
-            [str(BIN / "edgevirt-controller"), "--mode", mode, "--kubeconfig", str(KUBECONFIG),
-             "--namespace", ns, *(["--lease-namespace", ns] if mode == "cluster" else ["--node", node])],
-            stdout=(logs / f"{mode}.log").open("w"), stderr=subprocess.STDOUT,
+        ControllerProcess(
+            ["--mode", mode, "--kubeconfig", str(KUBECONFIG), "--namespace", ns,
+             *(["--lease-namespace", ns] if mode == "cluster" else ["--node", node])],
+            logs / f"{mode}.log", mode,
         )
         for mode in ("cluster", "node")
     ]  # fmt: skip
@@ -235,12 +231,12 @@ def controllers_on_a_namespace(prefix: str) -> Iterator[Bench]:
         yield Bench(ns)
     finally:
         subprocess.run([*KUBECTL, "delete", "vm", "--all", "-n", ns, "--wait=true", "--timeout=300s"],
-                       capture_output=True)  # fmt: skip
+                       capture_output=True, timeout=330)  # fmt: skip
         for p in procs:
-            p.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(20)
-        subprocess.run([*KUBECTL, "delete", "namespace", ns, "--wait=false"], capture_output=True)
+            p.stop()
+        subprocess.run(
+            [*KUBECTL, "delete", "namespace", ns, "--wait=false"], capture_output=True, timeout=120
+        )
         print(f"controller logs: {logs}", file=sys.stderr)
 
 

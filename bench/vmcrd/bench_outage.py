@@ -26,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import libvirt
-
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "deploy" / "local"))
+sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lifecycle import KUBECTL, controllers_on_a_namespace  # noqa: E402
+from helpers import vm_env  # noqa: E402
 from localcluster.components import BY_NAME  # noqa: E402
 from localcluster.paths import Paths  # noqa: E402
 
@@ -41,21 +41,8 @@ UP_APISERVER = [str(REPO / "deploy/local/up"), "kube-apiserver"]
 
 def qemu_pid(uid: str) -> int | None:
     """The pid of the one active QEMU process of the VM with this UID (libvirt's pid file)."""
-    conn = libvirt.open("qemu:///system")
-    try:
-        names = [
-            d.name()
-            for d in conn.listAllDomains()
-            if d.isActive() and f">{uid}<" in d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-        ]
-    finally:
-        conn.close()
-    if len(names) != 1:
-        return None
-    try:
-        return int(Path(f"/run/libvirt/qemu/{names[0]}.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
+    names = [name for name, active in vm_env.vm_domains(uid) if active]
+    return vm_env.qemu_pid(names[0]) if len(names) == 1 else None
 
 
 def main() -> int:
@@ -102,12 +89,12 @@ def main() -> int:
                         raise SystemExit(f"round {r}: the VM's QEMU process changed during the outage")
                     time.sleep(1)
                 t_start = time.monotonic()
-                res = subprocess.run(UP_APISERVER, capture_output=True, text=True)
+                res = subprocess.run(UP_APISERVER, capture_output=True, text=True, timeout=600)
                 if res.returncode:
                     raise SystemExit(f"restarting kube-apiserver failed: {res.stdout}{res.stderr}")
                 b.wait(
                     "/readyz",
-                    lambda: subprocess.run(readyz, capture_output=True).returncode == 0,
+                    lambda: subprocess.run(readyz, capture_output=True, timeout=30).returncode == 0,
                     120,
                     0.1,
                 )
@@ -118,7 +105,7 @@ def main() -> int:
                 print(f"round {r + 1}: API server ready after {api_back[-1]:.1f} s, status caught up in "
                       f"{catch_up[-1]:.2f} s", file=sys.stderr)  # fmt: skip
         finally:  # whatever happened, the API server runs again before the cleanup needs it
-            subprocess.run(UP_APISERVER, capture_output=True)
+            subprocess.run(UP_APISERVER, capture_output=True, timeout=600)
     ref, mid = statistics.median(steady), statistics.median(catch_up)
     rows = [
         (f"patch paused -> status, once the API server is ready again ({args.rounds} outages of "

@@ -2,7 +2,7 @@
 edgevirt-cri in front of that same containerd, in one run, and compares the results per spec.
 
 Both endpoints use a private containerd (own root, socket and pod network, see
-tests/integration/cri_env.py), so critest never touches the shared local cluster's pods or images.
+tests/helpers/containerd.py), so critest never touches the shared local cluster's pods or images.
 The images critest pulls are built locally and pushed to the local registry first
 (deploy/cri/critest_images.py); the local registry must be running (deploy/local/up registry).
 
@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "deploy" / "local"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import critest_images  # noqa: E402
-from cri_env import PrivateContainerd, Shim  # noqa: E402
+from helpers.containerd import PrivateContainerd  # noqa: E402
+from helpers.shim import Shim  # noqa: E402
 
 CRITEST = str(REPO / ".local" / "bin" / "critest")
 # The one test image that cannot exist offline: it is named by the digest of upstream bytes.

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import re
+import select
 import signal
 import subprocess
 import threading
@@ -19,9 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers.waiting import wait_for
 from localcluster.components import BY_NAME
-
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -45,21 +45,8 @@ spec:
 """
 
 
-def shim_crictl(cluster, *args: str) -> subprocess.CompletedProcess:
-    ep = f"unix://{cluster.paths.cri_sock}"
-    return subprocess.run(
-        [cluster.paths.tool("crictl"), "--config", "/dev/null", "-r", ep, "-i", ep, *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-
-
 def sandboxes(cluster, name: str, via_shim: bool = False) -> list[dict]:
-    args = ("pods", "--name", name, "-o", "json")
-    out = shim_crictl(cluster, *args).stdout if via_shim else cluster.crictl(*args).stdout
-    return json.loads(out)["items"]
+    return cluster.cri(via_shim).json("pods", "--name", name, "-o", "json")["items"]
 
 
 @pytest.fixture
@@ -108,6 +95,8 @@ def test_runc_pod_runs_logs_execs_port_forwards_and_leaves_nothing(cluster, runc
         text=True,
     )
     try:
+        # its first line names the local port; bounded, so a silent port-forward fails here
+        assert select.select([pf.stdout], [], [], 60)[0], "kubectl port-forward said nothing in 60 s"
         line = pf.stdout.readline()
         m = re.search(r"127\.0\.0\.1:(\d+)", line)
         assert m, f"kubectl port-forward said {line!r}"
@@ -193,7 +182,7 @@ def _relisted(cluster) -> bool:
     is listed through the shim (a ListPodSandbox with the new process serving)."""
     node = cluster.kubectl_json("get", "node", cluster.node)
     ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}.get("Ready") == "True"
-    return ready and bool(shim_crictl(cluster, "pods", "-q").stdout.strip())
+    return ready and bool(cluster.crictl("pods", "-q", via_shim=True).stdout.strip())
 
 
 ATTACH_POD = """apiVersion: v1

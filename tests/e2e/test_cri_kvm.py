@@ -22,41 +22,19 @@ import time
 import uuid
 from pathlib import Path
 
-import libvirt
 import pytest
 import yaml
+from helpers.attaching import attach_and_type
+from helpers.containerd import PrivateContainerd
+from helpers.crictl import Crictl
+from helpers.shim import Shim
+from helpers.vm_env import domain_names
+from helpers.waiting import wait_for as wait
 from localcluster.components import BY_NAME
-
-from tests.attaching import attach_and_type
-from tests.waiting import wait_for as wait
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 VM_LAN = "edgevirt-vmnet"
-
-
-def crictl(
-    endpoint: str, *args: str, check: bool = True, timeout: float = 300, image_endpoint: str = ""
-) -> subprocess.CompletedProcess:
-    ie = image_endpoint or endpoint
-    r = subprocess.run(
-        [TOOLS["crictl"], "--config", "/dev/null", "-r", endpoint, "-i", ie, "-t", "240s", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(f"crictl {' '.join(args)} failed: {r.stderr}")
-    return r
-
-
-def shim(cluster, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """crictl against the cluster's edgevirt-cri (the one kubelet uses)."""
-    TOOLS.setdefault("crictl", str(cluster.paths.tool("crictl")))
-    return crictl(f"unix://{cluster.paths.cri_sock}", *args, check=check, timeout=timeout)
-
-
-TOOLS: dict[str, str] = {}
 
 
 def kvm_options(cluster) -> dict:
@@ -64,20 +42,12 @@ def kvm_options(cluster) -> dict:
     return cfg["backends"]["kvm"]["options"]
 
 
-def kvm_available(endpoint: str, log_file: Path) -> None:
-    info = json.loads(crictl(endpoint, "info", "-o", "json").stdout)
+def kvm_available(crictl: Crictl, log_file: Path) -> None:
+    info = crictl.json("info", "-o", "json")
     names = {h.get("name", "") for h in info.get("runtimeHandlers") or []}
     if "kvm" not in names:
         log = log_file.read_text()[-3000:]
         raise AssertionError(f"edgevirt-cri does not serve the kvm handler on this node; its log:\n{log}")
-
-
-def domains() -> set[str]:
-    conn = libvirt.open("qemu:///system")
-    try:
-        return {d.name() for d in conn.listAllDomains()}
-    finally:
-        conn.close()
 
 
 def leftovers(opts: dict, sid: str, cid: str | None) -> list[str]:
@@ -97,7 +67,7 @@ def leftovers(opts: dict, sid: str, cid: str | None) -> list[str]:
     if (Path(opts["state_dir"]) / "sandboxes" / f"{sid}.json").exists():
         found.append("sandbox record")
     if cid:
-        if f"edgevirt-{cid[:20]}" in domains():
+        if f"edgevirt-{cid[:20]}" in domain_names():
             found.append("domain")
         if (vm_state / "disks" / "pod" / cid).exists():
             found.append("overlay")
@@ -112,15 +82,9 @@ class PrivateKvmShim:
     endpoint. Shares libvirtd, the VM network and the VM disk dir with the cluster."""
 
     def __init__(self, cluster) -> None:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-        from cri_env import PrivateContainerd, Shim
-
-        TOOLS.setdefault("crictl", str(cluster.paths.tool("crictl")))
         self.options = {**kvm_options(cluster)}
         # a containerd of its own too, so a test may stop it without touching the cluster's
-        self.containerd = PrivateContainerd.create().start()
+        self.containerd = PrivateContainerd.create()
         self.cluster_containerd = cluster.paths.containerd_sock
         self.shim = Shim.create(self.containerd.socket)
         self.options["state_dir"] = str(self.shim.root / "kvm")
@@ -131,21 +95,29 @@ class PrivateKvmShim:
             },
             "handlers": {"": "containerd", "runc": "containerd", "kvm": "kvm"},
         }
+        # long crictl timeouts: create pulls the VM disk, stop waits for the guest's ACPI shutdown
+        self.crictl = Crictl(
+            self.shim.endpoint, binary=str(cluster.paths.tool("crictl")), request_timeout="240s", timeout=300
+        )
+
+    def start(self) -> PrivateKvmShim:
+        self.containerd.start()
         self.shim.start()
-        kvm_available(self.shim.endpoint, self.shim.log)
+        kvm_available(self.crictl, self.shim.log)
+        return self
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         # crictl checks the image API before any command; with our containerd (the only image
         # backend) stopped, that check goes to the cluster's containerd instead
         ie = "" if self.containerd.running() else f"unix://{self.cluster_containerd}"
-        return crictl(self.shim.endpoint, *args, check=check, image_endpoint=ie)
+        return self.crictl.with_image_endpoint(ie)(*args, check=check)
 
 
 @pytest.fixture(scope="module")
 def cri(cluster):
     p = PrivateKvmShim(cluster)
     try:
-        yield p
+        yield p.start()
     finally:
         for sid in p("pods", "-q", check=False).stdout.split():
             p("rmp", "-f", sid, check=False)
@@ -172,7 +144,7 @@ def pod_files(cri, tmp_path):
     finally:
         for sid in made:
             cri("rmp", "-f", sid, check=False)
-        subprocess.run(["rm", "-rf", str(logdir)], check=False)
+        subprocess.run(["rm", "-rf", str(logdir)], check=False, timeout=60)
 
 
 def container_json(tmp_path: Path, image: str, name: str = "vm") -> Path:
@@ -214,7 +186,10 @@ def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cri, vm
     logs = cri("logs", cid).stdout
     assert "EDGEVIRT-GUEST: up" in logs
     ping = subprocess.run(
-        ["ip", "netns", "exec", VM_LAN, "ping", "-c", "3", "-W", "2", ip], capture_output=True, text=True
+        ["ip", "netns", "exec", VM_LAN, "ping", "-c", "3", "-W", "2", ip],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert ping.returncode == 0, ping.stdout + ping.stderr
     stats = json.loads(cri("stats", "--id", cid, "-o", "json").stdout)["stats"]
@@ -225,7 +200,7 @@ def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cri, vm
     # attaches in a row: a detach leaves the VM and its console as they were.
     for word in ("first-attach", "second-attach"):
         out = attach_and_type(
-            [TOOLS["crictl"], "--config", "/dev/null", "-r", cri.shim.endpoint, "attach", "-i", cid], word
+            [cri.crictl.binary, "--config", "/dev/null", "-r", cri.shim.endpoint, "attach", "-i", cid], word
         )
         assert f"EDGEVIRT-GUEST: echo {word}" in out, out
     assert [c["state"] for c in json.loads(cri("ps", "--id", cid, "-o", "json").stdout)["containers"]] == [
@@ -245,7 +220,7 @@ def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cri, vm
 
 def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cri, pod_files):
     tmp, pod, made = pod_files
-    before = domains()
+    before = domain_names()
     sid = cri("runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
     made.append(sid)
     r = cri(
@@ -258,7 +233,7 @@ def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cri, pod_files
     assert r.returncode != 0
     assert "image" in r.stderr and "allowed" in r.stderr, r.stderr
     assert json.loads(cri("ps", "-a", "-p", sid, "-o", "json").stdout)["containers"] == []
-    assert domains() == before
+    assert domain_names() == before
     cri("rmp", "-f", sid)
     made.remove(sid)
     assert leftovers(cri.options, sid, None) == []
@@ -284,7 +259,7 @@ def test_containerd_down_and_a_libvirtd_restart_leave_vm_pods_running(cri, clust
 
     def pings() -> bool:
         r = subprocess.run(
-            ["ip", "netns", "exec", VM_LAN, "ping", "-c", "1", "-W", "2", ip], capture_output=True
+            ["ip", "netns", "exec", VM_LAN, "ping", "-c", "1", "-W", "2", ip], capture_output=True, timeout=60
         )
         return r.returncode == 0
 
@@ -322,7 +297,9 @@ def test_containerd_down_and_a_libvirtd_restart_leave_vm_pods_running(cri, clust
 
 
 def _qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True, timeout=60
+    ).stdout
     return {int(x) for x in out.split()}
 
 
@@ -351,7 +328,7 @@ spec:
 
 
 def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluster, vm_image):
-    kvm_available(f"unix://{cluster.paths.cri_sock}", cluster.paths.logs / "edgevirt-cri.log")
+    kvm_available(cluster.cri(via_shim=True), cluster.paths.logs / "edgevirt-cri.log")
     name = f"e2e-kvm-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("apply", "-f", "-", input=KVM_POD.format(name=name, image=vm_image))
     sid = cid = None
@@ -365,7 +342,7 @@ def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluste
             300,
             2,
         )
-        sb = json.loads(shim(cluster, "pods", "--name", name, "-o", "json").stdout)["items"]
+        sb = cluster.cri(via_shim=True).json("pods", "--name", name, "-o", "json")["items"]
         sid = sb[0]["id"]
         cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
 
@@ -379,7 +356,7 @@ def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluste
         after = cluster.kubectl_json("get", "pod", name)
         cs = after["status"]["containerStatuses"][0]
         assert cs["containerID"].endswith(cid) and cs["restartCount"] == 0 and "running" in cs["state"]
-        assert json.loads(shim(cluster, "inspectp", sid).stdout)["status"]["state"] == "SANDBOX_READY"
+        assert cluster.cri(via_shim=True).json("inspectp", sid)["status"]["state"] == "SANDBOX_READY"
         # kubectl attach -i: API server -> kubelet -> the shim's streaming server -> the serial console
         kubectl = [str(cluster.paths.tool("kubectl")), "--kubeconfig", str(cluster.paths.kubeconfig)]
         out = attach_and_type([*kubectl, "attach", "-i", name], "kubectl-attach")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.netns import sh
+from helpers.waiting import wait_for
 from localcluster.components import cri_enabled
-
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -112,7 +112,7 @@ VM_MASTER, VM_LAN_NETNS, VM_GATEWAY = "evvm0", "edgevirt-vmnet", "10.245.0.1"
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True)
+    return sh("ip", *args, check=False)
 
 
 def _vm_network_present() -> dict[str, bool]:
@@ -139,7 +139,10 @@ def _assert_vm_network_up(cluster) -> None:
 def test_vm_network_is_up_and_shown_by_status(cluster):
     _assert_vm_network_up(cluster)
     out = subprocess.run(
-        [str(Path(__file__).resolve().parents[2] / "deploy/local/status")], capture_output=True, text=True
+        [str(Path(__file__).resolve().parents[2] / "deploy/local/status")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert "set up (evvm0 <-> edgevirt-vmnet/eth0 10.245.0.1/24)" in lines["vm-network"], out

@@ -14,13 +14,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.attaching import attach_and_type
-from tests.waiting import wait_for
+from helpers.attaching import attach_and_type
+from helpers.controller import ControllerProcess
+from helpers.vm_env import qemu_pid, vm_domains
+from helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -33,10 +33,9 @@ class Controllers:
 
     def __init__(self, k, ns: str, logdir: Path) -> None:
         self.k, self.ns, self.logdir = k, ns, logdir
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, ControllerProcess] = {}
 
     def start(self, mode: str) -> None:
-        ctl = str(VENV_BIN / "edgevirt-controller")
         kc = str(self.k.paths.kubeconfig)
         state = os.environ.get("EDGEVIRT_VM_STATE_DIR", "/var/lib/edgevirt/vm")
         extra = (
@@ -44,22 +43,15 @@ class Controllers:
             if mode == "cluster"
             else ["--node", self.k.node, "--state-dir", state]
         )
-        self.procs[mode] = subprocess.Popen(
-            [ctl, "--mode", mode, "--kubeconfig", kc, "--namespace", self.ns, "-v", *extra],
-            stdout=(self.logdir / f"{mode}.log").open("a"),
-            stderr=subprocess.STDOUT,
-        )
+        args = ["--mode", mode, "--kubeconfig", kc, "--namespace", self.ns, "-v", *extra]
+        self.procs[mode] = ControllerProcess(args, self.logdir / f"{mode}.log", mode)
 
     def kill9(self, mode: str) -> None:
-        p = self.procs[mode]
-        p.kill()
-        p.wait(20)
+        self.procs[mode].kill9()
 
     def stop(self) -> None:
         for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait(20)
+            p.stop()
 
 
 @pytest.fixture
@@ -68,22 +60,22 @@ def vm_ns(cluster, vm_image, tmp_path):
     k = cluster
     k.kubectl("apply", "-k", str(REPO / "deploy"))  # CRD, RBAC
     k.kubectl("apply", "-f", str(REPO / "deploy/manifests/runtimeclasses.yaml"))
-    ns = f"vmcrd-e2e-{uuid.uuid4().hex[:6]}"
-    k.kubectl("create", "namespace", ns)
-    ctls = Controllers(k, ns, tmp_path)
-    ctls.start("cluster")
-    ctls.start("node")
-    try:
-        yield k, ns, ctls
-    finally:
-        k.kubectl("delete", "vm", "--all", "-n", ns, "--wait=false", check=False)
-        wait_for(
-            "VMs deleted (finalizers run)", lambda: not k.kubectl_json("get", "vm", "-n", ns)["items"], 120
-        )
-        ctls.stop()
-        k.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-        for name in ("cluster", "node"):
-            print(f"--- {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
+    with k.namespace("vmcrd-e2e") as ns:
+        ctls = Controllers(k, ns, tmp_path)
+        try:
+            ctls.start("cluster")
+            ctls.start("node")
+            yield k, ns, ctls
+            k.kubectl("delete", "vm", "--all", "-n", ns, "--wait=false", check=False)
+            wait_for(
+                "VMs deleted (finalizers run)",
+                lambda: not k.kubectl_json("get", "vm", "-n", ns)["items"],
+                120,
+            )
+        finally:
+            ctls.stop()
+            for p in ctls.procs.values():
+                print(f"--- {p.identity} ---\n" + p.output()[-3000:])
 
 
 @pytest.fixture
@@ -116,7 +108,9 @@ def test_vm_life_with_kubectl_vm(env, vm_image):
     vm_env = {**k.env, "PATH": path}
 
     def vm_cmd(*args: str) -> None:
-        r = subprocess.run(["kubectl", "vm", *args, "-n", ns], env=vm_env, capture_output=True, text=True)
+        r = subprocess.run(
+            ["kubectl", "vm", *args, "-n", ns], env=vm_env, capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, r.stderr
 
     def vm() -> dict:
@@ -237,7 +231,7 @@ def test_always_brings_back_a_guest_that_powered_off_and_halted_stops_it(env, vm
     wait_for("a second VM pod after the guest powered off (runStrategy Always)", restarted, 400, 2)
     events = k.kubectl_json("get", "events", "-n", ns, "--field-selector", "involvedObject.name=loop")
     assert events["items"], "the controller emits Events for the transitions"
-    k.kubectl("patch", "vm", "loop", "-n", ns, "--type", "merge", "-p", '{"spec":{"runStrategy":"Halted"}}')
+    k.patch("vm", "loop", {"spec": {"runStrategy": "Halted"}}, namespace=ns)
     wait_for(
         "Halted: Stopped and no pod",
         lambda: (
@@ -247,21 +241,6 @@ def test_always_brings_back_a_guest_that_powered_off_and_halted_stops_it(env, vm
         180,
         2,
     )
-
-
-def _vm_domains(uid: str) -> list[tuple[str, bool]]:
-    """(name, active) of every libvirt domain that carries this VM's uid."""
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        out = []
-        for d in conn.listAllDomains():
-            if f">{uid}<" in d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE):
-                out.append((d.name(), bool(d.isActive())))
-        return out
-    finally:
-        conn.close()
 
 
 def _vm_pods(k, ns: str, name: str) -> list[dict]:
@@ -280,12 +259,14 @@ def test_kill9_of_the_controllers_at_random_points_converges_without_duplicates(
     vm_env = {**k.env, "PATH": f"{VENV_BIN}:{k.env['PATH']}"}
 
     def vm_cmd(*args: str) -> None:
-        subprocess.run(["kubectl", "vm", *args, "-n", ns], env=vm_env, capture_output=True, text=True)
+        subprocess.run(
+            ["kubectl", "vm", *args, "-n", ns], env=vm_env, capture_output=True, text=True, timeout=120
+        )
 
     def invariants() -> None:
         pods = [p for p in _vm_pods(k, ns, "chaos") if not p["metadata"].get("deletionTimestamp")]
         assert len(pods) <= 1, [p["metadata"]["name"] for p in pods]
-        running = [n for n, active in _vm_domains(uid) if active]
+        running = [n for n, active in vm_domains(uid) if active]
         assert len(running) <= 1, running
 
     ops = [("start", "chaos"), ("mount", "chaos", "--volume-name", "d{i}", "--empty-disk", "8Mi")]
@@ -315,10 +296,10 @@ def test_kill9_of_the_controllers_at_random_points_converges_without_duplicates(
     try:
         wait_for("only the last volume Mounted", mounted, 180, 2)
     except AssertionError:
-        raise AssertionError(f"status: {seen.get('status')}; domains: {_vm_domains(uid)}") from None
+        raise AssertionError(f"status: {seen.get('status')}; domains: {vm_domains(uid)}") from None
     invariants()
     assert len(_vm_pods(k, ns, "chaos")) == 1
-    assert [active for _, active in _vm_domains(uid)] == [True]
+    assert [active for _, active in vm_domains(uid)] == [True]
     disks = sorted(p.name for p in (Path("/var/lib/edgevirt/vm/disks/vm") / uid).iterdir())
     assert "root.qcow2" in disks and not [d for d in disks if d.startswith(".")], disks
     vm_cmd("stop", "chaos")
@@ -327,7 +308,7 @@ def test_kill9_of_the_controllers_at_random_points_converges_without_duplicates(
         lambda: (
             k.kubectl_json("get", "vm", "chaos", "-n", ns)["status"].get("printableStatus") == "Stopped"
             and not _vm_pods(k, ns, "chaos")
-            and not _vm_domains(uid)
+            and not vm_domains(uid)
         ),
         180,
         2,
@@ -344,8 +325,8 @@ def test_vms_run_on_while_the_api_server_is_away_and_status_catches_up(vm_ns, vm
     k, ns, _ = vm_ns
     uid = apply_vm(k, ns, "edge", running=True, memory="256Mi", image=vm_image)
     k.kubectl("wait", "--for=condition=Ready", "vm/edge", "-n", ns, "--timeout=300s", timeout=320)
-    [(dom, _)] = _vm_domains(uid)
-    qemu = _qemu_pid(dom)
+    [(dom, _)] = vm_domains(uid)
+    qemu = qemu_pid(dom)
     apiserver = BY_NAME["kube-apiserver"].process(k.paths)
     pid = apiserver.pid()
     assert pid and qemu
@@ -353,14 +334,14 @@ def test_vms_run_on_while_the_api_server_is_away_and_status_catches_up(vm_ns, vm
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert _vm_domains(uid) == [(dom, True)] and _qemu_pid(dom) == qemu
+            assert vm_domains(uid) == [(dom, True)] and qemu_pid(dom) == qemu
             time.sleep(5)
     finally:
         res = k.up("kube-apiserver")
         assert res.returncode == 0, res.stdout + res.stderr
     wait_for("the API server", lambda: k.kubectl("get", "--raw", "/readyz", check=False).returncode == 0, 60)
-    assert _qemu_pid(dom) == qemu
-    k.kubectl("patch", "vm", "edge", "-n", ns, "--type", "merge", "-p", '{"spec":{"paused":true}}')
+    assert qemu_pid(dom) == qemu
+    k.patch("vm", "edge", {"spec": {"paused": True}}, namespace=ns)
     t0 = time.monotonic()
     wait_for(
         "Paused in status",
@@ -369,12 +350,4 @@ def test_vms_run_on_while_the_api_server_is_away_and_status_catches_up(vm_ns, vm
         0.5,
     )
     print(f"status caught up {time.monotonic() - t0:.1f} s after the pause request")
-    assert _vm_domains(uid) == [(dom, True)] and _qemu_pid(dom) == qemu
-
-
-def _qemu_pid(domain: str) -> int | None:
-    pid_file = Path(f"/run/libvirt/qemu/{domain}.pid")
-    try:
-        return int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
+    assert vm_domains(uid) == [(dom, True)] and qemu_pid(dom) == qemu

@@ -8,11 +8,10 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cni_env import REFERENCE_CNI, REPO, Topology, links, sh, topology, tree
+from helpers.cni_env import REFERENCE_CNI, REPO, Topology, links, sh, tree
 
 from cni_macvtap import wire
 
@@ -20,17 +19,11 @@ pytestmark = pytest.mark.root
 CNITOOL = Path.home() / ".cache/edgevirt/go/cni-v1.3.0/cnitool"
 
 
-@pytest.fixture
-def topo(tmp_path: Path) -> Iterator[Topology]:
-    with topology(tmp_path, daemon=True) as t:
-        yield t
-
-
 def install(bin_dir: Path, native: bool = True) -> None:
     cmd = [str(REPO / "deploy/cni/install-plugin"), "--dest", str(bin_dir)] + (
         [] if native else ["--no-native"]
     )
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (bin_dir / "macvtap").is_file() and os.access(bin_dir / "macvtap", os.X_OK)
     assert os.path.realpath(bin_dir / "host-local") == os.path.realpath(f"{REFERENCE_CNI}/host-local")
@@ -52,11 +45,17 @@ def test_installed_plugin_works_from_the_bin_dir(topo: Topology, native: bool, w
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "inst", "CNI_IFNAME": "eth0", "CNI_NETNS": netns,
            "CNI_PATH": str(bin_dir), "PATH": "/usr/bin:/bin"}  # fmt: skip
     cmd = ["ip", "netns", "exec", topo.host, str(bin_dir / "macvtap")]
-    add = subprocess.run(cmd, input=json.dumps(conf).encode(), env=env, capture_output=True, cwd="/")
+    add = subprocess.run(
+        cmd, input=json.dumps(conf).encode(), env=env, capture_output=True, cwd="/", timeout=120
+    )
     assert add.returncode == 0, add.stdout + add.stderr
     assert json.loads(add.stdout)["ips"][0]["address"].startswith(topo.prefix)
     dele = subprocess.run(
-        cmd, input=json.dumps(conf).encode(), env={**env, "CNI_COMMAND": "DEL"}, capture_output=True
+        cmd,
+        input=json.dumps(conf).encode(),
+        env={**env, "CNI_COMMAND": "DEL"},
+        capture_output=True,
+        timeout=120,
     )
     assert dele.returncode == 0, dele.stdout + dele.stderr
     assert ("ADD inst/eth0 ok" in topo.daemon_log()) == with_daemon
@@ -84,7 +83,7 @@ def test_cnitool_add_check_del_with_a_conflist(topo: Topology) -> None:
     def cnitool(verb: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ip", "netns", "exec", topo.host, str(CNITOOL), verb, name, netns],
-            env=env, capture_output=True, text=True,
+            env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
 
     try:
@@ -140,6 +139,7 @@ def test_a_daemon_dying_mid_request_is_try_again(tmp_path: Path, native: bool) -
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(1)
+    server.settimeout(60)  # a client that never connects fails the test instead of hanging it
     got: list[str] = []
 
     def accept_read_and_die() -> None:
@@ -159,7 +159,7 @@ def test_a_daemon_dying_mid_request_is_try_again(tmp_path: Path, native: bool) -
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "d1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/nonexist",
            "CNI_PATH": str(bin_dir), "PATH": "/usr/bin:/bin"}  # fmt: skip
     proc = subprocess.run(
-        [str(bin_dir / "macvtap")], input=json.dumps(conf).encode(), env=env, capture_output=True
+        [str(bin_dir / "macvtap")], input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=120
     )
     t.join(timeout=60)
     server.close()

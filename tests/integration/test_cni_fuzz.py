@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cni_env import Topology, links, topology, tree
+from helpers.cni_env import Topology, links, topology, tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

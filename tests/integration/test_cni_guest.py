@@ -8,12 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cni_env import REPO, Topology, sh, topology
+from helpers.cni_env import REPO, Topology, sh
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.root
 BOOT_DEADLINE_S = 300  # a readiness wait under TCG on a shared 2-core machine, not a speed assertion
@@ -28,12 +27,6 @@ def load_builder():  # type: ignore[no-untyped-def]
     sys.modules.setdefault("build_guest", mod)  # dataclasses look the module up while executing it
     spec.loader.exec_module(mod)
     return sys.modules["build_guest"]
-
-
-@pytest.fixture
-def topo(tmp_path: Path) -> Iterator[Topology]:
-    with topology(tmp_path, daemon=True) as t:
-        yield t
 
 
 def test_guest_answers_ping_through_the_tap_fd(topo: Topology, tmp_path: Path) -> None:
@@ -66,13 +59,16 @@ def test_guest_answers_ping_through_the_tap_fd(topo: Topology, tmp_path: Path) -
             "-netdev", f"tap,id=n0,fd={fd}", "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, pass_fds=[fd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + BOOT_DEADLINE_S
-        text = ""
-        while "EDGEVIRT-GUEST: up" not in text:
+
+        def console_text() -> str:
+            return console.read_text(errors="replace") if console.exists() else ""
+
+        def up() -> str | None:
             assert proc.poll() is None, f"QEMU exited: {proc.stdout.read().decode() if proc.stdout else ''}"
-            assert time.monotonic() < deadline, f"guest never reported up:\n{text}"
-            time.sleep(0.5)
-            text = console.read_text(errors="replace") if console.exists() else ""
+            text = console_text()
+            return text if "EDGEVIRT-GUEST: up" in text else None
+
+        text = wait_for("the guest to report up", up, BOOT_DEADLINE_S, 0.5, explain=console_text)
         assert f"EDGEVIRT-GUEST: ip eth0 {address} mac {mac}" in text, text
         assert "EDGEVIRT-GUEST: error" not in text, text
         ping = sh("ip", "netns", "exec", topo.peer, "busybox", "ping", "-c", "5", "-w", "60",
@@ -82,7 +78,7 @@ def test_guest_answers_ping_through_the_tap_fd(topo: Topology, tmp_path: Path) -
     finally:
         if proc is not None:
             proc.kill()
-            proc.wait()
+            proc.wait(10)
         os.close(fd)
     assert topo.plugin("DEL", conf, netns=netns).code == 0
     topo.assert_clean()

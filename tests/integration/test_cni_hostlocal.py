@@ -55,7 +55,7 @@ def binary(data_dir: str, verb: str, cid: str, ifname: str) -> tuple[str, Any]:
     conf["ipam"]["dataDir"] = data_dir
     env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname, "CNI_NETNS": "/nonexistent",
            "CNI_PATH": "/usr/lib/cni", "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=x"}  # fmt: skip
-    proc = subprocess.run([BINARY], input=json.dumps(conf).encode(), env=env, capture_output=True)
+    proc = subprocess.run([BINARY], input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60)
     if proc.returncode:
         return "error", json.loads(proc.stdout)["msg"]
     if verb != "ADD":

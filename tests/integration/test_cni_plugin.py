@@ -12,13 +12,14 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cni_env import MASTER, REPO, Topology, links, sh, topology, tree
+from helpers.cni_env import MASTER, REPO, Topology, links, sh, topology, tree
+from helpers.processes import children
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -375,10 +376,13 @@ def test_a_daemon_in_another_netns_hands_the_call_back(tmp_path: Path) -> None:
              t.socket],
             cwd=REPO, stderr=subprocess.PIPE,
         )  # fmt: skip
+
+        def listening() -> bool:
+            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+            return os.path.exists(t.socket)
+
         try:
-            while not os.path.exists(t.socket):
-                assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
-                time.sleep(0.05)
+            wait_for("the daemon in the peer netns to listen", listening, 60, 0.05)
             netns = t.new_pod()
             conf = t.conf()
             res = t.plugin("ADD", conf, netns=netns, daemon=True)
@@ -392,30 +396,20 @@ def test_a_daemon_in_another_netns_hands_the_call_back(tmp_path: Path) -> None:
         assert b"ADD c1/eth0" not in err  # the daemon never did the work
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
-
-
 def test_a_killed_daemon_worker_is_replaced(dtopo: Topology) -> None:
     assert dtopo.daemon is not None
     if (os.cpu_count() or 1) == 1:
         pytest.skip("one CPU: the daemon serves from a single process, there is no worker to replace")
-    workers = _children(dtopo.daemon.pid)
+    workers = children(dtopo.daemon.pid)
     assert len(workers) == os.cpu_count()
     os.kill(workers[0], 9)
-    deadline = time.monotonic() + 60
-    while "starting a new one" not in dtopo.daemon_log():
-        assert time.monotonic() < deadline, dtopo.daemon_log()
-        time.sleep(0.1)
+    wait_for(
+        "the daemon to replace the worker",
+        lambda: "starting a new one" in dtopo.daemon_log(),
+        60,
+        0.1,
+        explain=dtopo.daemon_log,
+    )
     netns = dtopo.new_pod()
     conf = dtopo.conf()
     for cid in ("after1", "after2", "after3", "after4"):  # whichever worker accepts, the calls succeed
@@ -423,14 +417,14 @@ def test_a_killed_daemon_worker_is_replaced(dtopo: Topology) -> None:
         assert res.code == 0, res.stdout + res.stderr
     for cid in ("after1", "after2", "after3", "after4"):
         assert run(dtopo, "DEL", conf, netns=netns, container_id=cid, ifname=f"e-{cid}").code == 0
-    assert workers[0] not in _children(dtopo.daemon.pid)
-    assert len(_children(dtopo.daemon.pid)) == len(workers)
+    assert workers[0] not in children(dtopo.daemon.pid)
+    assert len(children(dtopo.daemon.pid)) == len(workers)
     dtopo.assert_clean()
 
 
 def test_the_daemon_does_not_leak_file_descriptors(dtopo: Topology) -> None:
     assert dtopo.daemon is not None
-    procs = _children(dtopo.daemon.pid) or [dtopo.daemon.pid]
+    procs = children(dtopo.daemon.pid) or [dtopo.daemon.pid]
     netns = dtopo.new_pod()
     conf = dtopo.conf()
 

@@ -12,7 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cri_env import PrivateContainerd, Shim, wait_until
+from helpers.containerd import PrivateContainerd
+from helpers.shim import Shim
+from helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
@@ -117,7 +119,9 @@ def test_runc_pod_lifecycle_through_the_shim(shim, ctd, tmp_path):
     assert (shim.state_dir / "sandboxes" / pod).read_text() == "containerd"
     assert (shim.state_dir / "containers" / ctr).read_text().split("\n") == ["containerd", pod]
     # logs (log path from ContainerStatus), exec through containerd's streaming URL, exec --sync.
-    logs = wait_until("the container's output", lambda: shim.crictl("logs", ctr).stdout, 30)
+    logs = wait_for(
+        "the container's output", lambda: shim.crictl("logs", ctr).stdout, 30, 0.1, retry_on=(Exception,)
+    )
     assert f"started-{token}" in logs
     assert shim.crictl("exec", ctr, "sh", "-c", "echo exec-$((6*7))").stdout.strip() == "exec-42"
     assert shim.crictl("exec", "--sync", ctr, "sh", "-c", "echo sync-$((6*7))").stdout.strip() == "sync-42"
@@ -152,12 +156,12 @@ def test_kill9_of_the_shim_keeps_pods_ids_and_states(shim, ctd, tmp_path):
     pod2, _, _ = run_pod(shim, tmp_path, "k9b")
     shim.crictl("stopp", pod2)
     before_pods, before_ctrs = pods_json(shim), ctrs_json(shim)
-    shim_pids = _containerd_shims(ctd)
+    shim_pids = ctd.shim_pids()
     assert shim_pids, "no containerd shim runs the pod"
     shim.kill9()
     # Nothing of the pods went away with the CRI server.
     assert pods_json(ctd) == before_pods and ctrs_json(ctd) == before_ctrs
-    assert _containerd_shims(ctd) == shim_pids
+    assert ctd.shim_pids() == shim_pids
     shim.start()  # same config, same state dir
     assert pods_json(shim) == before_pods
     assert ctrs_json(shim) == before_ctrs
@@ -166,19 +170,6 @@ def test_kill9_of_the_shim_keeps_pods_ids_and_states(shim, ctd, tmp_path):
     shim.crictl("stopp", pod)
     shim.crictl("rmp", pod, pod2)
     assert pods_json(ctd) == {}
-
-
-def _containerd_shims(ctd: PrivateContainerd) -> set[int]:
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and b"containerd-shim" in argv[0] and str(ctd.socket).encode() in argv:
-                pids.add(int(proc.name))
-    return pids
 
 
 @pytest.fixture
@@ -236,9 +227,12 @@ def test_containerd_stopped_fails_clearly_while_the_other_backend_works(two_back
     assert [h.get("name", "") for h in info["runtimeHandlers"]] == ["runc"]
     # containerd returns: the shim reconnects and A's pod is there with the same ID.
     a.start()
-    wait_until(
+    wait_for(
         "the shim to reach containerd again",
         lambda: shim.crictl("inspectp", pod_a, check=False).returncode == 0,
+        60,
+        0.1,
+        retry_on=(Exception,),
     )
     assert pods_json(shim)[pod_a] == "SANDBOX_READY"
     assert shim.crictl("exec", "--sync", ctr_a, "echo", "a-back").stdout.strip() == "a-back"

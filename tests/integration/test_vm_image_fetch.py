@@ -3,7 +3,6 @@ certificate made here), containerDisk from an OCI layout and from a local regist
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.server
 import shutil
@@ -12,10 +11,10 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from helpers.waiting import wait_for
 
 from cri_shim.vm import ImageError, ImageStore, SkopeoSource
 
@@ -33,7 +32,7 @@ def free_port() -> int:
 def disk(tmp_path) -> Path:
     p = tmp_path / "www" / "disk.qcow2"
     p.parent.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "16M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "16M"], check=True, timeout=60)
     return p
 
 
@@ -46,7 +45,7 @@ def https_server(tmp_path, disk):
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
          "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
+        check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     hits: list[str] = []
 
@@ -144,13 +143,14 @@ def registry(tmp_path):
         f"http: {{addr: '127.0.0.1:{port}'}}\n"
     )
     proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def answers() -> bool:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.1)
+        wait_for(f"the registry on 127.0.0.1:{port}", answers, 20, 0.1, retry_on=(OSError,))
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()

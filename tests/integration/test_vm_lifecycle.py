@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from vm_env import console_size, leftovers, wait_console
+from helpers.vm_env import console_size, leftovers, wait_console
 
 from cri_shim.vm import (
     ConsoleLogConverter,

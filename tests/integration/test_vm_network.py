@@ -17,21 +17,18 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import subprocess
-import time
 from pathlib import Path
 
 import libvirt
 import pytest
-from vm_env import console_size, leftovers, wait_console
+from helpers.netns import Namespaces, lossless, ping, set_up, sh, veth, wait_lossless_ping
+from helpers.root import require_root
+from helpers.vm_env import console_size, leftovers, wait_console
+from helpers.waiting import TimedOut, wait_for
 
 from cri_shim.vm import KernelBoot, NicSpec, VMSpec
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=check)
 
 
 class Topology:
@@ -45,30 +42,15 @@ class Topology:
         self.guest_ip = f"10.77.{self.subnet}.10"
         self.mac = "02:ee:" + ":".join(tag[i : i + 2] for i in (0, 2, 4)) + ":10"
         self.node = node_dir / "eth0"
-        self.made: list[str] = []
+        self.namespaces = Namespaces()
 
     def up(self) -> None:
         for ns in (self.host, self.peer, self.pod):
-            sh("ip", "netns", "add", ns)
-            self.made.append(ns)
-        sh(
-            "ip",
-            "-n",
-            self.host,
-            "link",
-            "add",
-            "vm0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "p0",
-            "netns",
-            self.peer,
-        )
+            self.namespaces.add(ns)
+        veth(self.host, "vm0", self.peer, "p0")
         sh("ip", "-n", self.peer, "addr", "add", f"{self.peer_ip}/24", "dev", "p0")
-        sh("ip", "-n", self.peer, "link", "set", "p0", "up")
-        sh("ip", "-n", self.host, "link", "set", "vm0", "up")
+        set_up(self.peer, "p0")
+        set_up(self.host, "vm0")
         sh("ip", "-n", self.host, "link", "add", "link", "vm0", "name", "mvt0", "address", self.mac,
            "type", "macvtap", "mode", "bridge")  # fmt: skip
         # the devt, read from sysfs inside the host netns (ip netns exec mounts that netns's sysfs)
@@ -77,35 +59,30 @@ class Topology:
         major, minor = (int(x) for x in devt.strip().split(":"))
         sh("ip", "-n", self.host, "link", "set", "mvt0", "netns", self.pod)
         sh("ip", "-n", self.pod, "link", "set", "mvt0", "name", "eth0")
-        sh("ip", "-n", self.pod, "link", "set", "eth0", "up")
+        set_up(self.pod, "eth0")
         self.node.parent.mkdir(parents=True, exist_ok=True)
         os.mknod(self.node, 0o600 | 0o020000, os.makedev(major, minor))
 
     def ping(self, count: int = 5) -> str:
-        ping = ["busybox", "ping", "-c", str(count), "-i", "0.2", "-W", "2", self.guest_ip]
-        r = sh("ip", "netns", "exec", self.peer, *ping, check=False)
-        return r.stdout + r.stderr
+        return ping(self.peer, self.guest_ip, count)
 
     def wait_ping(self, timeout: float = 60.0) -> None:
         """Until one ping gets through (ARP + guest coming up), then demand 0% loss on 5."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " 0% packet loss" in self.ping(1):
-                break
-            time.sleep(0.5)
+        # no first ping within the timeout: the 5 below fail, showing their output
+        with contextlib.suppress(TimedOut):
+            wait_for(f"a first ping of {self.guest_ip}", lambda: lossless(self.ping(1)), timeout, 0.5)
         out = self.ping(5)
-        assert " 0% packet loss" in out, out
+        assert lossless(out), out
 
     def down(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.node.unlink()
-        for ns in reversed(self.made):
-            sh("ip", "netns", "del", ns, check=False)
-        self.made.clear()
+        self.namespaces.close()
 
 
 @pytest.fixture
 def topo(tmp_path):
+    require_root("creates network namespaces, veth and macvtap links")
     t = Topology(tmp_path / "tap")
     try:
         t.up()
@@ -172,7 +149,7 @@ def test_tap_fd_nic_pings_and_survives_reset_and_stop_start(vm_env, test_guest, 
 def test_macvtap_cni_result_to_running_vm(vm_env, test_guest, tmp_path):
     """The VM pod's network path without kubelet: the real macvtap plugin's ADD result becomes the
     VM's NIC (MAC + tap device node) and its IP; the peer pings the guest; DEL after remove."""
-    from cni_env import topology
+    from helpers.cni_env import topology
 
     from cri_shim.vm import nics_from_cni_result
 
@@ -201,17 +178,7 @@ def test_macvtap_cni_result_to_running_vm(vm_env, test_guest, tmp_path):
         try:
             text = wait_console(console, "EDGEVIRT-GUEST: up")
             assert f"EDGEVIRT-GUEST: ip eth0 {ip['address']} mac {nics[0].mac}" in text, text[-800:]
-            addr = ip["address"].split("/")[0]
-            out = ""
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                ping = ["busybox", "ping", "-c", "5", "-i", "0.2", "-W", "2", addr]
-                r = sh("ip", "netns", "exec", topo.peer, *ping, check=False)
-                out = r.stdout + r.stderr
-                if " 0% packet loss" in out:
-                    break
-                time.sleep(0.5)
-            assert " 0% packet loss" in out, out
+            wait_lossless_ping(topo.peer, ip["address"].split("/")[0], 60)
         finally:
             mgr.remove(name)
         res = topo.plugin("DEL", conf, container_id="vmpod1", netns=netns, daemon=False)
@@ -226,7 +193,7 @@ def test_tap_fd_nic_survives_libvirtd_restart(test_guest, topo, tmp_path):
     so the node's daemon, which may belong to someone else, is never restarted."""
     import secrets
 
-    from libvirt_daemon import PrivateLibvirtd
+    from helpers.libvirt_daemon import PrivateLibvirtd
 
     from cri_shim.vm import DomainManager
 

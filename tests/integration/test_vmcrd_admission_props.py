@@ -4,8 +4,6 @@ what the schema accepts and what it refuses agrees with the controller's own und
 from __future__ import annotations
 
 import json
-import uuid
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +13,6 @@ from vmcrd import api
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -63,12 +60,9 @@ valid_specs = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def ns(cluster):
-    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/virtualmachine-crd.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s")
-    name = f"vmcrd-props-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    cluster.install_vm_crd()
+    with cluster.namespace("vmcrd-props") as name:
+        yield name
 
 
 def dry_run(cluster, ns: str, spec: dict):

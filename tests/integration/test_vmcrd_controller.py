@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -23,22 +22,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.waiting import wait_for
+from helpers.controller import ControllerProcess
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-CONTROLLER = str(VENV_BIN / "edgevirt-controller")
 
 
 @pytest.fixture(scope="module")
 def installed(cluster):
     """CRD + RBAC applied (as `kubectl apply -k deploy/` would), and the kvm RuntimeClass present."""
-    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/virtualmachine-crd.yaml"))
-    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/vmcrd-rbac.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s")
+    cluster.install_vm_crd(rbac=True)
     created = False
     if cluster.kubectl("get", "runtimeclass", "kvm", check=False).returncode != 0:
         rcs = REPO / "deploy/manifests/runtimeclasses.yaml"
@@ -57,66 +53,11 @@ def installed(cluster):
         cluster.kubectl("delete", "runtimeclass", "kvm", "--ignore-not-found", check=False)
 
 
-def sa_kubeconfig(cluster, sa: str, path: Path) -> Path:
-    admin = yaml.safe_load(cluster.paths.kubeconfig.read_text())
-    c = admin["clusters"][0]["cluster"]
-    token = cluster.kubectl("create", "token", sa, "-n", "edgevirt-system", "--duration=2h").stdout.strip()
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": c}],
-        "users": [{"name": sa, "user": {"token": token}}],
-        "contexts": [{"name": sa, "context": {"cluster": "local", "user": sa}}],
-        "current-context": sa,
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-class Proc:
-    def __init__(self, args: list[str], log: Path, identity: str) -> None:
-        self.identity = identity
-        self.log = log
-        self.p = subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-    def kill9(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGKILL)
-        self.p.wait(30)
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 @pytest.fixture
 def ns(installed):
-    name = f"vmcrd-{uuid.uuid4().hex[:6]}"
-    installed.kubectl("create", "namespace", name)
-    yield name
-    # controllers are stopped by now (fixture order); drop finalizers nothing would remove, then delete
-    vms = installed.kubectl_json("get", "vm", "-n", name)["items"]
-    for vm in vms:
-        installed.kubectl(
-            "patch",
-            "vm",
-            vm["metadata"]["name"],
-            "-n",
-            name,
-            "--type",
-            "merge",
-            "-p",
-            '{"metadata":{"finalizers":null}}',
-            check=False,
-        )
-    installed.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    # controllers are stopped by the end (fixture order): drop finalizers nothing would remove
+    with installed.namespace("vmcrd", drop_vm_finalizers=True) as name:
+        yield name
     installed.kubectl(
         "delete", "lease", f"vmcrd-{name}", "-n", "edgevirt-system", "--ignore-not-found", check=False
     )
@@ -125,15 +66,15 @@ def ns(installed):
 @pytest.fixture
 def controllers(installed, ns, tmp_path):
     """Factory: start an edgevirt-controller subprocess (cluster or node mode) for ``ns``."""
-    procs: list[Proc] = []
+    procs: list[ControllerProcess] = []
     kc = {
-        sa: sa_kubeconfig(installed, sa, tmp_path / f"{sa}.kubeconfig")
+        sa: installed.service_account_kubeconfig(sa, tmp_path / f"{sa}.kubeconfig")
         for sa in ("edgevirt-controller", "edgevirt-node")
     }
 
-    def start(mode: str = "cluster", identity: str | None = None, *extra: str) -> Proc:
+    def start(mode: str = "cluster", identity: str | None = None, *extra: str) -> ControllerProcess:
         identity = identity or f"{mode}-{uuid.uuid4().hex[:6]}"
-        args = [CONTROLLER, "--mode", mode, "--namespace", ns, "-v"]
+        args = ["--mode", mode, "--namespace", ns, "-v"]
         if mode == "cluster":
             args += [
                 "--kubeconfig",
@@ -153,7 +94,7 @@ def controllers(installed, ns, tmp_path):
             ]
         else:
             args += ["--kubeconfig", str(kc["edgevirt-node"]), "--node", installed.node]
-        p = Proc([*args, *extra], tmp_path / f"{identity}.log", identity)
+        p = ControllerProcess([*args, *extra], tmp_path / f"{identity}.log", identity)
         procs.append(p)
         return p
 
@@ -295,7 +236,7 @@ def test_stop_deletes_pod_and_always_recreates_a_deleted_pod(installed, ns, cont
     # the VM was placed on a node by now: the new pod is pinned there
     terms = second["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchFields"][0]["values"] == [k.node]
-    k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"running":false}}')
+    k.patch("vm", "web", {"spec": {"running": False}}, namespace=ns)
     wait_for("the VM pod gone", lambda: get(k, ns, "pod", "web-vm") is None)
     vm = wait_for(
         "status Stopped",
@@ -314,7 +255,7 @@ def test_kill9_and_restart_makes_no_duplicate_and_catches_up(installed, ns, cont
     pod = wait_for("the VM pod", lambda: live_pod(k, ns))
     c1.kill9()
     # while no controller runs: a boot field changes and the pod is deleted
-    k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"cpu":1}}')
+    k.patch("vm", "web", {"spec": {"cpu": 1}}, namespace=ns)
     controllers("cluster")  # takes over once the killed one's Lease expires
     vm = wait_for("status for generation 2", lambda: status_settled(k, ns))
     assert vm["metadata"]["generation"] == 2
@@ -542,22 +483,16 @@ def test_plugin_commands_write_what_kubectl_patch_would(installed, ns, controlle
     r = vm_cmd("console", "web", check=False)
     assert r.returncode == 1 and "no console" in r.stderr
     # strategies: Halted <-> Always; Manual uses the request annotation
-    k.kubectl(
-        "patch",
-        "vm",
-        "web",
-        "-n",
-        ns,
-        "--type",
-        "json",
-        "-p",
-        '[{"op":"remove","path":"/spec/running"},{"op":"add","path":"/spec/runStrategy","value":"Halted"}]',
-    )
+    halted = [
+        {"op": "remove", "path": "/spec/running"},
+        {"op": "add", "path": "/spec/runStrategy", "value": "Halted"},
+    ]
+    k.patch("vm", "web", halted, namespace=ns, type="json")
     vm_cmd("start", "web")
     assert get(k, ns, "vm", "web")["spec"]["runStrategy"] == "Always"
     vm_cmd("stop", "web")
     assert get(k, ns, "vm", "web")["spec"]["runStrategy"] == "Halted"
-    k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"runStrategy":"Manual"}}')
+    k.patch("vm", "web", {"spec": {"runStrategy": "Manual"}}, namespace=ns)
     vm_cmd("start", "web")
     assert get(k, ns, "vm", "web")["metadata"]["annotations"]["edgevirt.io/state-request"] == "start"
     r = vm_cmd("start", "nope", check=False)
@@ -602,19 +537,8 @@ def test_pod_endings_follow_the_run_strategy(installed, ns, controllers, strateg
     if strategy == "Manual":
         k.kubectl("annotate", "vm", "web", "-n", ns, "edgevirt.io/state-request=start")
     first = wait_for("the VM pod", lambda: live_pod(k, ns))
-    k.kubectl(
-        "patch",
-        "pod",
-        "web-vm",
-        "-n",
-        ns,
-        "--subresource",
-        "status",
-        "--type",
-        "merge",
-        "-p",
-        json.dumps({"status": {"phase": phase, "message": f"guest ended ({phase})"}}),
-    )
+    ended = {"status": {"phase": phase, "message": f"guest ended ({phase})"}}
+    k.patch("pod", "web-vm", ended, namespace=ns, subresource="status")
     if outcome == "recreated":
         wait_for(
             "a new pod", lambda: (p := live_pod(k, ns)) and p["metadata"]["uid"] != first["metadata"]["uid"]
@@ -729,17 +653,8 @@ def test_leader_that_loses_its_lease_exits_and_sigterm_hands_over(installed, ns,
     # somebody else holds the Lease now (and keeps renewing it): ctl-a must stop acting and exit 1
     def steal() -> None:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        k.kubectl(
-            "patch",
-            "lease",
-            f"vmcrd-{ns}",
-            "-n",
-            "edgevirt-system",
-            "--type",
-            "merge",
-            "-p",
-            json.dumps({"spec": {"holderIdentity": "intruder", "renewTime": now}}),
-        )
+        intruder = {"spec": {"holderIdentity": "intruder", "renewTime": now}}
+        k.patch("lease", f"vmcrd-{ns}", intruder, namespace="edgevirt-system")
 
     def stolen_and_exited():
         steal()
@@ -749,17 +664,8 @@ def test_leader_that_loses_its_lease_exits_and_sigterm_hands_over(installed, ns,
     assert a.p.returncode == 1
     assert "lost leadership" in a.output()
     # a clean stop releases the Lease so a standby takes it without waiting for it to expire
-    k.kubectl(
-        "patch",
-        "lease",
-        f"vmcrd-{ns}",
-        "-n",
-        "edgevirt-system",
-        "--type",
-        "merge",
-        "-p",
-        '{"spec":{"holderIdentity":null,"renewTime":null}}',
-    )
+    released = {"spec": {"holderIdentity": None, "renewTime": None}}
+    k.patch("lease", f"vmcrd-{ns}", released, namespace="edgevirt-system")
     b = controllers("cluster", "ctl-b")
     wait_for("ctl-b leads", lambda: lease_holder(k, ns) == "ctl-b")
     c = controllers("cluster", "ctl-c")
@@ -845,7 +751,7 @@ def test_controller_catches_up_after_the_link_to_the_api_server_drops(installed,
         pod = wait_for("the VM pod", lambda: live_pod(k, ns))
         proxy.cut()
         # while the controller cannot reach the API server: the VM is stopped, a second VM appears
-        k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"running":false}}')
+        k.patch("vm", "web", {"spec": {"running": False}}, namespace=ns)
         make_vm(k, ns, name="db")
         wait_for("the controller to notice the outage", lambda: "relisting in" in c.output(), 60)
         assert (

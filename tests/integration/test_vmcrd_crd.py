@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import pytest
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "deploy/manifests/virtualmachine-crd.yaml"
 
 VM = """apiVersion: edgevirt.io/v1alpha1
 kind: VirtualMachine
@@ -22,17 +20,14 @@ spec:
 
 @pytest.fixture(scope="module")
 def crd(cluster):
-    cluster.kubectl("apply", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s")
+    cluster.install_vm_crd()
     return cluster
 
 
 @pytest.fixture
 def ns(crd):
-    name = f"vmcrd-crd-{uuid.uuid4().hex[:6]}"
-    crd.kubectl("create", "namespace", name)
-    yield name
-    crd.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with crd.namespace("vmcrd-crd") as name:
+        yield name
 
 
 def apply_vm(cluster, ns: str, spec: str, name: str = "t", check: bool = False):
@@ -151,24 +146,11 @@ volumes:
     wide = crd.kubectl("get", "vms", "-n", ns, "-o", "wide").stdout.splitlines()[0].split()
     assert wide[:5] == ["NAME", "STATUS", "NODE", "IP", "AGE"] and "STRATEGY" in wide
     # status is a subresource: a write to the main resource does not change it
-    crd.kubectl(
-        "patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"status":{"printableStatus":"Running"}}'
-    )
+    crd.patch("vm", "web", {"status": {"printableStatus": "Running"}}, namespace=ns)
     assert "status" not in crd.kubectl_json("get", "vm", "web", "-n", ns) or (
         crd.kubectl_json("get", "vm", "web", "-n", ns)["status"].get("printableStatus") != "Running"
     )
-    crd.kubectl(
-        "patch",
-        "vm",
-        "web",
-        "-n",
-        ns,
-        "--subresource",
-        "status",
-        "--type",
-        "merge",
-        "-p",
-        '{"status":{"printableStatus":"Running","nodeName":"n1","ipAddresses":["10.0.0.9"]}}',
-    )
+    status = {"status": {"printableStatus": "Running", "nodeName": "n1", "ipAddresses": ["10.0.0.9"]}}
+    crd.patch("vm", "web", status, namespace=ns, subresource="status")
     row = crd.kubectl("get", "vm", "web", "-n", ns, "--no-headers").stdout.split()
     assert row[:4] == ["web", "Running", "n1", "10.0.0.9"]

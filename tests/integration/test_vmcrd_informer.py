@@ -55,10 +55,8 @@ spec:
 
 @pytest.fixture
 def ns(cluster):
-    name = f"vmcrd-inf-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with cluster.namespace("vmcrd-inf") as name:
+        yield name
 
 
 def configmaps(core, ns):

@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
-from pathlib import Path
 
 import pytest
-import yaml
-from vm_env import console_size, wait_console
+from helpers.vm_env import console_size, wait_console
+from helpers.waiting import wait_for
 
 from cri_shim.vm import DiskManager, VMSpec
-from tests.waiting import wait_for
 from vmcrd import api
 from vmcrd.kube import api_client
 from vmcrd.node import NodeController
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.timeout(400)]
-
-REPO = Path(__file__).resolve().parents[2]
 
 STANDIN_POD = """apiVersion: v1
 kind: Pod
@@ -46,43 +41,9 @@ spec:
 
 @pytest.fixture
 def ns(cluster):
-    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/virtualmachine-crd.yaml"))
-    cluster.kubectl("apply", "-f", str(REPO / "deploy/manifests/vmcrd-rbac.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s")
-    name = f"vmcrd-node-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    for vm in cluster.kubectl_json("get", "vm", "-n", name)["items"]:
-        cluster.kubectl(
-            "patch",
-            "vm",
-            vm["metadata"]["name"],
-            "-n",
-            name,
-            "--type",
-            "merge",
-            "-p",
-            '{"metadata":{"finalizers":null}}',
-            check=False,
-        )
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def node_kubeconfig(cluster, path: Path) -> Path:
-    admin = yaml.safe_load(cluster.paths.kubeconfig.read_text())
-    token = cluster.kubectl(
-        "create", "token", "edgevirt-node", "-n", "edgevirt-system", "--duration=1h"
-    ).stdout
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": "node", "user": {"token": token.strip()}}],
-        "contexts": [{"name": "node", "context": {"cluster": "local", "user": "node"}}],
-        "current-context": "node",
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cluster.install_vm_crd(rbac=True)
+    with cluster.namespace("vmcrd-node", drop_vm_finalizers=True) as name:
+        yield name
 
 
 def vm(cluster, ns: str) -> dict:
@@ -122,7 +83,7 @@ def test_node_mode_pause_hotplug_status_and_cleanup(cluster, ns, vm_env, vm_disk
     k.kubectl("wait", "--for=condition=Ready", "pod/web-vm", "-n", ns, "--timeout=120s")
 
     ctl = NodeController(
-        api_client(str(node_kubeconfig(k, tmp_path / "node.kubeconfig"))),
+        api_client(str(k.service_account_kubeconfig("edgevirt-node", tmp_path / "node.kubeconfig", "1h"))),
         k.node,
         namespace=ns,
         state_dir=vm_env.state_dir,
@@ -142,53 +103,27 @@ def test_node_mode_pause_hotplug_status_and_cleanup(cluster, ns, vm_env, vm_disk
         st = vm(k, ns)["status"]
         assert st["accel"] in ("tcg", "kvm") and st["domainState"] == "Running"
         # pause / unpause through spec.paused
-        k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"paused":true}}')
+        k.patch("vm", "web", {"spec": {"paused": True}}, namespace=ns)
         wait_for("domainState Paused", lambda: vm(k, ns)["status"].get("domainState") == "Paused")
         assert mgr.state(dom).phase == "paused"
-        k.kubectl("patch", "vm", "web", "-n", ns, "--type", "merge", "-p", '{"spec":{"paused":false}}')
+        k.patch("vm", "web", {"spec": {"paused": False}}, namespace=ns)
         wait_for("domainState Running", lambda: vm(k, ns)["status"].get("domainState") == "Running")
         assert mgr.state(dom).phase == "running"
         # unmount: removed from the spec -> detached from the guest
         mark = console_size(console)
-        k.kubectl(
-            "patch",
-            "vm",
-            "web",
-            "-n",
-            ns,
-            "--type",
-            "json",
-            "-p",
-            '[{"op":"remove","path":"/spec/volumes/0"}]',
-        )
+        k.patch("vm", "web", [{"op": "remove", "path": "/spec/volumes/0"}], namespace=ns, type="json")
         wait_for("data gone from status", lambda: status_volume(k, ns, "data") is None)
         wait_console(console, "EDGEVIRT-GUEST: block- vdb", after=mark)
         assert "vdb" not in mgr.facts(dom)["disks"]
         # a second mount, on scsi
         mark = console_size(console)
-        k.kubectl(
-            "patch",
+        scratch = {"name": "scratch", "hotpluggable": True, "bus": "scsi", "emptyDisk": {"capacity": "32Mi"}}
+        k.patch(
             "vm",
             "web",
-            "-n",
-            ns,
-            "--type",
-            "json",
-            "-p",
-            json.dumps(
-                [
-                    {
-                        "op": "add",
-                        "path": "/spec/volumes/-",
-                        "value": {
-                            "name": "scratch",
-                            "hotpluggable": True,
-                            "bus": "scsi",
-                            "emptyDisk": {"capacity": "32Mi"},
-                        },
-                    }
-                ]
-            ),
+            [{"op": "add", "path": "/spec/volumes/-", "value": scratch}],
+            namespace=ns,
+            type="json",
         )
         v = wait_for(
             "scratch Mounted",

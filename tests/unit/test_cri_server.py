@@ -29,7 +29,7 @@ def server(tmp_path):
         yield sock, channel, ctd, vm
     finally:
         channel.close()
-        srv.stop(grace=None).wait()
+        srv.stop(grace=None).wait(30)
         router.close()
 
 
@@ -112,7 +112,7 @@ def test_a_stale_socket_is_replaced_and_a_live_one_refused(tmp_path, server):
         )
         ch.close()
     finally:
-        srv.stop(grace=None).wait()
+        srv.stop(grace=None).wait(30)
     not_a_socket = tmp_path / "file"
     not_a_socket.write_text("x")
     with pytest.raises(RuntimeError, match="not a socket"):

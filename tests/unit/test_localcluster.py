@@ -99,31 +99,23 @@ def test_mounts_under_finds_deepest_first_and_only_below_roots():
     assert "/srv/stateful" not in got
 
 
+def openssl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["openssl", *args], capture_output=True, text=True, check=check, timeout=60)
+
+
 def test_pki_is_made_once_and_verifies(paths: Paths):
     pki.ensure(paths)
     first = (paths.pki / "admin.crt").read_bytes()
     pki.ensure(paths)
     assert (paths.pki / "admin.crt").read_bytes() == first, "certificates must be generated once"
     for name in ("apiserver", "admin", "kubelet", "kubelet-serving", "controller-manager", "scheduler"):
-        res = subprocess.run(
-            ["openssl", "verify", "-CAfile", str(paths.pki / "ca.crt"), str(paths.pki / f"{name}.crt")],
-            capture_output=True,
-            text=True,
+        res = openssl(
+            "verify", "-CAfile", str(paths.pki / "ca.crt"), str(paths.pki / f"{name}.crt"), check=False
         )
         assert res.returncode == 0, res.stdout + res.stderr
-    text = subprocess.run(
-        ["openssl", "x509", "-noout", "-text", "-in", str(paths.pki / "apiserver.crt")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    text = openssl("x509", "-noout", "-text", "-in", str(paths.pki / "apiserver.crt")).stdout
     assert "IP Address:127.0.0.1" in text and "DNS:kubernetes.default.svc" in text
-    subj = subprocess.run(
-        ["openssl", "x509", "-noout", "-subject", "-in", str(paths.pki / "admin.crt")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    subj = openssl("x509", "-noout", "-subject", "-in", str(paths.pki / "admin.crt")).stdout
     assert "O = system:masters" in subj
     assert oct((paths.pki / "ca.key").stat().st_mode & 0o777) == "0o600"
     out = paths.state / "kc"

@@ -107,15 +107,19 @@ def test_seed_iso_has_cidata_label_and_files(tmp_path):
     nc = network_config_from_cni(CNI_1_0, [MAC])
     iso = make_seed_iso(CloudInit(instance_id="uid-9", network_config=nc), tmp_path / "seed.iso")
     info = subprocess.run(
-        ["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True, check=True
+        ["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert "Volume id: cidata" in info
     listing = subprocess.run(
-        ["isoinfo", "-R", "-f", "-i", str(iso)], capture_output=True, text=True
+        ["isoinfo", "-R", "-f", "-i", str(iso)], capture_output=True, text=True, timeout=60
     ).stdout.split()
     assert sorted(listing) == ["/meta-data", "/network-config", "/user-data"]
     got = subprocess.run(
-        ["isoinfo", "-R", "-x", "/network-config", "-i", str(iso)], capture_output=True, text=True, check=True
+        ["isoinfo", "-R", "-x", "/network-config", "-i", str(iso)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     assert yaml.safe_load(got) == nc
     assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]  # no temp files left

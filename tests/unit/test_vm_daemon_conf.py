@@ -1,8 +1,8 @@
-"""tests/libvirt_daemon.py's qemu.conf handling (pure text; the daemons are exercised by integration)."""
+"""helpers/libvirt_daemon.py's qemu.conf handling (pure text; the daemons are exercised by integration)."""
 
 from __future__ import annotations
 
-import libvirt_daemon as D
+from helpers import libvirt_daemon as D
 
 WANT = {"user": '"root"', "group": '"root"', "security_driver": '"none"', "cgroup_controllers": "[ ]"}
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def qemu_img(*args: str) -> None:
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture

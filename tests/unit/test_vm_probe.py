@@ -44,10 +44,12 @@ def test_probe_initramfs_is_valid_newc(tmp_path):
     bb = tmp_path / "busybox"
     bb.write_bytes(b"\x7fELF fake")
     archive = P.probe_initramfs(str(bb))
-    listing = subprocess.run(["cpio", "-it"], input=archive, capture_output=True, check=True).stdout.decode()
+    listing = subprocess.run(
+        ["cpio", "-it"], input=archive, capture_output=True, check=True, timeout=60
+    ).stdout.decode()
     assert listing.split() == ["bin", "dev", "bin/busybox", "bin/sh", "bin/poweroff", "init"]
     out = subprocess.run(
-        ["cpio", "-i", "--to-stdout", "init"], input=archive, capture_output=True, check=True
+        ["cpio", "-i", "--to-stdout", "init"], input=archive, capture_output=True, check=True, timeout=60
     ).stdout.decode()
     assert P.PROBE_MARKER in out and "poweroff -f" in out
 

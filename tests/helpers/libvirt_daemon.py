@@ -1,6 +1,5 @@
-"""Bring up libvirtd + virtlogd the way these machines need them (see /work/shared/MACHINE.md).
-
-Shared by the integration tests' session fixture and, later, by ``deploy/local/up``:
+"""Bring up libvirtd + virtlogd the way these machines need them (no systemd, hybrid cgroups, no
+security driver), for the integration tests' session fixture and bench/vm:
 
 * ``/etc/libvirt/qemu.conf`` gets a managed block: ``user``/``group`` root, ``security_driver
   "none"``, ``cgroup_controllers [ ]`` (no systemd, hybrid cgroups: libvirt's cgroup code gets in
@@ -23,8 +22,9 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
+
+from helpers.waiting import TimedOut, wait_for
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
@@ -32,6 +32,7 @@ VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
 
+# The marker keeps this module's old path on purpose: qemu.conf files written with it are recognised.
 BEGIN = "# --- edgevirt managed block (tests/libvirt_daemon.py) ---"
 END = "# --- end edgevirt managed block ---"
 MANAGED_SETTINGS = {
@@ -93,7 +94,7 @@ def configure(qemu_conf: Path = QEMU_CONF) -> bool:
     try:
         grp.getgrnam("kvm")
     except KeyError:
-        subprocess.run(["groupadd", "--system", "kvm"], check=True)
+        subprocess.run(["groupadd", "--system", "kvm"], check=True, timeout=60)
         changed = True
     try:
         pwd.getpwnam("libvirt-qemu")
@@ -110,6 +111,7 @@ def configure(qemu_conf: Path = QEMU_CONF) -> bool:
                 "libvirt-qemu",
             ],
             check=True,
+            timeout=60,
         )
         changed = True
     for d in ("/var/log/libvirt", "/run/libvirt", "/var/lib/libvirt/qemu", "/var/cache/libvirt/qemu"):
@@ -143,15 +145,6 @@ def _read_pid_of(pid: int) -> int | None:
     return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else pid
 
 
-def _wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def ensure_libvirtd(timeout: float = 30.0) -> DaemonState:
     """Configure and, if needed, start virtlogd and libvirtd. Idempotent."""
     state = DaemonState()
@@ -159,20 +152,20 @@ def ensure_libvirtd(timeout: float = 30.0) -> DaemonState:
         state.libvirtd_pid = _read_pid(LIBVIRTD_PIDFILE)
         state.virtlogd_pid = _read_pid(VIRTLOGD_PIDFILE)
         if state.virtlogd_pid is None and not VIRTLOGD_SOCK.exists():
-            subprocess.run(["virtlogd", "-d"], check=True)
+            subprocess.run(["virtlogd", "-d"], check=True, timeout=60)
             state.started_virtlogd = True
             state.virtlogd_pid = _read_pid(VIRTLOGD_PIDFILE)
         return state
     configure()
     if _read_pid(VIRTLOGD_PIDFILE) is None:
-        subprocess.run(["virtlogd", "-d"], check=True)
+        subprocess.run(["virtlogd", "-d"], check=True, timeout=60)
         state.started_virtlogd = True
-        _wait_for(VIRTLOGD_SOCK.exists, timeout, "virtlogd socket")
+        wait_for("virtlogd socket", VIRTLOGD_SOCK.exists, timeout, 0.1)
     state.virtlogd_pid = _read_pid(VIRTLOGD_PIDFILE)
     if _read_pid(LIBVIRTD_PIDFILE) is None:
-        subprocess.run(["libvirtd", "-d"], check=True)
+        subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
         state.started_libvirtd = True
-    _wait_for(libvirtd_answers, timeout, "libvirtd to answer on " + str(LIBVIRT_SOCK))
+    wait_for(f"libvirtd to answer on {LIBVIRT_SOCK}", libvirtd_answers, timeout, 0.1)
     state.libvirtd_pid = _read_pid(LIBVIRTD_PIDFILE)
     return state
 
@@ -193,16 +186,15 @@ def restart_libvirtd(state: DaemonState, timeout: float = 30.0) -> None:
     if not (state.started_libvirtd and state.libvirtd_pid):
         raise RuntimeError("refusing to restart a libvirtd this process did not start")
     os.kill(state.libvirtd_pid, signal.SIGTERM)
-    _wait_for(
-        lambda: _read_pid(LIBVIRTD_PIDFILE) is None and not libvirtd_answers(), timeout, "libvirtd to stop"
+    wait_for(
+        "libvirtd to stop",
+        lambda: _read_pid(LIBVIRTD_PIDFILE) is None and not libvirtd_answers(),
+        timeout,
+        0.1,
     )
-    subprocess.run(["libvirtd", "-d"], check=True)
-    _wait_for(libvirtd_answers, timeout, "libvirtd to answer again")
+    subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
+    wait_for("libvirtd to answer again", libvirtd_answers, timeout, 0.1)
     state.libvirtd_pid = _read_pid(LIBVIRTD_PIDFILE)
-
-
-if __name__ == "__main__":
-    print(ensure_libvirtd())
 
 
 class PrivateLibvirtd:
@@ -236,6 +228,7 @@ class PrivateLibvirtd:
             capture_output=True,
             text=True,
             check=True,
+            timeout=60,
         )
 
     def _answers(self) -> bool:
@@ -250,8 +243,13 @@ class PrivateLibvirtd:
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "slave", "--", "sleep", "infinity"]
         )
-        _wait_for(lambda: os.readlink(f"/proc/{self.holder.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"),
-                  timeout, "the mount namespace holder")  # fmt: skip
+        holder = self.holder
+        wait_for(
+            "the mount namespace holder",
+            lambda: os.readlink(f"/proc/{holder.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"),
+            timeout,
+            0.1,
+        )
         for d in self.DIRS:
             self._ns("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d)
         self._ns("mkdir", "-p", "/var/lib/libvirt/qemu", "/var/cache/libvirt/qemu")
@@ -262,7 +260,7 @@ class PrivateLibvirtd:
 
     def _start_libvirtd(self, timeout: float) -> None:
         self._ns("libvirtd", "-d", "-p", str(self.workdir / "libvirtd.pid"))
-        _wait_for(self._answers, timeout, "the private libvirtd to answer")
+        wait_for("the private libvirtd to answer", self._answers, timeout, 0.1)
 
     def pid(self, which: str = "libvirtd") -> int | None:
         return _read_pid(self.workdir / f"{which}.pid")
@@ -271,7 +269,7 @@ class PrivateLibvirtd:
         pid = self.pid()
         if pid:
             os.kill(pid, signal.SIGTERM)
-            _wait_for(lambda: _read_pid_of(pid) is None, timeout, "the private libvirtd to stop")
+            wait_for("the private libvirtd to stop", lambda: _read_pid_of(pid) is None, timeout, 0.1)
         self._start_libvirtd(timeout)
 
     def stop(self) -> None:
@@ -282,18 +280,23 @@ class PrivateLibvirtd:
                 capture_output=True,
                 text=True,
                 check=False,
+                timeout=60,
             ).stdout.split()
             for name in names:
-                subprocess.run(["virsh", "-c", self.uri, "destroy", name], capture_output=True, check=False)
-                subprocess.run(["virsh", "-c", self.uri, "undefine", name], capture_output=True, check=False)
+                for verb in ("destroy", "undefine"):
+                    subprocess.run(["virsh", "-c", self.uri, verb, name], capture_output=True, timeout=60)
         for which in ("libvirtd", "virtlogd"):
             pid = self.pid(which)
             if pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                with contextlib.suppress(RuntimeError):
-                    _wait_for(lambda p=pid: _read_pid_of(p) is None, 15, f"{which} to stop")
+                with contextlib.suppress(TimedOut):
+                    wait_for(f"{which} to stop", lambda p=pid: _read_pid_of(p) is None, 15, 0.1)
         if self.holder is not None:
             self.holder.kill()
-            self.holder.wait()
+            self.holder.wait(10)
             self.holder = None
+
+
+if __name__ == "__main__":  # cd tests && python -m helpers.libvirt_daemon
+    print(ensure_libvirtd())

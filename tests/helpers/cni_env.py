@@ -11,44 +11,34 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO, processes
+from helpers.netns import Namespaces, ip, links, set_up, sh, veth
+from helpers.root import require_root, require_tools
+from helpers.waiting import wait_for
+
+__all__ = ["MASTER", "REFERENCE_CNI", "REPO", "PluginResult", "Topology", "links", "sh", "topology", "tree"]
+
 REFERENCE_CNI = "/usr/lib/cni"
 MASTER = "vm0"
+PLUGIN_TIMEOUT_S = 120  # bounds a hung plugin call; a call takes well under a second
 
 
-def require_root() -> None:
+def require_cni_root() -> None:
     """Skip (with the exact reason) where namespaces and links cannot be made."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces, veth and macvtap links")
-    for tool in ("ip", "nsenter"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool} (iproute2 / util-linux)")
+    require_root("creates network namespaces, veth and macvtap links")
+    require_tools("ip", "nsenter", hint="iproute2 / util-linux")
     if not os.path.exists(f"{REFERENCE_CNI}/host-local"):
         pytest.skip(
             f"needs the reference CNI plugins in {REFERENCE_CNI}: apt-get install containernetworking-plugins"
         )
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a command, capture text output."""
-    return subprocess.run(cmd, capture_output=True, text=True, check=check)
-
-
-def links(netns: str) -> dict[str, dict[str, Any]]:
-    """ip -d -j link of a namespace, by name."""
-    out = sh("ip", "-n", netns, "-d", "-j", "link", "show").stdout
-    return {item["ifname"]: item for item in json.loads(out or "[]")}
 
 
 def tree(path: Path) -> list[str]:
@@ -79,6 +69,7 @@ class Topology:
     subnet_octet: int = field(default_factory=lambda: 100 + secrets.randbelow(150))
     pods: list[str] = field(default_factory=list)
     daemon: subprocess.Popen[bytes] | None = None
+    namespaces: Namespaces = field(default_factory=Namespaces)
 
     @property
     def host(self) -> str:
@@ -113,23 +104,20 @@ class Topology:
         return str(self.tmp / "macvtap.sock")
 
     def setup(self) -> Topology:
-        sh("ip", "netns", "add", self.host)
-        sh("ip", "netns", "add", self.peer)
-        sh("ip", "-n", self.host, "link", "add", MASTER, "type", "veth", "peer", "name", "vp0")
-        sh("ip", "-n", self.host, "link", "set", "vp0", "netns", self.peer)
-        sh("ip", "-n", self.host, "link", "set", "lo", "up")
-        sh("ip", "-n", self.host, "link", "set", MASTER, "up")
-        sh("ip", "-n", self.peer, "link", "set", "lo", "up")
-        sh("ip", "-n", self.peer, "link", "set", "vp0", "up")
-        sh("ip", "-n", self.peer, "addr", "add", f"{self.gateway}/24", "dev", "vp0")
+        self.namespaces.add(self.host)
+        self.namespaces.add(self.peer)
+        veth(self.host, MASTER, self.peer, "vp0")
+        set_up(self.host, "lo", MASTER)
+        set_up(self.peer, "lo", "vp0")
+        ip(self.peer, "addr", "add", f"{self.gateway}/24", "dev", "vp0")
         return self
 
     def new_pod(self) -> str:
         """A fresh pod netns; returns its path."""
         name = f"{self.tag}-pod{len(self.pods)}"
-        sh("ip", "netns", "add", name)
+        path = self.namespaces.add(name)
         self.pods.append(name)
-        return f"/run/netns/{name}"
+        return path
 
     def conf(self, version: str = "1.0.0", **overrides: Any) -> dict[str, Any]:
         """A network config for the plugin on this topology (host-local IPAM in a temp dataDir)."""
@@ -199,6 +187,7 @@ class Topology:
             cwd=REPO,
             capture_output=True,
             check=False,
+            timeout=PLUGIN_TIMEOUT_S,
         )
         return PluginResult(
             proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
@@ -224,26 +213,22 @@ class Topology:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while not os.path.exists(self.socket) or b"listening" not in (self.tmp / "daemon.log").read_bytes():
-            if self.daemon.poll() is not None:
-                raise RuntimeError("macvtap daemon exited: " + (self.tmp / "daemon.log").read_text())
-            if time.monotonic() > deadline:
-                raise RuntimeError("macvtap daemon did not start listening within 60 s")
-            time.sleep(0.05)
+        daemon = self.daemon
+
+        def listening() -> bool:
+            if daemon.poll() is not None:
+                raise RuntimeError("macvtap daemon exited: " + self.daemon_log())
+            return os.path.exists(self.socket) and "listening" in self.daemon_log()
+
+        wait_for("the macvtap daemon to listen", listening, 60, 0.05, explain=self.daemon_log)
 
     def daemon_log(self) -> str:
         path = self.tmp / "daemon.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop_daemon(self) -> None:
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
+        if self.daemon is not None:
+            processes.stop(self.daemon, grace=20)
         self.daemon = None
 
     def allocated_ips(self, network: str | None = None) -> list[str]:
@@ -265,14 +250,13 @@ class Topology:
 
     def close(self) -> None:
         self.stop_daemon()
-        for name in [*self.pods, self.peer, self.host]:
-            sh("ip", "netns", "del", name, check=False)
+        self.namespaces.close()
 
 
 @contextlib.contextmanager
 def topology(tmp: Path, daemon: bool = False) -> Any:
     """A set-up Topology (optionally with a running daemon) that is always torn down."""
-    require_root()
+    require_cni_root()
     topo = Topology(tmp)
     try:
         topo.setup()

@@ -1,0 +1,125 @@
+"""The tests' handle on the running local cluster (deploy/local): kubectl and crictl with the right
+endpoints, and deploy/local/up and down."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from localcluster.paths import Paths
+
+from helpers import REPO
+from helpers.crictl import Crictl
+
+
+@dataclass
+class Cluster:
+    """A handle on the running local cluster for tests: kubectl/crictl with the right endpoints."""
+
+    paths: Paths
+    node: str
+    started_here: bool
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.paths.kubeconfig),
+            "PATH": f"{self.paths.bin}:{os.environ['PATH']}",
+        }
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120):
+        return subprocess.run(
+            [self.paths.tool("kubectl"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            input=input,
+            timeout=timeout,
+        )
+
+    def kubectl_json(self, *args: str) -> dict:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def patch(
+        self,
+        kind: str,
+        name: str,
+        patch: dict | list,
+        *,
+        namespace: str | None = None,
+        type: str = "merge",
+        subresource: str | None = None,
+        check: bool = True,
+    ):
+        """``kubectl patch`` with ``patch`` as JSON (``type`` merge, json or strategic)."""
+        where = [
+            *(["-n", namespace] if namespace else []),
+            *(["--subresource", subresource] if subresource else []),
+        ]
+        return self.kubectl("patch", kind, name, *where, "--type", type, "-p", json.dumps(patch), check=check)
+
+    def service_account_kubeconfig(self, sa: str, path: Path, duration: str = "2h") -> Path:
+        """A kubeconfig at ``path`` that acts as the service account edgevirt-system/``sa`` (a fresh
+        token), so a test exercises that account's RBAC."""
+        admin = yaml.safe_load(self.paths.kubeconfig.read_text())
+        token = self.kubectl("create", "token", sa, "-n", "edgevirt-system", f"--duration={duration}").stdout
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
+            "users": [{"name": sa, "user": {"token": token.strip()}}],
+            "contexts": [{"name": sa, "context": {"cluster": "local", "user": sa}}],
+            "current-context": sa,
+        }
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def install_vm_crd(self, rbac: bool = False) -> None:
+        """Apply the VirtualMachine CRD (and, with ``rbac``, the controller's RBAC); wait until served."""
+        self.kubectl("apply", "-f", str(REPO / "deploy/manifests/virtualmachine-crd.yaml"))
+        if rbac:
+            self.kubectl("apply", "-f", str(REPO / "deploy/manifests/vmcrd-rbac.yaml"))
+        self.kubectl(
+            "wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s"
+        )
+
+    @contextlib.contextmanager
+    def namespace(self, prefix: str, *, drop_vm_finalizers: bool = False) -> Iterator[str]:
+        """A fresh namespace ``<prefix>-<6 hex>``, deleted at the end (not waited for). With
+        ``drop_vm_finalizers`` its VirtualMachines' finalizers are dropped first: no controller is
+        left to run them."""
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        self.kubectl("create", "namespace", name)
+        try:
+            yield name
+        finally:
+            if drop_vm_finalizers:
+                for vm in self.kubectl_json("get", "vm", "-n", name)["items"]:
+                    no_finalizers = {"metadata": {"finalizers": None}}
+                    self.patch("vm", vm["metadata"]["name"], no_finalizers, namespace=name, check=False)
+            self.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+    def cri(self, via_shim: bool = False) -> Crictl:
+        """crictl against the cluster's containerd, or (``via_shim``) its edgevirt-cri, kubelet's endpoint."""
+        sock = self.paths.cri_sock if via_shim else self.paths.containerd_sock
+        return Crictl(f"unix://{sock}", binary=str(self.paths.tool("crictl")), env=self.env)
+
+    def crictl(self, *args: str, check: bool = True, timeout: float | None = None, via_shim: bool = False):
+        return self.cri(via_shim)(*args, check=check, timeout=timeout)
+
+    def up(self, *components: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(REPO / "deploy/local/up"), *components], capture_output=True, text=True, timeout=600
+        )
+
+    def down(self) -> subprocess.CompletedProcess:
+        return subprocess.run([str(REPO / "deploy/local/down")], capture_output=True, text=True, timeout=300)
