@@ -47,7 +47,7 @@ from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
 # Wanted modules; dependencies come from modules.dep (loaded first). For the NIC this yields the order
-# MACHINE.md gives: virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
+# order the guest kernel needs: virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
 # failover, net_failover, virtio_net.
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "cdrom", "isofs", "crc32c_generic", "ext4")
 # ACPI power button -> /dev/input/event* (graceful shutdown), virtio-scsi + sd_mod for hotplug on scsi.
