@@ -19,8 +19,8 @@ from kubernetes.client.exceptions import ApiException
 
 from . import api, podspec, status
 from .api import KubeObject
-from .kube import EventRecorder, Informer, WorkQueue, api_message
-from .resources import VirtualMachines, vm_key, vm_key_of_pod, vm_pod_lister
+from .kube import EventRecorder, WorkQueue, api_message
+from .resources import VirtualMachines, vm_informers, vm_key, vm_pod_lister
 from .runner import RetryDelays, Runner
 from .strategy import Action, PodState, decide, pod_state
 
@@ -57,22 +57,12 @@ class ClusterController:
         self.create_errors: dict[str, str] = {}
         self.sandbox_errors: dict[str, tuple[str, str]] = {}  # VM key -> (pod uid, last message)
         self.reconciles = 0
-        self.vms = Informer("virtualmachines", self.vm_api.lister(namespace), self.queue.add)
-        self.pods = Informer("pods", vm_pod_lister(self.core, namespace), self._on_pod)
-        self.runner = Runner(
-            "reconcile",
-            self.queue,
-            [self.vms, self.pods],
-            self.reconcile,
-            resync=resync,
-            resync_from=self.vms,
-            delays=RETRY,
+        self.vms, self.pods = vm_informers(
+            self.queue, self.vm_api.lister(namespace), vm_pod_lister(self.core, namespace)
         )
-
-    def _on_pod(self, key: str) -> None:
-        vm = vm_key_of_pod(key, self.pods.get(key))
-        if vm:
-            self.queue.add(vm)
+        self.runner = Runner(
+            "reconcile", self.queue, [self.vms, self.pods], self.reconcile, resync=resync, delays=RETRY
+        )
 
     def run(self, stop: threading.Event, leading: threading.Event | None = None, workers: int = 2) -> None:
         """Informers and resync start at once (a standby keeps warm caches); workers act only while

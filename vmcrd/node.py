@@ -29,8 +29,8 @@ from cri_shim.vm import attached_volumes
 
 from . import api
 from .api import KubeObject
-from .kube import EventRecorder, Informer, WorkQueue
-from .resources import VirtualMachines, vm_key_of_pod, vm_pod_lister
+from .kube import EventRecorder, WorkQueue
+from .resources import VirtualMachines, vm_informers, vm_pod_lister
 from .runner import RetryDelays, Runner
 
 if TYPE_CHECKING:
@@ -105,16 +105,11 @@ class NodeController:
         self.queue = WorkQueue()
         self.events = EventRecorder(self.core, "edgevirt-controller-node", node)
         self._manager: DomainManager | None = None
-        self.vms = Informer("virtualmachines", self.vm_api.lister(namespace), self.queue.add)
-        self.pods = Informer("pods", vm_pod_lister(self.core, namespace, node), self._on_pod)
+        self.vms, self.pods = vm_informers(
+            self.queue, self.vm_api.lister(namespace), vm_pod_lister(self.core, namespace, node)
+        )
         self.runner = Runner(
-            "node reconcile",
-            self.queue,
-            [self.vms, self.pods],
-            self.reconcile,
-            resync=resync,
-            resync_from=self.vms,
-            delays=RETRY,
+            "node reconcile", self.queue, [self.vms, self.pods], self.reconcile, resync=resync, delays=RETRY
         )
 
     @property
@@ -126,11 +121,6 @@ class NodeController:
             disks = DiskManager(self.state_dir, host_disk_roots=[HOST_DISK_ROOT])
             self._manager = DomainManager(self.state_dir, uri=self.libvirt_uri, disks=disks)
         return self._manager
-
-    def _on_pod(self, key: str) -> None:
-        vm = vm_key_of_pod(key, self.pods.get(key))
-        if vm:
-            self.queue.add(vm)
 
     def run(self, stop: threading.Event) -> None:
         self.runner.run(stop)

@@ -1,6 +1,7 @@
 """What both controller modes read and write: VirtualMachines and their VM pods.
 
-How to list (and watch) them for the informers, which VM a pod event is about, and the writes to a
+How to list (and watch) them, the two informers over them that feed the work queue with VM keys,
+which VM a pod event is about, and the writes to a
 VirtualMachine: merge patches guarded by its resourceVersion (so a write based on a stale view is
 refused with 409 and retried), status patches of the fields a mode owns, the finalizer's removal.
 """
@@ -14,6 +15,7 @@ from kubernetes import client
 
 from . import api, podspec
 from .api import KubeObject
+from .kube import Informer, WorkQueue
 
 #: ``list_fn`` of an :class:`~vmcrd.kube.Informer`: called with the list/watch keyword arguments.
 Lister = Callable[..., Any]
@@ -89,3 +91,16 @@ def vm_pod_lister(core: client.CoreV1Api, namespace: str | None, node: str | Non
         return core.list_pod_for_all_namespaces(label_selector=label, field_selector=fields, **kw)
 
     return list_pods
+
+
+def vm_informers(queue: WorkQueue, vms: Lister, pods: Lister) -> tuple[Informer, Informer]:
+    """The caches both modes keep: the VMs (a change queues the VM's key) and the VM pods (a change
+    queues the key of the pod's VM)."""
+
+    def on_pod(key: str) -> None:
+        vm = vm_key_of_pod(key, pod_informer.get(key))
+        if vm:
+            queue.add(vm)
+
+    pod_informer = Informer("pods", pods, on_pod)
+    return Informer("virtualmachines", vms, queue.add), pod_informer

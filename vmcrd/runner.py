@@ -4,8 +4,9 @@ A mode supplies its informers (their handlers add keys to the :class:`~vmcrd.kub
 ``reconcile(key) -> seconds | None``; the :class:`Runner` does the rest:
 
 * starts the informers at once (a cluster-mode standby keeps warm caches too);
-* every ``resync`` seconds puts every cached key of one informer (the VMs) on the queue again, so
-  drift nobody watches for (a domain changed behind our back, a lost event) is found;
+* every ``resync`` seconds puts every cached key of the first informer (the VMs: its keys are the
+  work keys) on the queue again, so drift nobody watches for (a domain changed behind our back, a
+  lost event) is found;
 * runs ``workers`` threads that take keys from the queue (the queue never hands one key to two
   workers at once) and call ``reconcile`` once every informer has listed; a key that comes earlier
   waits :data:`NOT_SYNCED_DELAY`. A number returned by ``reconcile`` is a delay after which to look
@@ -61,7 +62,6 @@ class Runner:
         reconcile: Reconcile,
         *,
         resync: float,
-        resync_from: Informer,
         delays: RetryDelays,
     ) -> None:
         self.name = name  # what the log lines call a reconcile: "reconcile", "node reconcile"
@@ -69,7 +69,6 @@ class Runner:
         self.informers = list(informers)
         self.reconcile = reconcile
         self.resync = resync
-        self.resync_from = resync_from
         self.delays = delays
 
     def run(self, stop: threading.Event, leading: threading.Event | None = None, workers: int = 1) -> None:
@@ -124,5 +123,5 @@ class Runner:
 
     def _resync_loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.resync):
-            for key in self.resync_from.cached_keys():
+            for key in self.informers[0].cached_keys():
                 self.queue.add(key)

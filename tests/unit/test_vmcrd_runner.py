@@ -50,9 +50,7 @@ class RecordingQueue(WorkQueue):
 
 def make_runner(queue, reconcile, informers=None, resync=300.0):
     informers = informers if informers is not None else [FakeInformer()]
-    return R.Runner(
-        "reconcile", queue, informers, reconcile, resync=resync, resync_from=informers[0], delays=DELAYS
-    )
+    return R.Runner("reconcile", queue, informers, reconcile, resync=resync, delays=DELAYS)
 
 
 def run_once(outcome):
