@@ -22,6 +22,11 @@ from .strategy import PodState, pod_state, wants_running
 
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 FAILURE_STATES = {api.FAILED, api.ERROR_IMAGE, api.UNSCHEDULABLE, api.CRASH_LOOP}
+#: Message of RestartRequired=True.
+RESTART_MESSAGE = (
+    "cpu, memory, image, kernelBoot, cloudInit, networks, nodeName or a non-hotpluggable volume "
+    "changed while the VM runs; restart it to apply (kubectl vm restart NAME)"
+)
 #: printableStatus -> (Event type, Event reason) of a transition into it.
 PRINTABLE_EVENTS = {
     api.STOPPED: ("Normal", "Stopped"),
@@ -173,26 +178,7 @@ def compute(
     if pod_state(pod) is not PodState.ACTIVE:
         ips = []
     conds = [dict(c) for c in old.get("conditions") or []]
-    if pstatus == api.RUNNING and not pod_ready(pod):
-        pod_cond = _pod_condition(pod or {}, "Ready") or {}
-        set_condition(
-            conds,
-            api.COND_READY,
-            False,
-            "PodNotReady",
-            pod_cond.get("message")
-            or "the guest runs but its pod is not Ready (the node has not reported to the API server lately)",
-            gen,
-        )
-    else:
-        set_condition(
-            conds,
-            api.COND_READY,
-            pstatus == api.RUNNING,
-            pstatus,
-            message or ("the guest is running" if pstatus == api.RUNNING else ""),
-            gen,
-        )
+    _set_ready(conds, pstatus, message, pod, gen)
     paused = pstatus == api.PAUSED
     set_condition(
         conds, api.COND_PAUSED, paused, "Suspended" if paused else "NotPaused", message if paused else "", gen
@@ -203,12 +189,7 @@ def compute(
         api.COND_RESTART_REQUIRED,
         rr,
         "BootSpecChanged" if rr else "UpToDate",
-        (
-            "cpu, memory, image, kernelBoot, cloudInit, networks, nodeName or a non-hotpluggable volume "
-            "changed while the VM runs; restart it to apply (kubectl vm restart NAME)"
-        )
-        if rr
-        else "",
+        RESTART_MESSAGE if rr else "",
         gen,
     )
     failed = pstatus in FAILURE_STATES
@@ -225,6 +206,23 @@ def compute(
         "observedGeneration": gen,
     }
     return out
+
+
+def _set_ready(
+    conds: list[dict[str, Any]], pstatus: str, message: str, pod: KubeObject | None, gen: int
+) -> None:
+    """Ready: the guest runs and its pod is Ready. A running guest whose pod is not Ready (the node
+    has not reported lately) says so with reason PodNotReady."""
+    if pstatus == api.RUNNING and not pod_ready(pod):
+        pod_cond = _pod_condition(pod or {}, "Ready") or {}
+        why = pod_cond.get("message") or (
+            "the guest runs but its pod is not Ready (the node has not reported to the API server lately)"
+        )
+        set_condition(conds, api.COND_READY, False, "PodNotReady", why, gen)
+        return
+    running = pstatus == api.RUNNING
+    why = message or ("the guest is running" if running else "")
+    set_condition(conds, api.COND_READY, running, pstatus, why, gen)
 
 
 def differs(vm: KubeObject, new: dict[str, Any]) -> bool:
