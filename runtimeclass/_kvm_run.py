@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import sys
+from typing import Any
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -37,7 +38,7 @@ GUEST_ADDR = 0x1000
 
 def main() -> int:
     step = "open /dev/kvm"
-    out: dict = {"ok": False}
+    out: dict[str, Any] = {"ok": False}
     try:
         kvm = os.open(sys.argv[1] if len(sys.argv) > 1 else "/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         step = "KVM_GET_API_VERSION"

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+#: A Kubernetes object as the API server serves it in JSON (camelCase keys): VMs, pods, events.
+KubeObject = dict[str, Any]
+
 GROUP = "edgevirt.io"
 VERSION = "v1alpha1"
 KIND = "VirtualMachine"

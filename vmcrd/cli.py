@@ -16,10 +16,16 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from kubernetes import client
 from prometheus_client import Gauge, start_http_server
 
 from .kube import api_client
+
+if TYPE_CHECKING:
+    from .controller import ClusterController
+    from .leader import LeaderElector
 
 log = logging.getLogger("edgevirt-controller")
 
@@ -67,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_cluster(args, ac, stop)
 
 
-def run_cluster(args: argparse.Namespace, ac, stop: threading.Event) -> int:
-    from kubernetes import client
-
+def run_cluster(args: argparse.Namespace, ac: client.ApiClient, stop: threading.Event) -> int:
     from .controller import ClusterController
     from .leader import LeaderElector
 
@@ -89,25 +93,11 @@ def run_cluster(args: argparse.Namespace, ac, stop: threading.Event) -> int:
         renew=args.renew,
     )
     if args.metrics_port:
-        start_http_server(args.metrics_port)
-        Gauge("edgevirt_controller_leader", "1 while this replica leads").set_function(
-            lambda: float(elector.is_leader.is_set())
-        )
-        Gauge("edgevirt_controller_queue_depth", "keys waiting").set_function(lambda: float(len(ctl.queue)))
+        serve_metrics(args.metrics_port, elector, ctl)
     threading.Thread(target=elector.run, args=(stop,), name="leader", daemon=True).start()
     log.info("cluster mode: identity %s, lease %s/%s", args.identity, args.lease_namespace, args.lease_name)
     lost = threading.Event()
-
-    def watch_leadership() -> None:
-        elector.is_leader.wait()
-        while not stop.is_set():
-            if not elector.is_leader.is_set():
-                lost.set()
-                stop.set()
-                return
-            stop.wait(0.5)
-
-    threading.Thread(target=watch_leadership, daemon=True).start()
+    threading.Thread(target=stop_on_lost_lease, args=(elector, stop, lost), daemon=True).start()
     ctl.run(stop, leading=elector.is_leader, workers=max(1, args.workers))
     if lost.is_set():
         log.error("lost leadership: exiting")
@@ -116,7 +106,27 @@ def run_cluster(args: argparse.Namespace, ac, stop: threading.Event) -> int:
     return 0
 
 
-def run_node(args: argparse.Namespace, ac, stop: threading.Event) -> int:
+def serve_metrics(port: int, elector: LeaderElector, ctl: ClusterController) -> None:
+    """Prometheus metrics of cluster mode: leadership and the work queue's depth."""
+    start_http_server(port)
+    Gauge("edgevirt_controller_leader", "1 while this replica leads").set_function(
+        lambda: float(elector.is_leader.is_set())
+    )
+    Gauge("edgevirt_controller_queue_depth", "keys waiting").set_function(lambda: float(len(ctl.queue)))
+
+
+def stop_on_lost_lease(elector: LeaderElector, stop: threading.Event, lost: threading.Event) -> None:
+    """Once leader, set ``lost`` and ``stop`` when leadership ends (a leader must not act without it)."""
+    elector.is_leader.wait()
+    while not stop.is_set():
+        if not elector.is_leader.is_set():
+            lost.set()
+            stop.set()
+            return
+        stop.wait(0.5)
+
+
+def run_node(args: argparse.Namespace, ac: client.ApiClient, stop: threading.Event) -> int:
     from .node import DEFAULT_STATE_DIR, NodeController
 
     node = args.node or os.environ.get("NODE_NAME")

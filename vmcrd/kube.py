@@ -16,32 +16,62 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
+
+from .api import KubeObject
 
 log = logging.getLogger(__name__)
 #: Longest wait between relists after the API server failed: short, so that after an outage of an
 #: edge node's API server the controllers see its return (and catch status up) within seconds.
 RELIST_BACKOFF_MAX = 4.0
 
+# the kubernetes client's config loaders and line reader carry no annotations: typed views of them
+_load_kube_config = cast(Callable[..., None], config.load_kube_config)
+_load_incluster_config = cast(Callable[..., None], config.load_incluster_config)
+_list_kube_config_contexts = cast(
+    Callable[..., tuple[list[dict[str, Any]], dict[str, Any] | None]], config.list_kube_config_contexts
+)
+_iter_resp_lines = cast(Callable[[Any], Iterator[str]], iter_resp_lines)
 
-def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """A client from ``kubeconfig`` (or $KUBECONFIG / ~/.kube/config), else the in-cluster config."""
+
+def api_client(
+    kubeconfig: str | None = None, context: str | None = None, in_cluster: bool = True
+) -> client.ApiClient:
+    """A client from ``kubeconfig`` (or $KUBECONFIG / ~/.kube/config) and its ``context`` (default:
+    the current one), else, if ``in_cluster``, the in-cluster config (a pod's service account)."""
     try:
         cfg = client.Configuration()
-        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        _load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
     except Exception:
-        if kubeconfig:
+        if kubeconfig or not in_cluster:
             raise
         cfg = client.Configuration()
-        config.load_incluster_config(client_configuration=cfg)
+        _load_incluster_config(client_configuration=cfg)
     return client.ApiClient(cfg)
 
 
-def key_of(obj: dict) -> str:
+def kubeconfig_namespace(kubeconfig: str | None = None, context: str | None = None) -> str | None:
+    """The namespace of ``context`` (default: the current context) in the kubeconfig, if it sets one."""
+    contexts, active = _list_kube_config_contexts(config_file=kubeconfig)
+    if context:
+        active = next((c for c in contexts if c["name"] == context), active)
+    ns = (active or {}).get("context", {}).get("namespace")
+    return str(ns) if ns else None
+
+
+def api_message(e: ApiException) -> str:
+    """What the API server said (its Status message), else ``<status> <reason>``."""
+    try:
+        return str(json.loads(e.body or "").get("message") or f"{e.status} {e.reason}")
+    except Exception:
+        return f"{e.status} {e.reason}"
+
+
+def key_of(obj: KubeObject) -> str:
     m = obj["metadata"]
     return f"{m.get('namespace', '')}/{m['name']}"
 
@@ -64,12 +94,12 @@ class Informer:
         self.list_fn = list_fn
         self.handler = handler
         self.watch_timeout = watch_timeout
-        self.cache: dict[str, dict] = {}
+        self.cache: dict[str, KubeObject] = {}
         self.lock = threading.Lock()
         self.synced = threading.Event()
         self.relists = 0
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str) -> KubeObject | None:
         with self.lock:
             return self.cache.get(key)
 
@@ -77,7 +107,7 @@ class Informer:
         with self.lock:
             return list(self.cache)
 
-    def values(self) -> list[dict]:
+    def values(self) -> list[KubeObject]:
         with self.lock:
             return list(self.cache.values())
 
@@ -99,9 +129,9 @@ class Informer:
         )
         for k in list(fresh) + sorted(gone):
             self.handler(k)
-        return body["metadata"]["resourceVersion"]
+        return str(body["metadata"]["resourceVersion"])
 
-    def _events(self, rv: str) -> Iterator[dict]:
+    def _events(self, rv: str) -> Iterator[KubeObject]:
         resp = self.list_fn(
             watch=True,
             resource_version=rv,
@@ -111,7 +141,7 @@ class Informer:
             _request_timeout=(10, self.watch_timeout + 30),
         )
         try:
-            for line in iter_resp_lines(resp):
+            for line in _iter_resp_lines(resp):
                 yield json.loads(line)
         finally:
             resp.release_conn()
@@ -232,10 +262,10 @@ class EventRecorder:
         self.component = component
         self.host = host
 
-    def emit(self, obj: dict, etype: str, reason: str, message: str) -> None:
+    def emit(self, obj: KubeObject, etype: str, reason: str, message: str) -> None:
         m = obj["metadata"]
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        body = {
+        body: KubeObject = {
             "metadata": {"name": f"{m['name']}.{uuid.uuid4().hex[:12]}", "namespace": m["namespace"]},
             "involvedObject": {
                 "apiVersion": obj.get("apiVersion"),
@@ -256,6 +286,6 @@ class EventRecorder:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(m["namespace"], body)
+            self.core.create_namespaced_event(m["namespace"], body)  # type: ignore[arg-type]  # a dict is sent as is
         except ApiException as e:  # events are best effort; never fail a reconcile over one
             log.warning("event %s/%s %s not recorded: %s", m["namespace"], m["name"], reason, e.reason)

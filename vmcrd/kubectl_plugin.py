@@ -28,12 +28,14 @@ import shlex
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
-from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from . import api
+from .api import KubeObject
+from .kube import api_client, api_message, kubeconfig_namespace
 
 
 class PluginError(Exception):
@@ -89,20 +91,17 @@ class Plugin:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         try:
-            config.load_kube_config(config_file=args.kubeconfig, context=args.context)
-            _, active = config.list_kube_config_contexts(config_file=args.kubeconfig)
+            ac = api_client(args.kubeconfig, args.context, in_cluster=False)
+            namespace = kubeconfig_namespace(args.kubeconfig, args.context)
         except Exception as e:
             raise PluginError(f"cannot load a kubeconfig ({e}); set KUBECONFIG or --kubeconfig") from None
-        if args.context:
-            contexts, _ = config.list_kube_config_contexts(config_file=args.kubeconfig)
-            active = next((c for c in contexts if c["name"] == args.context), active)
-        self.namespace = args.namespace or (active or {}).get("context", {}).get("namespace") or "default"
-        self.custom = client.CustomObjectsApi()
+        self.namespace = args.namespace or namespace or "default"
+        self.custom = client.CustomObjectsApi(ac)
 
     # ------------------------------------------------------------------ API
-    def get(self, name: str) -> dict:
+    def get(self, name: str) -> KubeObject:
         try:
-            return self.custom.get_namespaced_custom_object(
+            vm = self.custom.get_namespaced_custom_object(
                 api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
             )
         except ApiException as e:
@@ -110,21 +109,22 @@ class Plugin:
                 raise PluginError(
                     f'virtualmachine "{name}" not found in namespace "{self.namespace}"'
                 ) from None
-            raise PluginError(_message(e)) from None
+            raise PluginError(api_message(e)) from None
+        return cast(KubeObject, vm)  # the custom objects API answers JSON as a dict
 
-    def merge(self, name: str, body: dict) -> None:
+    def merge(self, name: str, body: KubeObject) -> None:
         try:
             self.custom.patch_namespaced_custom_object(
                 api.GROUP, api.VERSION, self.namespace, api.PLURAL, name, body
             )
         except ApiException as e:
-            raise PluginError(_message(e)) from None
+            raise PluginError(api_message(e)) from None
         self.say(
             name,
             f"kubectl patch vm {name} -n {self.namespace} --type merge -p {shlex.quote(json.dumps(body))}",
         )
 
-    def json_patch(self, name: str, ops: list[dict]) -> None:
+    def json_patch(self, name: str, ops: list[KubeObject]) -> None:
         try:
             self.custom.patch_namespaced_custom_object(
                 api.GROUP,
@@ -136,7 +136,7 @@ class Plugin:
                 _content_type="application/json-patch+json",
             )
         except ApiException as e:
-            raise PluginError(_message(e)) from None
+            raise PluginError(api_message(e)) from None
         self.say(
             name, f"kubectl patch vm {name} -n {self.namespace} --type json -p {shlex.quote(json.dumps(ops))}"
         )
@@ -149,7 +149,7 @@ class Plugin:
         self.merge(name, {"metadata": {"annotations": {api.STATE_REQUEST: value}}})
 
     # ------------------------------------------------------------------ commands
-    def start(self, vm: dict) -> None:
+    def start(self, vm: KubeObject) -> None:
         name, spec = vm["metadata"]["name"], vm.get("spec") or {}
         strategy = api.run_strategy(spec)
         if "runStrategy" not in spec:
@@ -162,7 +162,7 @@ class Plugin:
             return self.merge(name, {"spec": {"runStrategy": "Always"}})
         return self.request(name, "start")
 
-    def stop(self, vm: dict) -> None:
+    def stop(self, vm: KubeObject) -> None:
         name, spec = vm["metadata"]["name"], vm.get("spec") or {}
         strategy = api.run_strategy(spec)
         if "runStrategy" not in spec:
@@ -175,23 +175,23 @@ class Plugin:
             return self.merge(name, {"spec": {"runStrategy": "Halted"}})
         return self.request(name, "stop")
 
-    def restart(self, vm: dict) -> None:
+    def restart(self, vm: KubeObject) -> None:
         name = vm["metadata"]["name"]
         st = (vm.get("status") or {}).get("printableStatus", api.STOPPED)
         if st == api.STOPPED or api.run_strategy(vm.get("spec") or {}) == "Halted":
             raise PluginError(f"VM {name} is not running ({st}): use kubectl vm start {name}")
         self.request(name, f"restart:{time.time_ns():x}")
 
-    def pause(self, vm: dict) -> None:
+    def pause(self, vm: KubeObject) -> None:
         self.merge(vm["metadata"]["name"], {"spec": {"paused": True}})
 
-    def unpause(self, vm: dict) -> None:
+    def unpause(self, vm: KubeObject) -> None:
         name = vm["metadata"]["name"]
         if not (vm.get("spec") or {}).get("paused"):
             raise PluginError(f"VM {name} is not paused (spec.paused is not true)")
         self.merge(name, {"spec": {"paused": False}})
 
-    def mount(self, vm: dict) -> None:
+    def mount(self, vm: KubeObject) -> None:
         a = self.args
         bus = a.bus or ("scsi" if a.cdrom else "virtio")  # there is no virtio cdrom
         vol: dict[str, Any] = {"name": a.volume_name, "hotpluggable": True, "bus": bus}
@@ -220,7 +220,7 @@ class Plugin:
         )
         self.json_patch(vm["metadata"]["name"], [rv, op])
 
-    def unmount(self, vm: dict) -> None:
+    def unmount(self, vm: KubeObject) -> None:
         name, vname = vm["metadata"]["name"], self.args.volume_name
         vols = (vm.get("spec") or {}).get("volumes") or []
         idx = next((i for i, v in enumerate(vols) if v["name"] == vname), None)
@@ -238,7 +238,7 @@ class Plugin:
             ],
         )
 
-    def console(self, vm: dict) -> None:
+    def console(self, vm: KubeObject) -> None:
         name = vm["metadata"]["name"]
         st = vm.get("status") or {}
         if not st.get("podName") or st.get("printableStatus") in (api.STOPPED, api.STOPPING):
@@ -256,13 +256,6 @@ class Plugin:
         else:
             cmd += ["attach", "-it", st["podName"], "-c", "compute"]
         os.execv(kubectl, cmd)
-
-
-def _message(e: ApiException) -> str:
-    try:
-        return json.loads(e.body).get("message") or f"{e.status} {e.reason}"
-    except Exception:
-        return f"{e.status} {e.reason}"
 
 
 def main(argv: list[str] | None = None) -> int:

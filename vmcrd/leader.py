@@ -15,17 +15,13 @@ import logging
 import threading
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _fmt(t: dt.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse(s: str | dt.datetime | None) -> dt.datetime | None:
@@ -68,8 +64,8 @@ class LeaderElector:
                 spec=client.V1LeaseSpec(
                     holder_identity=self.identity,
                     lease_duration_seconds=self.lease_duration,
-                    acquire_time=_fmt(now),
-                    renew_time=_fmt(now),
+                    acquire_time=now,
+                    renew_time=now,
                     lease_transitions=0,
                 ),
             )
@@ -80,7 +76,8 @@ class LeaderElector:
                     return False
                 raise
             return True
-        spec = lease.spec
+        spec = lease.spec or client.V1LeaseSpec()
+        lease.spec = spec
         holder = spec.holder_identity
         renewed = _parse(spec.renew_time)
         duration = spec.lease_duration_seconds or self.lease_duration
@@ -88,13 +85,11 @@ class LeaderElector:
         if holder and holder != self.identity and not expired:
             return False
         if holder != self.identity:
-            spec.acquire_time = _fmt(now)
+            spec.acquire_time = now
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
         spec.holder_identity = self.identity
-        spec.renew_time = _fmt(now)
+        spec.renew_time = now
         spec.lease_duration_seconds = self.lease_duration
-        if isinstance(spec.acquire_time, dt.datetime):
-            spec.acquire_time = _fmt(spec.acquire_time)
         try:
             self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
         except ApiException as e:
@@ -142,7 +137,7 @@ class LeaderElector:
         """Give the Lease up on a clean exit so a standby takes over at once."""
         try:
             lease = self.coord.read_namespaced_lease(self.name, self.namespace)
-            if lease.spec.holder_identity == self.identity:
+            if lease.spec is not None and lease.spec.holder_identity == self.identity:
                 lease.spec.holder_identity = None
                 lease.spec.renew_time = None
                 lease.spec.acquire_time = None

@@ -10,33 +10,48 @@
 
 The VM's domain is found through the libvirt layer (``cri_shim.vm``) by the ``uid`` in its
 edgevirt metadata, which the CRI kvm handler sets from the pod annotation ``edgevirt.io/vm-uid``.
+The loop around the reconcile (informers, resync, retries) is :mod:`vmcrd.runner`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from cri_shim.kvm.contract import ANN_VOLUMES, to_volume_spec
 from cri_shim.vm import attached_volumes
 
-from . import api, podspec
-from .kube import EventRecorder, Informer, WorkQueue
+from . import api
+from .api import KubeObject
+from .kube import EventRecorder, WorkQueue
+from .resources import VirtualMachines, vm_informers, vm_pod_lister
+from .runner import RetryDelays, Runner
+
+if TYPE_CHECKING:
+    from cri_shim.vm import DomainManager
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgevirt/vm")
 HOST_DISK_ROOT = Path("/var/lib/edgevirt/hostdisks")
+RETRY = RetryDelays(conflict=1.0, api_error=3.0, error=5.0)
+#: Seconds between looks at a Running VM pod whose domain the kvm handler has not made yet.
+NO_DOMAIN_RECHECK = 5.0
+#: Seconds before a failed attach or detach is tried again.
+HOTPLUG_RETRY = 5.0
+#: Seconds between looks at a VM being deleted whose pod cluster mode is still deleting.
+POD_GONE_RECHECK = 2.0
 
 
 def hotplug_plan(
-    spec_volumes: list[dict], boot_volumes: list[dict], attached: dict[str, str]
-) -> tuple[list, list]:
+    spec_volumes: list[KubeObject], boot_volumes: list[KubeObject], attached: dict[str, str]
+) -> tuple[list[KubeObject], list[str]]:
     """(to attach, to detach): hotpluggable spec volumes not attached; attached volumes gone from the
     spec that may be unplugged (hotpluggable at boot, or hot-added later)."""
     wanted = {v["name"]: v for v in spec_volumes}
@@ -44,6 +59,31 @@ def hotplug_plan(
     attach = [v for n, v in wanted.items() if v.get("hotpluggable") and n not in attached]
     detach = [n for n in attached if n not in wanted and (n not in boot or boot[n].get("hotpluggable"))]
     return attach, detach
+
+
+def volume_status(
+    entries: dict[str, KubeObject], attached: dict[str, str], wanted: set[str]
+) -> list[KubeObject]:
+    """``status.volumes`` after the hotplug round: ``entries`` (by name, as the round left them) with
+    every attached volume Mounted (unless its entry says Failed), without entries of volumes neither
+    attached nor wanted any more (e.g. Attaching written just before this controller was killed, then
+    the volume was unmounted): they tell nothing true."""
+    vols = dict(entries)
+    for n, target in attached.items():
+        if n not in vols or vols[n].get("phase") != "Failed":
+            vols[n] = {"name": n, "target": target, "phase": "Mounted"}
+    for n in [n for n in vols if n not in attached and n not in wanted]:
+        del vols[n]
+    return sorted(vols.values(), key=lambda x: x["name"])
+
+
+def podspec_volumes(pod: KubeObject) -> list[KubeObject]:
+    """The volumes the VM pod was made with (its ``ANN_VOLUMES`` annotation): the boot-time ones."""
+    raw = (pod["metadata"].get("annotations") or {}).get(ANN_VOLUMES, "[]")
+    try:
+        return list(json.loads(raw))
+    except ValueError:
+        return []
 
 
 class NodeController:
@@ -56,21 +96,24 @@ class NodeController:
         libvirt_uri: str = "qemu:///system",
         resync: float = 60.0,
     ) -> None:
-        self.custom = client.CustomObjectsApi(api_client)
+        self.vm_api = VirtualMachines(api_client)
         self.core = client.CoreV1Api(api_client)
         self.node = node
         self.namespace = namespace
         self.state_dir = state_dir
         self.libvirt_uri = libvirt_uri
-        self.resync = resync
         self.queue = WorkQueue()
         self.events = EventRecorder(self.core, "edgevirt-controller-node", node)
-        self._manager: Any = None
-        self.vms = Informer("virtualmachines", self._list_vms, self.queue.add)
-        self.pods = Informer("pods", self._list_pods, self._on_pod)
+        self._manager: DomainManager | None = None
+        self.vms, self.pods = vm_informers(
+            self.queue, self.vm_api.lister(namespace), vm_pod_lister(self.core, namespace, node)
+        )
+        self.runner = Runner(
+            "node reconcile", self.queue, [self.vms, self.pods], self.reconcile, resync=resync, delays=RETRY
+        )
 
     @property
-    def manager(self) -> Any:
+    def manager(self) -> DomainManager:
         """The libvirt layer's DomainManager (connected lazily: cleanup of disks needs no libvirt)."""
         if self._manager is None:
             from cri_shim.vm import DiskManager, DomainManager
@@ -79,56 +122,10 @@ class NodeController:
             self._manager = DomainManager(self.state_dir, uri=self.libvirt_uri, disks=disks)
         return self._manager
 
-    def _list_vms(self, **kw: Any) -> Any:
-        if self.namespace:
-            return self.custom.list_namespaced_custom_object(
-                api.GROUP, api.VERSION, self.namespace, api.PLURAL, **kw
-            )
-        return self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL, **kw)
-
-    def _list_pods(self, **kw: Any) -> Any:
-        fs = f"spec.nodeName={self.node}"
-        if self.namespace:
-            return self.core.list_namespaced_pod(
-                self.namespace, label_selector=podspec.LABEL_VM, field_selector=fs, **kw
-            )
-        return self.core.list_pod_for_all_namespaces(label_selector=podspec.LABEL_VM, field_selector=fs, **kw)
-
-    def _on_pod(self, key: str) -> None:
-        ns, name = key.split("/", 1)
-        if name.endswith("-vm"):
-            self.queue.add(f"{ns}/{name[:-3]}")
-
     def run(self, stop: threading.Event) -> None:
-        self.vms.start(stop)
-        self.pods.start(stop)
-        threading.Thread(target=self._resync_loop, args=(stop,), daemon=True).start()
-        while not stop.is_set():
-            key = self.queue.get(stop)
-            if key is None:
-                break
-            try:
-                if not (self.vms.synced.is_set() and self.pods.synced.is_set()):
-                    self.queue.add_after(key, 0.2)
-                    continue
-                again = self.reconcile(key)
-                if again:
-                    self.queue.add_after(key, again)
-            except ApiException as e:
-                log.warning("node reconcile %s: API %s %s: retrying", key, e.status, e.reason)
-                self.queue.add_after(key, 1.0 if e.status == 409 else 3.0)
-            except Exception:
-                log.exception("node reconcile %s failed: retrying", key)
-                self.queue.add_after(key, 5.0)
-            finally:
-                self.queue.done(key)
+        self.runner.run(stop)
 
-    def _resync_loop(self, stop: threading.Event) -> None:
-        while not stop.wait(self.resync):
-            for k in list(self.vms.cache):
-                self.queue.add(k)
-
-    def mine(self, vm: dict) -> bool:
+    def mine(self, vm: KubeObject) -> bool:
         return self.node in ((vm.get("status") or {}).get("nodeName"), (vm.get("spec") or {}).get("nodeName"))
 
     # ---------------------------------------------------------------- reconcile
@@ -143,17 +140,9 @@ class NodeController:
             if api.FINALIZER not in (meta.get("finalizers") or []):
                 return None
             if pod is not None:
-                return 2.0  # cluster mode is deleting it; the domain goes with the pod
+                return POD_GONE_RECHECK  # cluster mode is deleting it; the domain goes with the pod
             self.cleanup(meta["uid"])
-            fins = [f for f in meta.get("finalizers") or [] if f != api.FINALIZER]
-            self.custom.patch_namespaced_custom_object(
-                api.GROUP,
-                api.VERSION,
-                ns,
-                api.PLURAL,
-                name,
-                {"metadata": {"finalizers": fins, "resourceVersion": meta["resourceVersion"]}},
-            )
+            self.vm_api.remove_finalizer(vm)
             self.events.emit(
                 vm, "Normal", "NodeStateRemoved", f"removed the VM's disks and state on {self.node}"
             )
@@ -162,53 +151,82 @@ class NodeController:
             return None
         return self.reconcile_domain(vm, pod)
 
+    def _domains_of(self, uid: str) -> Iterator[str]:
+        """The managed domains whose edgevirt metadata names this VM's UID (looked up lazily)."""
+        mgr = self.manager
+        return (dom for dom in mgr.list_managed() if mgr.metadata(dom).get("uid") == uid)
+
     def cleanup(self, uid: str) -> None:
         """Remove every domain of this VM and its VM-scoped disks. Idempotent."""
         from cri_shim.vm import DiskManager
 
         try:
-            mgr = self.manager
-            for dom in mgr.list_managed():
-                if mgr.metadata(dom).get("uid") == uid:
-                    mgr.remove(dom, delete_disks=True)
+            for dom in self._domains_of(uid):
+                self.manager.remove(dom, delete_disks=True)
         except Exception as e:  # libvirt away: the disks can still go; a stale domain is reported
             log.warning("cleanup of %s: libvirt: %s", uid, e)
         DiskManager(self.state_dir).remove("vm", uid)
 
     def find_domain(self, uid: str) -> str | None:
-        mgr = self.manager
-        for dom in mgr.list_managed():
-            if mgr.metadata(dom).get("uid") == uid:
-                return dom
-        return None
+        return next(self._domains_of(uid), None)
 
-    def reconcile_domain(self, vm: dict, pod: dict) -> float | None:
+    def reconcile_domain(self, vm: KubeObject, pod: KubeObject) -> float | None:
+        """Pause state, hot-plugged volumes and the domain's facts of a VM whose pod runs."""
         mgr = self.manager
         dom = self.find_domain(vm["metadata"]["uid"])
         if dom is None:
-            return 5.0
+            return NO_DOMAIN_RECHECK
+        facts = self._apply_paused(vm, dom)
         spec = vm.get("spec") or {}
         old = vm.get("status") or {}
-        facts = mgr.facts(dom)
-        paused = facts["phase"] == "paused"
-        if bool(spec.get("paused")) != paused and facts["phase"] in ("running", "paused"):
-            if spec.get("paused"):
-                mgr.suspend(dom)
-                self.events.emit(vm, "Normal", "Suspended", "the guest is paused")
-            else:
-                mgr.resume(dom)
-                self.events.emit(vm, "Normal", "Resumed", "the guest runs again")
-            facts = mgr.facts(dom)
-        retry: float | None = None
         vols = {v["name"]: dict(v) for v in old.get("volumes") or []}
-        boot = podspec_volumes(pod)
-        attach, detach = hotplug_plan(spec.get("volumes") or [], boot, attached_volumes(mgr.xml(dom)))
-        if attach or detach:  # show the operation before the (slow) libvirt call
-            for v in attach:
-                vols[v["name"]] = {"name": v["name"], "phase": "Attaching"}
-            for n in detach:
-                vols[n] = {**vols.get(n, {"name": n}), "phase": "Detaching"}
-            self._patch_status(vm, {"volumes": sorted(vols.values(), key=lambda x: x["name"])})
+        attach, detach = hotplug_plan(
+            spec.get("volumes") or [], podspec_volumes(pod), attached_volumes(mgr.xml(dom))
+        )
+        retry: float | None = None
+        if attach or detach:
+            retry = self._hotplug(vm, dom, vols, attach, detach)
+        wanted = {v["name"] for v in spec.get("volumes") or []}
+        new = {
+            "accel": facts["accel"],
+            "domainState": facts["phase"].capitalize(),
+            "volumes": volume_status(vols, attached_volumes(mgr.xml(dom)), wanted),
+        }
+        if attach or detach or any(old.get(k) != v for k, v in new.items()):
+            self.vm_api.patch_status(vm, new)
+        return retry
+
+    def _apply_paused(self, vm: KubeObject, dom: str) -> dict[str, Any]:
+        """Suspend or resume the domain as ``spec.paused`` says; the domain's facts afterwards."""
+        mgr = self.manager
+        facts = mgr.facts(dom)
+        want_paused = bool((vm.get("spec") or {}).get("paused"))
+        if want_paused == (facts["phase"] == "paused") or facts["phase"] not in ("running", "paused"):
+            return facts
+        if want_paused:
+            mgr.suspend(dom)
+            self.events.emit(vm, "Normal", "Suspended", "the guest is paused")
+        else:
+            mgr.resume(dom)
+            self.events.emit(vm, "Normal", "Resumed", "the guest runs again")
+        return mgr.facts(dom)
+
+    def _hotplug(
+        self,
+        vm: KubeObject,
+        dom: str,
+        vols: dict[str, KubeObject],
+        attach: list[KubeObject],
+        detach: list[str],
+    ) -> float | None:
+        """Attach and detach, recording each volume's outcome in ``vols``; a retry delay if one failed."""
+        mgr = self.manager
+        for v in attach:  # show the operation before the (slow) libvirt call
+            vols[v["name"]] = {"name": v["name"], "phase": "Attaching"}
+        for n in detach:
+            vols[n] = {**vols.get(n, {"name": n}), "phase": "Detaching"}
+        self.vm_api.patch_status(vm, {"volumes": sorted(vols.values(), key=lambda x: x["name"])})
+        failed = False
         for v in attach:
             try:
                 target = mgr.attach_volume(dom, to_volume_spec(v))
@@ -217,7 +235,7 @@ class NodeController:
             except Exception as e:
                 vols[v["name"]] = {"name": v["name"], "phase": "Failed", "message": str(e)}
                 self.events.emit(vm, "Warning", "VolumeMountFailed", f"volume {v['name']}: {e}")
-                retry = 5.0
+                failed = True
         for n in detach:
             try:
                 mgr.detach_volume(dom, n)
@@ -227,37 +245,5 @@ class NodeController:
                 # e.g. the guest had not finished taking the device when the unplug came: try again
                 vols[n] = {"name": n, "phase": "Failed", "message": f"detach: {e}"}
                 self.events.emit(vm, "Warning", "VolumeUnmountFailed", f"volume {n}: {e}")
-                retry = 5.0
-        now = attached_volumes(mgr.xml(dom))
-        for n, target in now.items():
-            if n not in vols or vols[n].get("phase") != "Failed":
-                vols[n] = {"name": n, "target": target, "phase": "Mounted"}
-        # an entry of a volume that is neither attached nor wanted any more tells nothing true (e.g.
-        # Attaching written just before this controller was killed, then the volume was unmounted)
-        wanted = {v["name"] for v in spec.get("volumes") or []}
-        for n in [n for n in vols if n not in now and n not in wanted]:
-            del vols[n]
-        new = {
-            "accel": facts["accel"],
-            "domainState": facts["phase"].capitalize(),
-            "volumes": sorted(vols.values(), key=lambda x: x["name"]),
-        }
-        if attach or detach or any(old.get(k) != v for k, v in new.items()):
-            self._patch_status(vm, new)
-        return retry
-
-    def _patch_status(self, vm: dict, fields: dict) -> None:
-        m = vm["metadata"]
-        self.custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, m["namespace"], api.PLURAL, m["name"], {"status": fields}
-        )
-
-
-def podspec_volumes(pod: dict) -> list[dict]:
-    import json
-
-    raw = (pod["metadata"].get("annotations") or {}).get(ANN_VOLUMES, "[]")
-    try:
-        return list(json.loads(raw))
-    except ValueError:
-        return []
+                failed = True
+        return HOTPLUG_RETRY if failed else None

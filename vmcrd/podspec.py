@@ -97,11 +97,47 @@ def build_pod(
     meta = vm["metadata"]
     spec = vm.get("spec") or {}
     name, uid = meta["name"], meta["uid"]
-    image = spec.get("image", "")
+    pod_spec: dict[str, Any] = {
+        "runtimeClassName": runtime_class,
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [_container(spec)],
+    }
+    if node:
+        pod_spec["affinity"] = _node_affinity(node)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": api.pod_name(name),
+            "namespace": meta["namespace"],
+            "labels": {LABEL_VM: name, LABEL_VM_UID: uid},
+            "annotations": pod_annotations(vm, request),
+            "ownerReferences": [
+                {
+                    "apiVersion": api.API_VERSION,
+                    "kind": api.KIND,
+                    "name": name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": pod_spec,
+    }
+
+
+def pod_annotations(vm: dict[str, Any], request: str = "") -> dict[str, str]:
+    """The VM pod's annotations: the contract the kvm handler reads, plus our bookkeeping."""
+    meta = vm["metadata"]
+    spec = vm.get("spec") or {}
     ann: dict[str, str] = {
-        ANN_VM_UID: uid,
-        ANN_VM_NAME: name,
-        ANN_IMAGE: image,
+        ANN_VM_UID: meta["uid"],
+        ANN_VM_NAME: meta["name"],
+        ANN_IMAGE: spec.get("image", ""),
         ANN_VOLUMES: json.dumps(spec.get("volumes") or [], sort_keys=True, separators=(",", ":")),
         ANN_SPEC_HASH: spec_hash(spec),
     }
@@ -115,56 +151,35 @@ def build_pod(
         ann[ANN_KERNEL_BOOT] = json.dumps(spec["kernelBoot"], sort_keys=True, separators=(",", ":"))
     if request:
         ann[ANN_STATE_REQUEST] = request
+    return ann
+
+
+def _container(spec: dict[str, Any]) -> dict[str, Any]:
+    """The pod's one container, ``compute``: the image kubelet pulls, the VM's resources."""
+    image = spec.get("image", "")
     limits = {"cpu": _quantity(spec.get("cpu", 1)), "memory": _quantity(spec.get("memory", "256Mi"))}
     requests = {"cpu": cpu_request(spec.get("cpu", 1)), "memory": limits["memory"]}
-    pod_spec: dict[str, Any] = {
-        "runtimeClassName": runtime_class,
-        "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "containers": [
-            {
-                "name": CONTAINER_NAME,
-                "image": image if is_oci_ref(image) else PLACEHOLDER_IMAGE,
-                "imagePullPolicy": "IfNotPresent",
-                "resources": {"requests": requests, "limits": limits},
-                # the serial console is an interactive terminal: `kubectl attach -it` (CRI Attach)
-                "stdin": True,
-                "tty": True,
-            }
-        ],
+    return {
+        "name": CONTAINER_NAME,
+        "image": image if is_oci_ref(image) else PLACEHOLDER_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": requests, "limits": limits},
+        # the serial console is an interactive terminal: `kubectl attach -it` (CRI Attach)
+        "stdin": True,
+        "tty": True,
     }
-    if node:
-        pod_spec["affinity"] = {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [
-                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
-                    ]
-                }
+
+
+def _node_affinity(node: str) -> dict[str, Any]:
+    """Required affinity to the node by name (not ``spec.nodeName``: the scheduler still checks fit)."""
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                ]
             }
         }
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": api.pod_name(name),
-            "namespace": meta["namespace"],
-            "labels": {LABEL_VM: name, LABEL_VM_UID: uid},
-            "annotations": ann,
-            "ownerReferences": [
-                {
-                    "apiVersion": api.API_VERSION,
-                    "kind": api.KIND,
-                    "name": name,
-                    "uid": uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "spec": pod_spec,
     }
 
 

@@ -6,7 +6,9 @@ Ownership of status fields (each has one writer, so merge patches never fight):
   ``observedGeneration``;
 * node mode: ``accel``, ``domainState``, ``volumes``.
 
-The Paused condition is derived by cluster mode from node mode's ``domainState``.
+The Paused condition is derived by cluster mode from node mode's ``domainState``. Each change of
+printableStatus, and a RestartRequired that turns True, is also told as an Event
+(:func:`transition_events`).
 """
 
 from __future__ import annotations
@@ -15,24 +17,43 @@ import datetime as dt
 from typing import Any
 
 from . import api, podspec
+from .api import KubeObject
 from .strategy import PodState, pod_state, wants_running
 
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 FAILURE_STATES = {api.FAILED, api.ERROR_IMAGE, api.UNSCHEDULABLE, api.CRASH_LOOP}
+#: Message of RestartRequired=True.
+RESTART_MESSAGE = (
+    "cpu, memory, image, kernelBoot, cloudInit, networks, nodeName or a non-hotpluggable volume "
+    "changed while the VM runs; restart it to apply (kubectl vm restart NAME)"
+)
+#: printableStatus -> (Event type, Event reason) of a transition into it.
+PRINTABLE_EVENTS = {
+    api.STOPPED: ("Normal", "Stopped"),
+    api.STARTING: ("Normal", "Starting"),
+    api.RUNNING: ("Normal", "Started"),
+    api.STOPPING: ("Normal", "Stopping"),
+    api.PAUSED: ("Normal", "Paused"),
+    api.FAILED: ("Warning", "Failed"),
+    api.ERROR_IMAGE: ("Warning", "ErrorImage"),
+    api.UNSCHEDULABLE: ("Warning", "Unschedulable"),
+    api.CRASH_LOOP: ("Warning", "CrashLoop"),
+}
 
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _pod_condition(pod: dict, ctype: str) -> dict | None:
+def _pod_condition(pod: KubeObject, ctype: str) -> dict[str, Any] | None:
     for c in (pod.get("status") or {}).get("conditions") or []:
         if c.get("type") == ctype:
-            return c
+            found: dict[str, Any] = c
+            return found
     return None
 
 
-def _waiting_reason(pod: dict) -> tuple[str, str]:
+def _waiting_reason(pod: KubeObject) -> tuple[str, str]:
     st = pod.get("status") or {}
     for cs in (st.get("containerStatuses") or []) + (st.get("initContainerStatuses") or []):
         w = (cs.get("state") or {}).get("waiting")
@@ -41,12 +62,12 @@ def _waiting_reason(pod: dict) -> tuple[str, str]:
     return "", ""
 
 
-def pod_ready(pod: dict | None) -> bool:
+def pod_ready(pod: KubeObject | None) -> bool:
     ready = _pod_condition(pod or {}, "Ready")
     return bool(ready and ready.get("status") == "True")
 
 
-def guest_running(pod: dict) -> bool:
+def guest_running(pod: KubeObject) -> bool:
     """The VM pod runs its VM: phase Running and the container started (or the pod Ready).
 
     Pod readiness alone is not the truth about the guest: after the node's heartbeat lapsed (an API
@@ -61,7 +82,9 @@ def guest_running(pod: dict) -> bool:
     return running or pod_ready(pod)
 
 
-def printable(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: str = "") -> tuple[str, str]:
+def printable(
+    vm: KubeObject, pod: KubeObject | None, create_error: str = "", sandbox_error: str = ""
+) -> tuple[str, str]:
     """(printableStatus, message) of a VM given its pod (or None). ``sandbox_error``: kubelet's last
     FailedCreatePodSandBox message for a pod still Pending (kubelet keeps retrying: still Starting)."""
     spec = vm.get("spec") or {}
@@ -103,7 +126,7 @@ def printable(vm: dict, pod: dict | None, create_error: str = "", sandbox_error:
     return api.STARTING, "waiting for the VM pod to run"
 
 
-def restart_required(vm: dict, pod: dict | None) -> bool:
+def restart_required(vm: KubeObject, pod: KubeObject | None) -> bool:
     """The running pod was built from a different boot spec than the VM's current one."""
     if pod_state(pod) is not PodState.ACTIVE:
         return False
@@ -113,7 +136,7 @@ def restart_required(vm: dict, pod: dict | None) -> bool:
 
 
 def set_condition(
-    conds: list[dict], ctype: str, status: bool, reason: str, message: str, generation: int
+    conds: list[dict[str, Any]], ctype: str, status: bool, reason: str, message: str, generation: int
 ) -> bool:
     """Upsert a condition in place; lastTransitionTime changes only when status does. True if changed."""
     s = "True" if status else "False"
@@ -142,7 +165,9 @@ def set_condition(
     return True
 
 
-def compute(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: str = "") -> dict[str, Any]:
+def compute(
+    vm: KubeObject, pod: KubeObject | None, create_error: str = "", sandbox_error: str = ""
+) -> dict[str, Any]:
     """The cluster-mode part of the VM's status (a full replacement of those fields)."""
     old = vm.get("status") or {}
     gen = int(vm["metadata"].get("generation") or 0)
@@ -153,26 +178,7 @@ def compute(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: s
     if pod_state(pod) is not PodState.ACTIVE:
         ips = []
     conds = [dict(c) for c in old.get("conditions") or []]
-    if pstatus == api.RUNNING and not pod_ready(pod):
-        pod_cond = _pod_condition(pod or {}, "Ready") or {}
-        set_condition(
-            conds,
-            api.COND_READY,
-            False,
-            "PodNotReady",
-            pod_cond.get("message")
-            or "the guest runs but its pod is not Ready (the node has not reported to the API server lately)",
-            gen,
-        )
-    else:
-        set_condition(
-            conds,
-            api.COND_READY,
-            pstatus == api.RUNNING,
-            pstatus,
-            message or ("the guest is running" if pstatus == api.RUNNING else ""),
-            gen,
-        )
+    _set_ready(conds, pstatus, message, pod, gen)
     paused = pstatus == api.PAUSED
     set_condition(
         conds, api.COND_PAUSED, paused, "Suspended" if paused else "NotPaused", message if paused else "", gen
@@ -183,12 +189,7 @@ def compute(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: s
         api.COND_RESTART_REQUIRED,
         rr,
         "BootSpecChanged" if rr else "UpToDate",
-        (
-            "cpu, memory, image, kernelBoot, cloudInit, networks, nodeName or a non-hotpluggable volume "
-            "changed while the VM runs; restart it to apply (kubectl vm restart NAME)"
-        )
-        if rr
-        else "",
+        RESTART_MESSAGE if rr else "",
         gen,
     )
     failed = pstatus in FAILURE_STATES
@@ -207,7 +208,59 @@ def compute(vm: dict, pod: dict | None, create_error: str = "", sandbox_error: s
     return out
 
 
-def differs(vm: dict, new: dict[str, Any]) -> bool:
+def _set_ready(
+    conds: list[dict[str, Any]], pstatus: str, message: str, pod: KubeObject | None, gen: int
+) -> None:
+    """Ready: the guest runs and its pod is Ready. A running guest whose pod is not Ready (the node
+    has not reported lately) says so with reason PodNotReady."""
+    if pstatus == api.RUNNING and not pod_ready(pod):
+        pod_cond = _pod_condition(pod or {}, "Ready") or {}
+        why = pod_cond.get("message") or (
+            "the guest runs but its pod is not Ready (the node has not reported to the API server lately)"
+        )
+        set_condition(conds, api.COND_READY, False, "PodNotReady", why, gen)
+        return
+    running = pstatus == api.RUNNING
+    why = message or ("the guest is running" if running else "")
+    set_condition(conds, api.COND_READY, running, pstatus, why, gen)
+
+
+def differs(vm: KubeObject, new: dict[str, Any]) -> bool:
     """Whether writing ``new`` would change the VM's status (ignoring fields node mode owns)."""
     old = vm.get("status") or {}
     return any(old.get(k) != v for k, v in new.items())
+
+
+def condition_status(st: dict[str, Any], ctype: str) -> str | None:
+    """``status`` ("True"/"False") of the condition ``ctype`` in a status, or None if absent."""
+    for c in st.get("conditions") or []:
+        if c.get("type") == ctype:
+            return str(c.get("status"))
+    return None
+
+
+def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events that writing status ``new`` over ``old`` tells."""
+    out = []
+    if old.get("printableStatus") != new["printableStatus"]:
+        etype, reason = PRINTABLE_EVENTS[new["printableStatus"]]
+        msg = next(
+            (
+                c["message"]
+                for c in new["conditions"]
+                if c["type"] == api.COND_FAILURE and c["status"] == "True"
+            ),
+            "",
+        )
+        change = f"{old.get('printableStatus') or 'New'} -> {new['printableStatus']}"
+        out.append((etype, reason, change + (f": {msg}" if msg else "")))
+    old_rr = condition_status(old, api.COND_RESTART_REQUIRED)
+    if condition_status(new, api.COND_RESTART_REQUIRED) == "True" and old_rr != "True":
+        out.append(
+            (
+                "Warning",
+                "RestartRequired",
+                "boot settings changed while running: restart the VM to apply them",
+            )
+        )
+    return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any
 
 
 class PodState(enum.Enum):
@@ -48,7 +49,7 @@ class Decision:
     ignored_request: bool = False  # the request means nothing for this strategy/state
 
 
-def pod_state(pod: dict | None) -> PodState:
+def pod_state(pod: dict[str, Any] | None) -> PodState:
     """Classify a pod (as a dict) for the decision table."""
     if pod is None:
         return PodState.ABSENT
@@ -60,6 +61,29 @@ def pod_state(pod: dict | None) -> PodState:
     if phase == "Failed":
         return PodState.FAILED
     return PodState.ACTIVE
+
+
+#: The table of the module docstring without requests: (strategy, pod state) -> action; a pair not
+#: listed (and any strategy the schema would have refused) is Action.NONE.
+BY_STRATEGY: dict[str, dict[PodState, Action]] = {
+    "Always": {
+        PodState.ABSENT: Action.CREATE,
+        PodState.SUCCEEDED: Action.DELETE,
+        PodState.FAILED: Action.DELETE,
+    },
+    "RerunOnFailure": {PodState.ABSENT: Action.CREATE, PodState.FAILED: Action.DELETE},
+    "Manual": {},
+    "Halted": {
+        PodState.ACTIVE: Action.DELETE,
+        PodState.SUCCEEDED: Action.DELETE,
+        PodState.FAILED: Action.DELETE,
+    },
+    "Once": {PodState.ABSENT: Action.CREATE, PodState.SUCCEEDED: Action.HALT, PodState.FAILED: Action.HALT},
+}
+
+
+def _by_strategy(strategy: str, state: PodState) -> Decision:
+    return Decision(BY_STRATEGY.get(strategy, {}).get(state, Action.NONE))
 
 
 def decide(
@@ -106,32 +130,6 @@ def decide(
     if action and action not in ("start", "stop", "restart"):
         return dataclasses.replace(_by_strategy(strategy, state), clear_request=True, ignored_request=True)
     return _by_strategy(strategy, state)
-
-
-def _by_strategy(strategy: str, state: PodState) -> Decision:
-    if state is PodState.TERMINATING:
-        return Decision(Action.NONE)
-    if strategy == "Always":
-        if state is PodState.ABSENT:
-            return Decision(Action.CREATE)
-        if state in (PodState.SUCCEEDED, PodState.FAILED):
-            return Decision(Action.DELETE)
-        return Decision(Action.NONE)
-    if strategy == "RerunOnFailure":
-        if state is PodState.ABSENT:
-            return Decision(Action.CREATE)
-        if state is PodState.FAILED:
-            return Decision(Action.DELETE)
-        return Decision(Action.NONE)
-    if strategy == "Halted":
-        return Decision(Action.NONE if state is PodState.ABSENT else Action.DELETE)
-    if strategy == "Once":
-        if state is PodState.ABSENT:
-            return Decision(Action.CREATE)
-        if state in (PodState.SUCCEEDED, PodState.FAILED):
-            return Decision(Action.HALT)
-        return Decision(Action.NONE)
-    return Decision(Action.NONE)  # Manual (and anything the schema would have refused)
 
 
 def wants_running(strategy: str, request: str = "") -> bool:

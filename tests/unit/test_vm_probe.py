@@ -1,4 +1,4 @@
-"""runtimeclass.probe without running guests: labels, payloads, cache keying, kata detection."""
+"""The node probe without running guests: labels, payloads, cache keying, kata detection."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from runtimeclass import guests, kata
 from runtimeclass import probe as P
 
 
@@ -34,7 +35,7 @@ def test_labels_and_domain_type():
 
 
 def test_boot_sector_payload():
-    bs = P.boot_sector()
+    bs = guests.boot_sector()
     assert len(bs) == 512 and bs[-2:] == b"\x55\xaa"
     assert bs[:4] == bytes([0xB0, 0x31, 0xE6, 0xF4])  # mov al,0x31 ; out 0xf4,al -> exit (0x31<<1)|1 = 99
 
@@ -43,7 +44,7 @@ def test_boot_sector_payload():
 def test_probe_initramfs_is_valid_newc(tmp_path):
     bb = tmp_path / "busybox"
     bb.write_bytes(b"\x7fELF fake")
-    archive = P.probe_initramfs(str(bb))
+    archive = guests.probe_initramfs(str(bb))
     listing = subprocess.run(
         ["cpio", "-it"], input=archive, capture_output=True, check=True, timeout=60
     ).stdout.decode()
@@ -51,7 +52,7 @@ def test_probe_initramfs_is_valid_newc(tmp_path):
     out = subprocess.run(
         ["cpio", "-i", "--to-stdout", "init"], input=archive, capture_output=True, check=True, timeout=60
     ).stdout.decode()
-    assert P.PROBE_MARKER in out and "poweroff -f" in out
+    assert guests.PROBE_MARKER in out and "poweroff -f" in out
 
 
 def test_probe_uses_file_cache_keyed_by_boot(tmp_path, monkeypatch):
@@ -79,22 +80,33 @@ def test_probe_uses_file_cache_keyed_by_boot(tmp_path, monkeypatch):
 
 
 def test_kata_detection(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "KATA_BIN_DIRS", (str(tmp_path / "bin"),))
-    monkeypatch.setattr(P, "KATA_CONFIGS", (str(tmp_path / "configuration.toml"),))
+    monkeypatch.setattr(kata, "KATA_BIN_DIRS", (str(tmp_path / "bin"),))
+    monkeypatch.setattr(kata, "KATA_CONFIGS", (str(tmp_path / "configuration.toml"),))
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert "not found" in P.check_kata(True).reason
+    assert "not found" in kata.check_kata(True).reason
     (tmp_path / "bin").mkdir()
-    shim = tmp_path / "bin" / P.KATA_SHIM
+    shim = tmp_path / "bin" / kata.KATA_SHIM
     shim.write_text("#!/bin/sh\n")
     shim.chmod(0o755)
-    assert not P.check_kata(True).ok and "configuration.toml" in P.check_kata(True).reason
+    assert not kata.check_kata(True).ok and "configuration.toml" in kata.check_kata(True).reason
     (tmp_path / "configuration.toml").write_text("[hypervisor.qemu]\n")
-    assert P.check_kata(True).ok
-    no_kvm = P.check_kata(False)
+    assert kata.check_kata(True).ok
+    no_kvm = kata.check_kata(False)
     assert not no_kvm.ok and "KVM does not run guests" in no_kvm.reason
 
 
 def test_kvm_check_reports_missing_device(monkeypatch):
-    r = P.check_kvm_ioctl(dev="/nonexistent/kvm")
+    r = guests.check_kvm_ioctl(dev="/nonexistent/kvm")
     assert not r.ok and "does not exist" in r.reason
-    assert "no guest kernel" in P.check_qemu_kernel_boot("kvm", None, 1).reason
+    assert "no guest kernel" in guests.check_qemu_kernel_boot("kvm", None, 1).reason
+
+
+def test_cache_file_is_read_only_for_its_key_and_garbage_is_ignored(tmp_path):
+    cache = tmp_path / "sub" / "probe.json"
+    assert P.read_cache(cache, {"boot_id": "b"}) is None  # absent
+    P.write_cache(cache, result(True))
+    assert P.read_cache(cache, {"boot_id": "b"}) == result(True)
+    assert P.read_cache(cache, {"boot_id": "other"}) is None
+    assert not list(cache.parent.glob("*.tmp"))  # renamed into place
+    cache.write_text('{"key": {"boot_id": "b"}, "kvm": ')  # torn
+    assert P.read_cache(cache, {"boot_id": "b"}) is None

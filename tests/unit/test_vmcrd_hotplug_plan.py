@@ -1,4 +1,5 @@
-"""Node mode's pure parts: which volumes to hot-plug/unplug, reading a live domain XML, VM layer specs."""
+"""Node mode's pure parts: which volumes to hot-plug/unplug, the volume status after a round,
+reading a live domain XML, VM layer specs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import strategies as st
 
 from cri_shim.kvm.contract import to_volume_spec
 from cri_shim.vm import attached_volumes
-from vmcrd.node import hotplug_plan
+from vmcrd.node import hotplug_plan, volume_status
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True)
 
@@ -83,3 +84,21 @@ def test_the_boot_disk_and_the_seed_are_not_volumes():
     </devices></domain>"""
     assert attached_volumes(xml) == {"data": "vdb"}
     assert hotplug_plan([], [], attached_volumes(xml)) == ([], ["data"])
+
+
+def test_volume_status_after_a_round():
+    entries = {
+        "data": {"name": "data", "phase": "Attaching"},  # attached meanwhile: Mounted
+        "bad": {"name": "bad", "phase": "Failed", "message": "no space"},  # attached, but failed: kept
+        "stale": {"name": "stale", "phase": "Attaching"},  # neither attached nor wanted: dropped
+        "retry": {"name": "retry", "phase": "Failed", "message": "x"},  # wanted, not attached: kept
+    }
+    attached = {"data": "vdb", "bad": "vdc", "boot": "vdd"}
+    got = volume_status(entries, attached, wanted={"data", "bad", "retry"})
+    assert got == [
+        {"name": "bad", "phase": "Failed", "message": "no space"},
+        {"name": "boot", "target": "vdd", "phase": "Mounted"},
+        {"name": "data", "target": "vdb", "phase": "Mounted"},
+        {"name": "retry", "phase": "Failed", "message": "x"},
+    ]
+    assert entries["data"] == {"name": "data", "phase": "Attaching"}  # the input is left alone
