@@ -10,15 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import versions
+from .defaults import DEFAULT_DEVICE_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR, MAX_STDIN
 from .environment import Invocation, validate_ifname
-from .errors import DECODING_FAILURE, INVALID_CONFIG, INVALID_ENVIRONMENT, CNIError
+from .errors import DECODING_FAILURE, INVALID_CONFIG, INVALID_ENVIRONMENT, IO_FAILURE, CNIError
 
 MODES = ("bridge", "vepa", "private", "passthru")
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # fullmatch = Go's ^...$
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
-DEFAULT_DEVICE_DIR = "/run/edgevirt/macvtap"
-DEFAULT_STATE_DIR = "/var/lib/cni/macvtap"
-DEFAULT_SOCKET = "/run/edgevirt/macvtap.sock"
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,12 @@ class NetConf:
 
 
 def decode(stdin: bytes) -> dict[str, Any]:
-    """stdin -> JSON object, or the spec's decoding error."""
+    """stdin -> JSON object, or the spec's I/O (too large) or decoding error."""
+    if len(stdin) > MAX_STDIN:
+        raise CNIError(
+            IO_FAILURE,
+            f"the network configuration on stdin is larger than {MAX_STDIN} bytes: shorten it",
+        )
     try:
         doc = json.loads(stdin)
     except (ValueError, UnicodeDecodeError) as exc:

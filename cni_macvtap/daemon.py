@@ -21,8 +21,8 @@ import threading
 import time
 
 from . import ipam, plugin, wire
-from .cli import DEFAULT_SOCKET
 from .client import own_netns
+from .defaults import DEFAULT_SOCKET
 from .errors import DECODING_FAILURE, CNIError
 
 
