@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from . import ipam, plugin, wire
+from . import ipam, namespaces, plugin, wire
 from .client import own_netns
 from .defaults import DEFAULT_SOCKET
 from .errors import DECODING_FAILURE, CNIError
@@ -67,7 +67,7 @@ class Daemon:
 
     def warm(self) -> None:
         """Import pyroute2 and open the host netlink socket before the first request."""
-        plugin.host_links().default_route_link()
+        namespaces.host_links().default_route_link()
 
     def serve(self) -> None:
         """Accept until stop() is called."""
