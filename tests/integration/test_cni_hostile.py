@@ -2,14 +2,16 @@
 
 A failure halfway (even a crash) leaves nothing behind once DEL ran; the plugin only ever deletes what
 its own records say it made, in the namespace it made it in; CNI_NETNS must be a network namespace that
-is not the host's; files at the plugin's paths that are not its own are never replaced or removed;
-and the daemon keeps no descriptor per state dir it has seen.
+is not the plugin's own; files at the plugin's paths that are not its own are never replaced or
+removed; and the daemon bounds what a client can make it hold (connections, time per request, fds).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,3 +230,40 @@ def test_the_daemon_keeps_no_fd_per_state_dir(tmp_path: Path) -> None:
         for i in range(24):
             delete(t.tmp / f"s{i}", "c1")
         assert _worker_fds(t) == before
+
+
+def test_a_full_daemon_hands_calls_back(tmp_path: Path) -> None:
+    with topology(tmp_path) as t:
+        t.start_daemon("--workers", "1", "--max-connections", "2", "--request-timeout", "300")
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        try:
+            for s in idle:
+                s.connect(t.socket)
+                s.sendall(b"MV")  # a request that does not complete (yet)
+            # Both slots are taken: a real call is handed back and runs in-process, with the same answer.
+            res = t.plugin("VERSION", t.conf(), daemon=True)
+            assert res.code == 0 and "1.1.0" in res.json()["supportedVersions"]
+        finally:
+            for s in idle:
+                s.close()
+        assert "busy" in t.daemon_log(), t.daemon_log()
+        assert t.daemon is not None and t.daemon.poll() is None
+
+
+def test_a_trickling_client_is_cut_off_at_the_request_deadline(tmp_path: Path) -> None:
+    with topology(tmp_path) as t:
+        t.start_daemon("--workers", "1", "--request-timeout", "2")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(t.socket)
+            cut = False
+            for _ in range(120):  # one byte every half second: each read is quick, the request never ends
+                try:
+                    s.sendall(b"M")
+                except OSError:
+                    cut = True
+                    break
+                time.sleep(0.5)
+            assert cut, "the daemon kept a trickling request open for a minute"
+        assert "took longer than" in t.daemon_log(), t.daemon_log()
+        res = t.plugin("VERSION", t.conf(), daemon=True)
+        assert res.code == 0 and t.daemon is not None and t.daemon.poll() is None

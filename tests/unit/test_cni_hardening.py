@@ -5,6 +5,8 @@ more than it bounds (stdin size)."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +256,22 @@ def test_a_nested_daemon_socket_key_is_not_the_configs(tmp_path: Path) -> None:
     assert cli.socket_path(json.dumps(inside_string).encode()) == "/run/edgevirt/macvtap.sock"
     both = {"runtimeConfig": {"daemonSocket": "/tmp/evil.sock"}, "daemonSocket": "/tmp/good.sock"}
     assert cli.socket_path(json.dumps(both).encode()) == "/tmp/good.sock"
+
+
+def test_the_daemon_never_unlinks_a_file_that_is_not_a_socket(tmp_path: Path) -> None:
+    from cni_macvtap.server import Server
+
+    victim = tmp_path / "precious"
+    victim.write_text("data")
+    with pytest.raises(SystemExit) as exc:
+        Server(str(victim)).bind()
+    assert "not a socket" in str(exc.value)
+    assert victim.read_text() == "data"
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # a socket file nobody listens on: a dead daemon's, replaced
+    d = Server(str(stale))
+    d.bind()
+    d.stop()
+    assert not os.path.exists(stale)
