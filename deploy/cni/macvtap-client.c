@@ -187,15 +187,6 @@ int main(int argc, char **argv) {
     if (found < 0) run_python(in, len, 0);
     if (found == 0) strcpy(path, MACVTAP_DEFAULT_SOCKET);
 
-    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (s < 0) run_python(in, len, 1);
-    struct timeval tv = {.tv_sec = MACVTAP_CLIENT_TIMEOUT_S};
-    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); /* also bounds connect() to a full backlog */
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    strcpy(addr.sun_path, path);
-    if (connect(s, (struct sockaddr *)&addr, sizeof addr) != 0) run_python(in, len, 1);
-
     size_t envlen = 0;
     for (char **e = environ; *e; e++)
         if (**e != '=' && strchr(*e, '=')) envlen += strlen(*e) + 1;
@@ -210,6 +201,15 @@ int main(int argc, char **argv) {
     }
     if (envlen) envlen--; /* entries are separated, not terminated, by NUL */
     if (envlen > MACVTAP_MAX_ENV) run_python(in, len, 1); /* beyond the daemon's limit */
+
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) run_python(in, len, 1);
+    struct timeval tv = {.tv_sec = MACVTAP_CLIENT_TIMEOUT_S};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); /* also bounds connect() to a full backlog */
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    strcpy(addr.sun_path, path);
+    if (connect(s, (struct sockaddr *)&addr, sizeof addr) != 0) run_python(in, len, 1);
     struct stat st;
     uint64_t ino = stat("/proc/self/ns/net", &st) == 0 ? (uint64_t)st.st_ino : 0;
     unsigned char hdr[20];

@@ -181,3 +181,16 @@ def test_the_client_reads_a_bounded_stdin(client: Path) -> None:
     assert proc.wait(timeout=120) == 1
     assert json.loads(out)["code"] == 5
     assert written < 8 << 20, f"the client read {written} bytes of stdin"
+
+
+def test_an_environment_beyond_the_limit_is_not_sent(
+    client: Path, daemons: tuple[FakeDaemon, FakeDaemon]
+) -> None:
+    """Above MAX_ENV the call runs in-process (both clients): the daemon never sees the request."""
+    good, _ = daemons
+    big = {f"PAD{i}": "x" * (100 << 10) for i in range(defaults.MAX_ENV // (100 << 10) + 1)}
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "daemonSocket": good.path}).encode()
+    proc = call(client, stdin, CNI_NETNS="/nonexistent", **big)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["code"] == 4  # answered in-process: the namespace does not exist
+    assert good.got == []
