@@ -133,7 +133,7 @@ class _Attach:
         if conf.ipam_type:
             self.ipam_add(conf.ipam_type, result)
         devnode.create(node, devt, conf.tap_uid, conf.tap_gid, conf.tap_mode)
-        self.undo.push("remove the tap device node", lambda: devnode.remove(node))
+        self.undo.push("remove the tap device node", lambda: devnode.remove(node, devt))
         done = {
             "phase": state.DONE,
             "ifindex": link.index,

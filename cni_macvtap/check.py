@@ -56,8 +56,8 @@ def cmd_check(inv: Invocation, conf: config.NetConf) -> None:
         raise _fail(f"interface {inv.ifname!r} does not exist in {inv.netns}")
     _compare(inv.ifname, iface, link, conf, master)
     node = devnode.node_path(conf.device_dir, inv.container_id, inv.ifname)
-    devt = rec.get("devt") if rec else None
-    if not (isinstance(devt, list) and len(devt) == 2 and devnode.matches(node, (devt[0], devt[1]))):
+    devt = release.recorded_devt(rec)
+    if devt is None or not devnode.matches(node, devt):
         raise _fail(f"tap device node {node} is missing or does not match the link")
     for ip in prev["ips"]:
         idx = ip.get("interface")

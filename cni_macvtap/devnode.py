@@ -108,15 +108,28 @@ def matches(path: str, devt: tuple[int, int]) -> bool:
     return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == devt
 
 
-def remove(path: str) -> None:
-    """Remove a tap device node (and its container directory when empty); absent is fine, and a file
-    that is not a character device is left alone."""
+def remove(path: str, devt: tuple[int, int] | None = None) -> None:
+    """Remove a tap device node (and its container directory when empty); absent is fine. Only a
+    character device of the macvtap major (and of devt, when known) is removed: anything else at the
+    path is not ours (a config pointing deviceDir at /dev must not cost the host /dev/net/tun)."""
     try:
-        if stat.S_ISCHR(os.lstat(path).st_mode):
-            os.unlink(path)
+        st = os.lstat(path)
     except FileNotFoundError:
-        pass
+        st = None
+    if st is not None and stat.S_ISCHR(st.st_mode) and _is_tap(st.st_rdev, devt):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     remove_dir_if_empty(os.path.dirname(path))
+
+
+def _is_tap(rdev: int, devt: tuple[int, int] | None) -> bool:
+    try:
+        major = macvtap_major()
+    except CNIError:
+        return False  # the module is not loaded: no tap node can be ours
+    if devt is not None:
+        return (os.major(rdev), os.minor(rdev)) == devt and devt[0] == major
+    return os.major(rdev) == major
 
 
 def remove_dir_if_empty(path: str) -> None:

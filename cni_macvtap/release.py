@@ -75,6 +75,14 @@ def device_path(rec: dict[str, Any] | None, conf: config.NetConf, container_id: 
     return devnode.node_path(conf.device_dir, container_id, ifname)
 
 
+def recorded_devt(rec: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The device number ADD recorded, if it got that far."""
+    devt = rec.get("devt") if rec else None
+    if isinstance(devt, list) and len(devt) == 2 and all(isinstance(n, int) for n in devt):
+        return devt[0], devt[1]
+    return None
+
+
 def release_recorded(
     path: str,
     rec: dict[str, Any],
@@ -93,7 +101,7 @@ def release_recorded(
         recorded = rec.get("config")
         stdin = recorded.encode("utf-8", "surrogateescape") if isinstance(recorded, str) else b""
         ipam.delegate(conf.ipam_type, "DEL", env, cni_path, stdin or fallback_stdin)
-    devnode.remove(device_path(rec, conf, cid, ifname))
+    devnode.remove(device_path(rec, conf, cid, ifname), recorded_devt(rec))
     state.remove(path)
 
 
@@ -105,7 +113,7 @@ def cmd_del(inv: Invocation, conf: config.NetConf) -> None:
         delete_recorded_link(rec, inv.netns)
     if conf.ipam_type:
         ipam.delegate(conf.ipam_type, "DEL", inv.environ, inv.path, inv.stdin)
-    devnode.remove(device_path(rec, conf, inv.container_id, inv.ifname))
+    devnode.remove(device_path(rec, conf, inv.container_id, inv.ifname), recorded_devt(rec))
     if rec is not None:
         state.remove(path)
 

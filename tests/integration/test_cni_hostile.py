@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,10 +183,16 @@ def test_files_that_are_not_the_plugins_are_never_removed_or_replaced(topo: Topo
     victim_node = topo.device_dir / "victim" / "x"
     victim_node.parent.mkdir(parents=True)
     victim_node.write_text("precious")
+    device = topo.device_dir / "net" / "tun"  # as if deviceDir were /dev: a char device, but no tap
+    device.parent.mkdir(parents=True)
+    os.mknod(device, stat.S_IFCHR | 0o600, os.makedev(1, 3))
     gc = run(topo, "GC", conf, container_id="", ifname="")  # no valid attachments: everything "ours" goes
     assert gc.code == 0, gc.stdout + gc.stderr
-    dele = run(topo, "DEL", conf, container_id="victim", ifname="x")
-    assert dele.code == 0, dele.stdout + dele.stderr
+    for cid, ifname in (("victim", "x"), ("net", "tun")):
+        dele = run(topo, "DEL", conf, container_id=cid, ifname=ifname)
+        assert dele.code == 0, dele.stdout + dele.stderr
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
+    device.unlink()
     netns = topo.new_pod()
     add = run(topo, "ADD", conf, netns=netns, container_id="victim", ifname="x")
     assert add.code == 1 and "x.json" in add.json()["msg"], add.stdout
