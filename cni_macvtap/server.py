@@ -112,7 +112,11 @@ class Server:
             if not self._slots.acquire(blocking=False):
                 self._hand_back(conn)
                 continue
-            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+            try:
+                threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: the client does the work itself
+                self._slots.release()
+                self._hand_back(conn)
 
     def request_stop(self) -> None:
         """Make serve() return (safe from a signal handler)."""
