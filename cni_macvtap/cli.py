@@ -2,6 +2,7 @@
 
 The hot path (a CNI verb) imports only the standard library: it hands the call to the daemon over
 its unix socket and, when no daemon answers, runs the same code in-process (cni_macvtap.plugin).
+stdin is read up to defaults.MAX_STDIN + 1 bytes, so a larger config is refused without reading it all.
 """
 
 from __future__ import annotations
@@ -9,32 +10,27 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_SOCKET = "/run/edgevirt/macvtap.sock"
-USAGE = """usage: macvtap                          CNI plugin (CNI_* in the environment, config on stdin)
-       macvtap daemon [--socket PATH] [--workers N]
-                                        resident daemon (default socket /run/edgevirt/macvtap.sock)
+from .defaults import DEFAULT_SOCKET, MAX_STDIN
+
+USAGE = f"""usage: macvtap                          CNI plugin (CNI_* in the environment, config on stdin)
+       macvtap daemon [--socket PATH] [--workers N] [--max-connections N] [--request-timeout S]
+                                        resident daemon (default socket {DEFAULT_SOCKET})
 """
 
 
 def socket_path(stdin: bytes) -> str:
-    """daemonSocket from the config when it is a usable string, else the default.
+    """The top-level daemonSocket of the config when it is a usable string, else the default.
 
-    A plain scan handles the usual config; json (which imports re, ~7 ms) is only loaded when the
-    key occurs more than once or its value has escapes.
+    A scan (cni_macvtap.jsonscan) handles the usual config; json (which imports re, ~7 ms) is only
+    loaded when the scan is unsure (escapes, duplicate keys, a non-string value, broken JSON).
     """
-    key = b'"daemonSocket"'
-    if key not in stdin:
-        return DEFAULT_SOCKET
-    value: object = None
-    if stdin.count(key) == 1:
-        rest = stdin.split(key, 1)[1].lstrip(b" \t\r\n")
-        if rest.startswith(b":"):
-            rest = rest[1:].lstrip(b" \t\r\n")
-            if rest.startswith(b'"') and b'"' in rest[1:]:
-                raw = rest[1:].split(b'"', 1)[0]
-                if b"\\" not in raw:
-                    value = raw.decode("utf-8", "replace")
-    if value is None:
+    from .jsonscan import Unsure, top_level_string
+
+    value: object
+    try:
+        raw = top_level_string(stdin, b"daemonSocket")
+        value = None if raw is None else raw.decode("utf-8", "replace")
+    except Unsure:
         import json
 
         try:
@@ -43,6 +39,11 @@ def socket_path(stdin: bytes) -> str:
             return DEFAULT_SOCKET
         value = doc.get("daemonSocket") if isinstance(doc, dict) else None
     return value if isinstance(value, str) and value.startswith("/") and "\0" not in value else DEFAULT_SOCKET
+
+
+def read_stdin() -> bytes:
+    """At most MAX_STDIN + 1 bytes of stdin: enough to tell that a config is too large."""
+    return sys.stdin.buffer.read(MAX_STDIN + 1) if sys.stdin is not None else b""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("CNI_COMMAND") and sys.stdin.isatty():
         sys.stderr.write(USAGE)
         return 2
-    stdin = sys.stdin.buffer.read()
+    stdin = read_stdin()
     env = dict(os.environ)
-    from .client import call
+    reply = None
+    if not os.environ.get("MACVTAP_NO_DAEMON") and len(stdin) <= MAX_STDIN:
+        from .client import call
 
-    reply = None if os.environ.get("MACVTAP_NO_DAEMON") else call(socket_path(stdin), env, stdin)
+        reply = call(socket_path(stdin), env, stdin)
     if reply is None:
         from .plugin import run
 

@@ -10,8 +10,6 @@ import os
 
 from . import wire
 
-TIMEOUT_S = 180.0
-
 
 def own_netns() -> int:
     """Inode of this process's network namespace (the daemon must be in the same one)."""
@@ -19,9 +17,12 @@ def own_netns() -> int:
 
 
 def call(path: str, env: dict[str, str], stdin: bytes) -> tuple[bytes, int, str] | None:
-    """(stdout, exit code, stderr) from the daemon, or None when no daemon is there to answer."""
+    """(stdout, exit code, stderr) from the daemon, or None when the call must run in-process: no
+    daemon answers, it hands the call back, or the request is beyond its limits."""
+    if not wire.request_fits(wire.encode_env(env), stdin):
+        return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(TIMEOUT_S)
+    sock.settimeout(wire.CLIENT_TIMEOUT_S)
     try:
         try:
             sock.connect(path)

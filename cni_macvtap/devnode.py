@@ -1,8 +1,9 @@
 """The tap character device of a macvtap, made available at a fixed path (there is no udev).
 
 Path contract: ``<deviceDir>/<CNI_CONTAINERID>/<CNI_IFNAME>`` (deviceDir defaults to
-/run/edgevirt/macvtap). The devt is found through /sys/dev/char
-while the link still has its random temporary name.
+/run/edgevirt/macvtap). The devt is found through /sys/dev/char while the link still has its random
+temporary name. Only character devices are ever replaced or removed at these paths: a file of any
+other kind there is not ours.
 """
 
 from __future__ import annotations
@@ -54,8 +55,33 @@ def node_path(device_dir: str, container_id: str, ifname: str) -> str:
     return os.path.join(device_dir, container_id, ifname)
 
 
+def _in_the_way(path: str) -> CNIError:
+    return CNIError(
+        DEVICE_NODE_FAILURE,
+        f"cannot create tap device node {path}: a file that is not a tap device is in the way: "
+        "remove it or choose another 'deviceDir'",
+    )
+
+
+def _place(tmp: str, path: str) -> None:
+    """Move the finished node to path without ever replacing anything but a stale tap node."""
+    try:
+        os.link(tmp, path)  # fails when path exists, unlike rename
+    except FileExistsError:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == macvtap_major()):
+            raise _in_the_way(path) from None
+        os.rename(tmp, path)  # a stale node of a gone macvtap: replaced
+        return
+    os.unlink(tmp)
+
+
 def create(path: str, devt: tuple[int, int], uid: int, gid: int, mode: int) -> None:
-    """mknod the tap node atomically (temp name, chown, chmod, rename) and fsync-free: it is on tmpfs."""
+    """mknod the tap node atomically (temp name, chown, chmod, link into place); it is on tmpfs, so
+    fsync-free."""
     parent = os.path.dirname(path)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
     try:
@@ -63,11 +89,13 @@ def create(path: str, devt: tuple[int, int], uid: int, gid: int, mode: int) -> N
         os.mknod(tmp, stat.S_IFCHR | 0o600, os.makedev(*devt))
         os.chown(tmp, uid, gid)
         os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except OSError as exc:
+        _place(tmp, path)
+    except (OSError, CNIError) as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         remove_dir_if_empty(parent)
+        if isinstance(exc, CNIError):
+            raise
         raise CNIError(DEVICE_NODE_FAILURE, f"cannot create tap device node {path}: {exc.strerror}") from None
 
 
@@ -80,11 +108,28 @@ def matches(path: str, devt: tuple[int, int]) -> bool:
     return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == devt
 
 
-def remove(path: str) -> None:
-    """Remove a device node (and its container directory when empty); absent is fine."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def remove(path: str, devt: tuple[int, int] | None = None) -> None:
+    """Remove a tap device node (and its container directory when empty); absent is fine. Only a
+    character device of the macvtap major (and of devt, when known) is removed: anything else at the
+    path is not ours (a config pointing deviceDir at /dev must not cost the host /dev/net/tun)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISCHR(st.st_mode) and _is_tap(st.st_rdev, devt):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     remove_dir_if_empty(os.path.dirname(path))
+
+
+def _is_tap(rdev: int, devt: tuple[int, int] | None) -> bool:
+    try:
+        major = macvtap_major()
+    except CNIError:
+        return False  # the module is not loaded: no tap node can be ours
+    if devt is not None:
+        return (os.major(rdev), os.minor(rdev)) == devt and devt[0] == major
+    return os.major(rdev) == major
 
 
 def remove_dir_if_empty(path: str) -> None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from .errors import INVALID_ENVIRONMENT, CNIError
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
-CONTAINER_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # fullmatch = Go's ^...$
+CONTAINER_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # always fullmatch: "$" would allow "\n"
+CONTAINER_ID_MAX = 255  # a path component (deviceDir/<id>/..., stateDir/<network>/<id>/...)
 IFNAME_MAX = 15
 
 # Which variables each verb needs (same table as containernetworking/cni pkg/skel).
@@ -58,6 +59,35 @@ def validate_ifname(name: str) -> None:
             )
 
 
+def has_control_chars(value: str) -> bool:
+    """True when value contains a C0 control character or DEL (a newline, a tab, an escape...)."""
+    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
+
+
+def validate_container_id(container_id: str) -> None:
+    """libcni's rule (letters, digits, _ . -, not starting with _ . -) plus a path component's length."""
+    if not CONTAINER_ID_RE.fullmatch(container_id):
+        raise CNIError(
+            INVALID_ENVIRONMENT,
+            f"invalid characters in CNI_CONTAINERID {container_id!r}: use letters, digits, _ . -",
+        )
+    if len(container_id) > CONTAINER_ID_MAX:
+        raise CNIError(
+            INVALID_ENVIRONMENT,
+            f"CNI_CONTAINERID is {len(container_id)} characters long: use at most {CONTAINER_ID_MAX}",
+        )
+
+
+def validate_netns(path: str) -> None:
+    """CNI_NETNS, when given, is an absolute path (a relative one would depend on the daemon's cwd)."""
+    if not path.startswith("/") or has_control_chars(path):
+        raise CNIError(
+            INVALID_ENVIRONMENT,
+            f"CNI_NETNS {path!r} is not an absolute path: give the network namespace's path, "
+            "e.g. /run/netns/<name>",
+        )
+
+
 def parse_cni_args(raw: str) -> dict[str, str]:
     """Parse CNI_ARGS ("IgnoreUnknown=1;K8S_POD_NAME=x;MAC=..."); unknown keys are kept, not rejected."""
     out: dict[str, str] = {}
@@ -89,18 +119,18 @@ def from_environ(environ: Mapping[str, str], stdin: bytes) -> Invocation:
     if missing:
         raise CNIError(INVALID_ENVIRONMENT, f"required env variables [{','.join(missing)}] missing")
     container_id = environ.get("CNI_CONTAINERID", "")
-    if command in _REQUIRED["CNI_CONTAINERID"] and not CONTAINER_ID_RE.fullmatch(container_id):
-        raise CNIError(
-            INVALID_ENVIRONMENT,
-            f"invalid characters in CNI_CONTAINERID {container_id!r}: use letters, digits, _ . -",
-        )
+    if command in _REQUIRED["CNI_CONTAINERID"]:
+        validate_container_id(container_id)
     ifname = environ.get("CNI_IFNAME", "")
     if command in _REQUIRED["CNI_IFNAME"]:
         validate_ifname(ifname)
+    netns = environ.get("CNI_NETNS", "")
+    if netns and command in ("ADD", "DEL", "CHECK"):
+        validate_netns(netns)
     inv = Invocation(
         command=command,
         container_id=container_id,
-        netns=environ.get("CNI_NETNS", ""),
+        netns=netns,
         ifname=ifname,
         args=environ.get("CNI_ARGS", ""),
         path=tuple(p for p in environ.get("CNI_PATH", "").split(":") if p),

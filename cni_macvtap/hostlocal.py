@@ -124,7 +124,7 @@ def supported(conf: Mapping[str, Any], environ: Mapping[str, str]) -> Config | N
         except (ValueError, TypeError):
             return None
     data_dir = ipam.get("dataDir") or DEFAULT_DATA_DIR
-    if not isinstance(data_dir, str) or "/" in name or name in (".", ".."):
+    if not isinstance(data_dir, str) or not data_dir.startswith("/") or "/" in name or name in (".", ".."):
         return None
     return Config(os.path.join(data_dir, name), tuple(sets), tuple(dict(r) for r in routes))
 

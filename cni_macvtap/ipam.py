@@ -28,8 +28,11 @@ _guard = threading.Lock()
 
 
 def find_plugin(name: str, path: Sequence[str]) -> str:
-    """Absolute path of an executable called name in the CNI_PATH directories."""
+    """Absolute path of an executable called name in the absolute CNI_PATH directories (a relative one
+    would resolve against the daemon's working directory, not the caller's: it is skipped)."""
     for d in path:
+        if not d.startswith("/"):
+            continue
         candidate = os.path.join(d, name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
@@ -141,4 +144,5 @@ def supports(name: str, environ: Mapping[str, str], path: Sequence[str], version
         info = exec_plugin(name, "VERSION", environ, path, b"{}")
     except CNIError:
         return False
-    return bool(info) and version in (info.get("supportedVersions") or [])
+    supported = info.get("supportedVersions") if info else None
+    return isinstance(supported, list) and version in supported

@@ -1,7 +1,8 @@
-"""Netlink work on macvtap links with pyroute2: create on the master, move, rename, inspect, delete.
+"""Netlink work on macvtap links with pyroute2: create on the master, rename, bring up, inspect, delete.
 
 The host side uses one long-lived IPRoute guarded by a lock (pyroute2's sync API is not safe for
 concurrent use of one socket); the pod side gets a fresh socket per call from netns.netlink_socket_in.
+pyroute2 is untyped: its messages are Any here and nowhere else.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import netns
-from .errors import INVALID_CONFIG, LINK_FAILURE, TRY_AGAIN, CNIError
+from .errors import LINK_FAILURE, TRY_AGAIN, CNIError
 
 T = TypeVar("T")
 MACVTAP_MODES = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8, "source": 16}
@@ -44,6 +45,19 @@ class LinkInfo:
     link: int | None  # IFLA_LINK: the master's ifindex (in the link's link-netns)
 
 
+class MacRefused(Exception):
+    """The kernel refused the MAC address at creation (the caller names where the MAC came from)."""
+
+
+class AddressInUse(Exception):
+    """The link cannot come up: another macvlan/macvtap on the master already has its MAC."""
+
+
+def temp_name() -> str:
+    """A random name for a new link until it is renamed to CNI_IFNAME."""
+    return TEMP_PREFIX + secrets.token_hex(5)
+
+
 def _info(msg: Any) -> LinkInfo:
     kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
     mode_num = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_MACVTAP_MODE")
@@ -57,6 +71,17 @@ def _info(msg: Any) -> LinkInfo:
         up=bool(msg["flags"] & 1),
         link=msg.get_attr("IFLA_LINK"),
     )
+
+
+def _get(ipr: Any, what: str, **key: Any) -> LinkInfo | None:
+    """RTM_GETLINK by name or index: the link, or None when there is none."""
+    try:
+        msgs = ipr.link("get", **key)
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise netlink_error(exc, f"looking up {what}") from None
+    return _info(msgs[0])
 
 
 def netlink_error(exc: NetlinkError, action: str) -> CNIError:
@@ -118,13 +143,7 @@ class HostLinks:
     def by_name(self, name: str) -> LinkInfo | None:
         """The link called name, or None."""
         with self._rt() as ipr:
-            try:
-                msgs = ipr.link("get", ifname=name)
-            except NetlinkError as exc:
-                if exc.code in (errno.ENODEV, errno.ENOENT):
-                    return None
-                raise netlink_error(exc, f"looking up link {name!r}") from None
-        return _info(msgs[0])
+            return _get(ipr, f"link {name!r}", ifname=name)
 
     @_on_owner_thread
     def default_route_link(self) -> str | None:
@@ -134,15 +153,16 @@ class HostLinks:
                 for route in ipr.get_routes(family=family, table=254):
                     if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
                         oif = route.get_attr("RTA_OIF")
-                        return ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")
+                        name = ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")
+                        return str(name) if name is not None else None
         return None
 
     @_on_owner_thread
-    def create_macvtap(self, master: int, netns_fd: int, mode: str, mtu: int | None, mac: str | None) -> str:
-        """Create a macvtap on master directly inside the namespace behind netns_fd, under a random
-        temporary name (creating it there is much cheaper than moving it: no synchronize_net).
-        Returns the temporary name."""
-        name = TEMP_PREFIX + secrets.token_hex(5)
+    def create_macvtap(
+        self, name: str, master: int, netns_fd: int, mode: str, mtu: int | None, mac: str | None
+    ) -> None:
+        """Create a macvtap on master directly inside the namespace behind netns_fd, under the temporary
+        name (creating it there is much cheaper than moving it: no synchronize_net)."""
         kwargs: dict[str, Any] = {"ifname": name, "kind": "macvtap", "link": master, "net_ns_fd": netns_fd}
         kwargs["macvtap_mode"] = mode
         if mtu:
@@ -154,9 +174,8 @@ class HostLinks:
                 ipr.link("add", **kwargs)
             except NetlinkError as exc:
                 if exc.code == errno.EADDRNOTAVAIL or (exc.code == errno.EINVAL and mac):
-                    raise CNIError(INVALID_CONFIG, f"the kernel refused MAC {mac}: {exc.args[1]}") from None
+                    raise MacRefused(os.strerror(exc.code)) from None
                 raise netlink_error(exc, "creating the macvtap link") from None
-        return name
 
 
 class PodLinks:
@@ -181,22 +200,29 @@ class PodLinks:
 
     def by_name(self, name: str) -> LinkInfo | None:
         """The link called name in the pod namespace, or None."""
-        try:
-            msgs = self._ipr.link("get", ifname=name)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise netlink_error(exc, f"looking up {name!r} in CNI_NETNS") from None
-        return _info(msgs[0])
+        return _get(self._ipr, f"{name!r} in CNI_NETNS", ifname=name)
 
-    def rename_up(self, index: int, name: str) -> None:
-        """Rename a link and set it up; EEXIST means the name is taken."""
+    def by_index(self, index: int) -> LinkInfo | None:
+        """The link with this ifindex in the pod namespace, or None."""
+        return _get(self._ipr, f"link #{index} in CNI_NETNS", index=index)
+
+    def rename(self, index: int, name: str) -> None:
+        """Rename a link (it is down); EEXIST means the name is taken."""
         try:
-            self._ipr.link("set", index=index, ifname=name, state="up")
+            self._ipr.link("set", index=index, ifname=name)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
                 raise name_taken(name) from None
             raise netlink_error(exc, f"renaming the macvtap to {name!r}") from None
+
+    def set_up(self, index: int) -> None:
+        """Bring a link up; AddressInUse when its MAC is taken on the master."""
+        try:
+            self._ipr.link("set", index=index, state="up")
+        except NetlinkError as exc:
+            if exc.code == errno.EADDRINUSE:
+                raise AddressInUse(os.strerror(exc.code)) from None
+            raise netlink_error(exc, "bringing the macvtap up") from None
 
     def delete(self, index: int) -> bool:
         """Delete a link in the pod namespace; False when it is already gone."""

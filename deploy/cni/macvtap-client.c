@@ -7,6 +7,11 @@
  * cannot answer (no socket, refused, other network namespace, unusual config) it execs the Python
  * plugin (MACVTAP_PYTHON -IS MACVTAP_LAUNCHER) with the same environment and the same stdin, so the
  * result is always produced by the same code in cni_macvtap.plugin.
+ *
+ * The default socket, the limits and the wire constants come from a header rendered from the Python
+ * package at build time (cni_macvtap.cheader; install-plugin passes it with -include): one definition.
+ * stdin is read up to MACVTAP_MAX_STDIN + 1 bytes; a larger config goes to the Python plugin, which
+ * refuses it (code 5) without reading the rest.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,18 +34,24 @@
 #ifndef MACVTAP_LAUNCHER
 #error "build with -DMACVTAP_LAUNCHER=\"/path/to/python launcher\""
 #endif
-#define DEFAULT_SOCKET "/run/edgevirt/macvtap.sock"
-#define MAX_FRAME (16u * 1024u * 1024u)
+#ifndef MACVTAP_DEFAULT_SOCKET
+#error "build with -include of the header `python -m cni_macvtap.cheader` prints (install-plugin does)"
+#endif
 
 extern char **environ;
 
-static char *read_all(int fd, size_t *len) {
+/* At most max bytes of fd (max + 1 tells "too large" apart); NULL when out of memory. */
+static char *read_bounded(int fd, size_t max, size_t *len) {
     size_t cap = 8192, n = 0;
     char *buf = malloc(cap);
-    for (;;) {
-        if (!buf) return NULL;
-        if (n == cap) buf = realloc(buf, cap *= 2);
-        if (!buf) return NULL;
+    while (buf && n < max) {
+        if (n == cap) {
+            size_t next = cap * 2 > max ? max : cap * 2;
+            char *grown = realloc(buf, next);
+            if (!grown) { free(buf); return NULL; }
+            buf = grown;
+            cap = next;
+        }
         ssize_t r = read(fd, buf + n, cap - n);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) break;
@@ -72,23 +83,61 @@ static void write_all(int fd, const char *p, size_t n) {
     }
 }
 
-/* 0: key absent (default socket); 1: simple string value copied to out; -1: let Python parse it. */
+static const char *skip_ws(const char *p, const char *end) {
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n')) p++;
+    return p;
+}
+
+/* The closing quote of the string opening at p, or NULL. */
+static const char *string_end(const char *p, const char *end) {
+    for (const char *q = p + 1; q < end; q++) {
+        if (*q == '\\') q++;
+        else if (*q == '"') return q;
+    }
+    return NULL;
+}
+
+/* The top-level member "daemonSocket" (the same scan as cni_macvtap/jsonscan.py): 0 absent or not an
+ * absolute path (default socket); 1 a plain string copied to out; -1 unsure (escapes, duplicates, non-string value, nesting
+ * too deep, broken JSON, too long for out): let the Python plugin parse it. */
 static int daemon_socket(const char *in, size_t len, char *out, size_t outsz) {
-    static const char key[] = "\"daemonSocket\"";
-    const char *hit = memmem(in, len, key, sizeof key - 1);
-    if (!hit) return 0;
-    const char *end = in + len, *p = hit + sizeof key - 1;
-    if (memmem(p, (size_t)(end - p), key, sizeof key - 1)) return -1;
-    while (p < end && strchr(" \t\r\n", *p)) p++;
-    if (p >= end || *p++ != ':') return -1;
-    while (p < end && strchr(" \t\r\n", *p)) p++;
-    if (p >= end || *p++ != '"') return -1;
-    const char *q = p;
-    while (q < end && *q != '"' && *q != '\\') q++;
-    if (q >= end || *q != '"' || q == p || *p != '/' || (size_t)(q - p) >= outsz) return -1;
-    memcpy(out, p, (size_t)(q - p));
-    out[q - p] = 0;
-    return 1;
+    static const char key[] = "daemonSocket";
+    const char *p = skip_ws(in, in + len), *end = in + len;
+    char stack[256];
+    int depth = 0, found = 0;
+    if (p >= end || *p != '{') return -1;
+    while (p < end) {
+        if (*p == '"') {
+            const char *q = string_end(p, end);
+            if (!q) return -1;
+            const char *after = skip_ws(q + 1, end);
+            if (depth == 1 && after < end && *after == ':') {
+                if (memchr(p + 1, '\\', (size_t)(q - p - 1))) return -1;
+                if ((size_t)(q - p - 1) == sizeof key - 1 && !memcmp(p + 1, key, sizeof key - 1)) {
+                    const char *v = skip_ws(after + 1, end), *w;
+                    if (found || v >= end || *v != '"' || !(w = string_end(v, end))) return -1;
+                    size_t n = (size_t)(w - v - 1);
+                    if (memchr(v + 1, '\\', n) || n >= outsz) return -1;
+                    memcpy(out, v + 1, n);
+                    out[n] = 0;
+                    /* like cli.socket_path: a value that is not an absolute path means the default */
+                    found = n && v[1] == '/' && !memchr(v + 1, 0, n) ? 1 : 2;
+                    after = w + 1;
+                }
+            }
+            p = after;
+            continue;
+        }
+        if (*p == '{' || *p == '[') {
+            if (depth == (int)sizeof stack) return -1;
+            stack[depth++] = *p == '{' ? '}' : ']';
+        } else if (*p == '}' || *p == ']') {
+            if (depth == 0 || stack[--depth] != *p) return -1;
+            if (depth == 0) return skip_ws(p + 1, end) == end ? found % 2 : -1;
+        }
+        p++;
+    }
+    return -1;
 }
 
 static void run_python(const char *in, size_t len, int no_daemon) {
@@ -130,20 +179,13 @@ int main(int argc, char **argv) {
         execv(MACVTAP_PYTHON, usage);
     }
     size_t len = 0;
-    char *in = read_all(0, &len);
+    char *in = read_bounded(0, MACVTAP_MAX_STDIN + 1, &len);
     if (!in) run_python("", 0, 0);
-    if (getenv("MACVTAP_NO_DAEMON")) run_python(in, len, 1);
+    if (getenv("MACVTAP_NO_DAEMON") || len > MACVTAP_MAX_STDIN) run_python(in, len, 1);
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     int found = daemon_socket(in, len, path, sizeof path);
     if (found < 0) run_python(in, len, 0);
-    if (found == 0) strcpy(path, DEFAULT_SOCKET);
-
-    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    strcpy(addr.sun_path, path);
-    if (s < 0 || connect(s, (struct sockaddr *)&addr, sizeof addr) != 0) run_python(in, len, 1);
-    struct timeval tv = {.tv_sec = 180};
-    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (found == 0) strcpy(path, MACVTAP_DEFAULT_SOCKET);
 
     size_t envlen = 0;
     for (char **e = environ; *e; e++)
@@ -158,10 +200,20 @@ int main(int argc, char **argv) {
         envblob[off++] = 0;
     }
     if (envlen) envlen--; /* entries are separated, not terminated, by NUL */
+    if (envlen > MACVTAP_MAX_ENV) run_python(in, len, 1); /* beyond the daemon's limit */
+
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) run_python(in, len, 1);
+    struct timeval tv = {.tv_sec = MACVTAP_CLIENT_TIMEOUT_S};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); /* also bounds connect() to a full backlog */
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    strcpy(addr.sun_path, path);
+    if (connect(s, (struct sockaddr *)&addr, sizeof addr) != 0) run_python(in, len, 1);
     struct stat st;
     uint64_t ino = stat("/proc/self/ns/net", &st) == 0 ? (uint64_t)st.st_ino : 0;
     unsigned char hdr[20];
-    memcpy(hdr, "MVT1", 4);
+    memcpy(hdr, MACVTAP_WIRE_MAGIC, 4);
     put32(hdr + 4, (uint32_t)(ino >> 32));
     put32(hdr + 8, (uint32_t)ino);
     put32(hdr + 12, (uint32_t)envlen);
@@ -182,11 +234,11 @@ int main(int argc, char **argv) {
     if ((size_t)sent != total) run_python(in, len, 1); /* the daemon went away before reading it */
 
     unsigned char rep[16];
-    if (read_exact(s, rep, sizeof rep) != 0 || memcmp(rep, "MVT1", 4) != 0) goto mid_request;
+    if (read_exact(s, rep, sizeof rep) != 0 || memcmp(rep, MACVTAP_WIRE_MAGIC, 4) != 0) goto mid_request;
     int32_t code = (int32_t)get32(rep + 4);
     uint32_t outlen = get32(rep + 8), errlen = get32(rep + 12);
-    if (code == -1) run_python(in, len, 1);
-    if (outlen > MAX_FRAME || errlen > MAX_FRAME) goto mid_request;
+    if (code == MACVTAP_WIRE_FALLBACK) run_python(in, len, 1);
+    if (outlen > MACVTAP_MAX_REPLY || errlen > MACVTAP_MAX_REPLY) goto mid_request;
     char *out = malloc((size_t)outlen + errlen + 1);
     if (!out || read_exact(s, out, (size_t)outlen + errlen) != 0) goto mid_request;
     write_all(1, out, outlen);

@@ -163,6 +163,7 @@ class Topology:
         daemon: bool = True,
         env: dict[str, str] | None = None,
         cni_path: str | None = None,
+        timeout: float = 120,
     ) -> PluginResult:
         """Run the plugin executable in the host netns (through the daemon unless daemon=False)."""
         e = {
@@ -187,14 +188,15 @@ class Topology:
             cwd=REPO,
             capture_output=True,
             check=False,
-            timeout=PLUGIN_TIMEOUT_S,
+            timeout=timeout,
         )
         return PluginResult(
             proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
         )
 
-    def start_daemon(self) -> None:
-        """Start `macvtap daemon` in the host netns on this topology's socket; waits until it listens."""
+    def start_daemon(self, *extra: str) -> None:
+        """Start `macvtap daemon` in the host netns on this topology's socket (plus extra daemon options);
+        waits until it listens."""
         log = open(self.tmp / "daemon.log", "wb")  # noqa: SIM115 - closed with the process
         self.daemon = subprocess.Popen(
             [
@@ -208,6 +210,7 @@ class Topology:
                 "daemon",
                 "--socket",
                 self.socket,
+                *extra,
             ],
             cwd=REPO,
             stdout=log,

@@ -125,17 +125,17 @@ BAD_VALUES: list[tuple[str, st.SearchStrategy[Any], int]] = [
     ("master", st.sampled_from(["", "x" * 16, "a/b", "a b", 3, ["vm0"]]), 7),
     ("ipam", st.one_of(st.integers(min_value=1), text.filter(bool)), 7),
     ("ipam", st.sampled_from([{"type": ""}, {"type": "../x"}, {"type": 7}, {"ranges": []}]), 7),
-    ("tapMode", st.sampled_from(["rw", "999", "0o660", "-1", "17777"]), 7),
-    ("tapMode", st.one_of(st.integers(min_value=0o10000), st.integers(max_value=-1)), 7),
+    ("tapMode", st.sampled_from(["rw", "999", "0o660", "-1", "17777", "07777", "4755", "1777", "0660\n"]), 7),
+    ("tapMode", st.one_of(st.integers(min_value=0o1000), st.integers(max_value=-1)), 7),  # setuid & co.
     (
         "tapOwner",
         st.one_of(st.sampled_from(["no-such-user-xyz", ""]), st.integers(max_value=-1), st.booleans()),
         7,
     ),
     ("tapGroup", st.one_of(st.just("no-such-group-xyz"), st.integers(min_value=2**32)), 7),
-    ("deviceDir", st.sampled_from(["relative/dir", "", "dev", 5]), 7),
-    ("stateDir", st.sampled_from(["relative/dir", "", 5]), 7),
-    ("daemonSocket", st.sampled_from(["relative.sock", 5, ""]), 7),
+    ("deviceDir", st.sampled_from(["relative/dir", "", "dev", 5, "/run/../etc", "/run/x\n", "/a//b"]), 7),
+    ("stateDir", st.sampled_from(["relative/dir", "", 5, "/var/lib/..", "/var/./lib", "/x\ty"]), 7),
+    ("daemonSocket", st.sampled_from(["relative.sock", 5, "", "/run/../x.sock", "/x.sock\n"]), 7),
     ("runtimeConfig", st.one_of(st.integers(), text, st.just({"mac": "01:02:03:04:05:06"})), 7),
     ("cni.dev/valid-attachments", st.sampled_from([1, [1], [{"containerID": 1}], "x"]), 7),
 ]
@@ -202,7 +202,7 @@ def test_daemon_survives_garbage_on_its_socket(topo: Topology) -> None:
                     pass
             except ConnectionResetError:
                 pass  # the daemon may close on garbage before reading all of it
-    res = topo.plugin("VERSION", b"", daemon=True)
+    res = topo.plugin("VERSION", topo.conf(), daemon=True)
     assert res.code == 0 and "1.1.0" in res.json()["supportedVersions"]
     assert topo.daemon is not None and topo.daemon.poll() is None
     assert oct(os.stat(topo.socket).st_mode & 0o777) == "0o600"

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from cni_macvtap import cli, config, versions, wire
+from cni_macvtap import cli, config, results, versions, wire
 from cni_macvtap.environment import from_environ, parse_cni_args
 from cni_macvtap.errors import CNIError
 from cni_macvtap.plugin import run
@@ -118,7 +118,7 @@ def test_config_errors_name_the_key(key: str, value: object) -> None:
 def test_config_defaults_and_mac_precedence() -> None:
     inv = from_environ(env(CNI_ARGS="IgnoreUnknown=1;MAC=02:00:00:00:00:02"), b"")
     conf = config.parse(inv, {**CONF, "mac": "02:00:00:00:00:01", "tapMode": "0660", "tapGroup": "root"})
-    assert (conf.mode, conf.mtu, conf.mac, conf.tap_mode, conf.tap_gid) == (
+    assert (conf.mode, conf.mtu, conf.mac.mac, conf.tap_mode, conf.tap_gid) == (
         "bridge",
         None,
         "02:00:00:00:00:02",
@@ -127,7 +127,7 @@ def test_config_defaults_and_mac_precedence() -> None:
     )
     assert conf.device_dir == "/run/edgevirt/macvtap" and conf.state_dir == "/var/lib/cni/macvtap"
     conf = config.parse(inv, {**CONF, "runtimeConfig": {"mac": "02:00:00:00:00:03"}})
-    assert conf.mac == "02:00:00:00:00:03"
+    assert conf.mac.mac == "02:00:00:00:00:03"
     with pytest.raises(CNIError) as exc:
         config.parse(from_environ(env(CNI_ARGS="MAC=zz"), b""), CONF)
     assert exc.value.code == 4
@@ -139,11 +139,11 @@ def test_result_encoding_per_version() -> None:
         "ips": [{"address": "10.1.0.5/24", "gateway": "10.1.0.1", "interface": 0}, {"address": "fd00::5/64"}],
         "routes": [{"dst": "0.0.0.0/0"}],
     }
-    v1 = versions.encode_result(result, "1.1.0")
+    v1 = results.encode(result, "1.1.0")
     assert v1["interfaces"][0]["mtu"] == 1500 and "version" not in v1["ips"][0] and v1["dns"] == {}
-    v04 = versions.encode_result(result, "0.4.0")
+    v04 = results.encode(result, "0.4.0")
     assert [ip["version"] for ip in v04["ips"]] == ["4", "6"] and "mtu" not in v04["interfaces"][0]
-    back = versions.normalize_result(v04)
+    back = results.normalize(v04)
     assert back["ips"][0] == result["ips"][0]
 
 

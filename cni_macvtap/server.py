@@ -1,0 +1,185 @@
+"""The unix-socket server of one `macvtap daemon` worker: accepts connections, reads one request each,
+runs it through plugin.run and answers.
+
+Each connection gets its own thread. Each request carries its own environment and stdin, so two
+containers' calls never share state beyond the locked host netlink socket; operations on the same
+attachment are serialised by the attachment lock (cni_macvtap.locks). A request from a process in
+another network namespace is sent back to run in-process (the daemon only acts on the namespace it
+lives in).
+
+What a client can make a worker hold is bounded: at most max_connections connections at a time (one
+more is handed back at once, to run in-process), a request must arrive whole within request_timeout
+seconds, its size is bounded by the wire protocol, and a reply nobody reads is dropped after
+request_timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+
+from . import namespaces, plugin, wire
+from .client import own_netns
+from .errors import DECODING_FAILURE, CNIError
+
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT_S = 10.0
+BUSY_LOG_EVERY_S = 10.0
+
+
+def log(msg: str) -> None:
+    """One timestamped line on stderr (the daemon's log)."""
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} macvtap-daemon: {msg}\n")
+    sys.stderr.flush()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink the socket of a dead daemon; refuse a live daemon or a file that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SystemExit(
+            f"macvtap daemon: {path} exists and is not a socket: remove it or choose another --socket"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno != errno.ECONNREFUSED:
+            raise
+        os.unlink(path)  # nobody listens: a dead daemon's socket
+    else:
+        raise SystemExit(f"macvtap daemon: another daemon is already listening on {path}")
+    finally:
+        probe.close()
+
+
+class Server:
+    """The unix-socket server of one worker process."""
+
+    def __init__(
+        self, path: str, max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT_S
+    ) -> None:
+        self.path = path
+        self.netns = own_netns()
+        self.request_timeout = request_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self._busy_count = 0
+        self._busy_logged = float("-inf")
+
+    def bind(self) -> None:
+        """Create the socket (mode 0600); refuse when another daemon already answers there."""
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(128)
+        self._sock = sock
+
+    def warm(self) -> None:
+        """Import pyroute2 and open the host netlink socket before the first request."""
+        namespaces.host_links().default_route_link()
+
+    def serve(self) -> None:
+        """Accept until stop() is called; a connection beyond the limit is handed back at once."""
+        assert self._sock is not None
+        self._sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    break
+                log(f"accept failed: {exc}")
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._hand_back(conn)
+                continue
+            try:
+                threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: the client does the work itself
+                self._slots.release()
+                self._hand_back(conn)
+
+    def request_stop(self) -> None:
+        """Make serve() return (safe from a signal handler)."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Stop serving and remove the socket file (the process that bound it)."""
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _hand_back(self, conn: socket.socket) -> None:
+        """All slots are taken: the client runs this call in-process (same code, same answer)."""
+        with conn:
+            conn.settimeout(1.0)
+            self._reply(conn, wire.FALLBACK, b"", "macvtap daemon busy: run the call in-process")
+        self._busy_count += 1
+        now = time.monotonic()
+        if now - self._busy_logged >= BUSY_LOG_EVERY_S:
+            self._busy_logged = now
+            log(f"busy: every connection slot is taken; {self._busy_count} calls handed back so far")
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._handle(conn)
+        finally:
+            self._slots.release()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            netns, env, stdin = wire.recv_request(conn, time.monotonic() + self.request_timeout)
+        except TimeoutError:
+            log(f"a request took longer than {self.request_timeout:g} s to arrive: connection closed")
+            return
+        except (OSError, wire.ProtocolError, UnicodeError) as exc:
+            log(f"bad request: {exc}")
+            err = CNIError(DECODING_FAILURE, f"malformed request to the macvtap daemon: {exc}")
+            conn.settimeout(self.request_timeout)
+            self._reply(conn, 1, err.to_json(), err.msg)
+            return
+        if netns != self.netns:
+            self._reply(conn, wire.FALLBACK, b"", "caller is in another network namespace")
+            return
+        conn.settimeout(None)
+        t0 = time.perf_counter()
+        out, code, err_text = plugin.run(env, stdin)
+        what = f"{env.get('CNI_COMMAND')} {env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')}"
+        ms = 1000 * (time.perf_counter() - t0)
+        if code:
+            log(f"{what} failed (exit {code}) in {ms:.1f} ms: {err_text.strip().splitlines()[-1:]}")
+            if "Traceback" in err_text:
+                log(err_text)  # a bug: keep the traceback in the daemon's log, never on stdout
+        else:
+            log(f"{what} ok in {ms:.1f} ms")
+        conn.settimeout(self.request_timeout)  # a client that does not read its reply is dropped
+        self._reply(conn, code, out, err_text)
+
+    @staticmethod
+    def _reply(conn: socket.socket, code: int, out: bytes, err: str) -> None:
+        try:
+            wire.send_reply(conn, code, out, err)
+        except OSError as exc:
+            log(f"client went away before the reply: {exc}")
