@@ -54,6 +54,7 @@ ENV = [
 ]
 CMD = ["edgevirt-controller", "--help"]
 REL = "deploy/images"
+KEEP_LAYOUTS = 3  # older image layouts, their layers and unused rootfs trees are removed from the cache
 # Inputs of each layer besides its data (for its epoch and key): the code that writes it.
 BASE_CODE = (f"{REL}/edgevirt-image.packages", f"{REL}/image_rootfs.py", f"{REL}/oci_layout.py")
 DEPS_CODE = (f"{REL}/edgevirt-image.lock", f"{REL}/image_pydeps.py", f"{REL}/oci_layout.py")
@@ -170,6 +171,23 @@ def write_image(repo: Path, icache: Path, layers: list[oci_layout.Layer], epoch:
     return layout, version, index["manifests"][0]["digest"]
 
 
+def prune(icache: Path, in_use: set[Path], keep_layouts: int = KEEP_LAYOUTS) -> int:
+    """Bound the cache: the newest `keep_layouts` layouts and the layers they hold, and of the rootfs
+    trees and wheel downloads only those `in_use` (which also names the layout just written).
+    Returns how many entries were removed."""
+    layouts = sorted(icache.glob("oci-*"), key=lambda d: d.stat().st_mtime, reverse=True)
+    kept = {*layouts[:keep_layouts], *(d for d in in_use if d.name.startswith("oci-"))}
+    removed = [d for d in layouts if d not in kept]
+    removed += [d for d in (*icache.glob("rootfs-*"), *icache.glob("pywheels-*")) if d not in in_use]
+    blobs = {b.name for d in kept for b in (d / "blobs" / "sha256").iterdir()}
+    for meta in (icache / "layers").glob("*.json"):
+        if json.loads(meta.read_text())["digest"].split(":", 1)[1] not in blobs:
+            removed += [meta, meta.with_suffix(".tar.gz")]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return len(removed)
+
+
 def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_to: str | None = None,
           tls_verify: bool | None = None) -> dict:  # fmt: skip
     """Build (or find) the image; optionally push it. Returns a summary (digest, layout, sizes, times)."""
@@ -180,7 +198,8 @@ def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_t
     p.done()
     p.step(f"python dependencies: {image_pydeps.LOCK_FILE.name}")
     pins = image_pydeps.check_lock(wheel)
-    dep_wheels = image_pydeps.download(icache / f"pywheels-{_hash(image_pydeps.LOCK_FILE.read_bytes())}")
+    pywheels = icache / f"pywheels-{_hash(image_pydeps.LOCK_FILE.read_bytes())}"
+    dep_wheels = image_pydeps.download(pywheels)
     p.say(f"{len(pins)} pins, {len(dep_wheels)} wheels")
     p.done()
     p.step("debian: bookworm rootfs (mmdebstrap)")
@@ -193,6 +212,8 @@ def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_t
     p.step("OCI image layout")
     layout, tag, digest = write_image(repo, icache, layers, epoch, wheel, use_cache)
     p.say(f"{layout} tag {tag}: {digest}")
+    if pruned := prune(icache, {layout, rootfs, pywheels}):
+        p.say(f"cache: removed {pruned} old layouts, layers or rootfs")
     p.done()
     summary: dict = {
         "layout": str(layout),
