@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV  := .venv/bin
 
-.PHONY: demo test install lint unit integration e2e up down status
+.PHONY: demo test install lint unit integration e2e up down status image
 
 ## demo: fresh machine -> everything installed, local cluster up, the demo workload shown
 demo: install
@@ -21,6 +21,11 @@ lint:
 	$(VENV)/ruff format --check .
 	$(VENV)/lint-imports
 	$(VENV)/mypy
+
+## image: the edgevirt image, built without Docker (OCI layout in ~/.cache/edgevirt/image/);
+## `make image IMAGE_FLAGS=--push` also pushes it to the local cluster's registry (127.0.0.1:5000)
+image:
+	deploy/images/build-edgevirt-image $(IMAGE_FLAGS)
 
 unit:
 	$(VENV)/pytest tests/unit

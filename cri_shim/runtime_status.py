@@ -17,10 +17,10 @@ from . import protos
 from .backends.base import Backend
 from .errors import BackendError
 from .router import Router
+from .version import VERSION
 
 log = logging.getLogger("edgevirt-cri.status")
 
-VERSION = "0.1.0"
 RUNTIME_NAME = "edgevirt"
 RUNTIME_API_VERSION = "v1"
 KUBE_API_VERSION = "0.1.0"  # VersionResponse.version: the version of the kubelet runtime API
