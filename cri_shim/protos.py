@@ -126,7 +126,7 @@ def write_stubs(dest: Path, version: str, typed: bool | None = None) -> Path:
     api_pb2.py, api_pb2_grpc.py, with typed=True (or None and mypy-protobuf installed) also
     api_pb2.pyi and api_pb2_grpc.pyi; plus __init__.py and the CRI_API_VERSION stamp."""
     try:
-        from grpc_tools import protoc  # type: ignore[import-untyped]
+        from grpc_tools import protoc
     except ImportError as e:
         raise StubError("grpcio-tools is not installed: pip install -e .[test] (or grpcio-tools)") from e
     mypy_flags = _mypy_plugins()

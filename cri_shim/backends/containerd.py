@@ -89,7 +89,7 @@ class ContainerdBackend(Backend):
         except grpc.RpcError as e:
             raise self._error("GetContainerEvents", e) from None
         finally:
-            stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave RpcContext.cancel unannotated
+            stream.cancel()
 
     def handler_works(self, handler: str) -> bool:
         shim = SHIM_BINARIES.get(handler)
