@@ -11,47 +11,46 @@ the error stream (v4) and closes. This is what containerd's and kubelet's stream
 
 URLs carry a one-time random token valid for a minute, like kubelet's streaming cache; the server
 listens on loopback only (kubelet runs on the same node). A target is a callable that opens the
-console and returns a file descriptor (the VM's pty); the server owns and closes it.
+console and returns a file descriptor (the VM's pty); the server owns and closes it. This module is
+the HTTP side (tokens, the upgrade); ``cri_shim.attach_session`` runs the session after it.
+
+No client can make the server hold much (``StreamingLimits``; each hit is counted in ``limit_hits``
+and logged, at most every LIMIT_LOG_INTERVAL per limit): each phase of a connection has a deadline
+(the upgrade request, the stream set-up, then idleness), the request head and the data that comes
+before the streams are complete are capped, frames and header blocks are bounded by ``spdy``, and
+stdin goes to the console one frame at a time (a console that does not read stops our reading, so
+TCP holds the client back). Connections without a token yet are capped (a new one closes the oldest:
+a flood of idle connections cannot lock kubelet out), and so are attach sessions.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import errno
-import json
+import io
 import logging
 import os
 import secrets
-import select
 import termios
 import threading
 import time
 import tty
-from collections.abc import Callable
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from . import spdy
+from .attach_session import AttachRequest, AttachSession, Target
+from .stream_limits import (
+    BoundedHTTPServer,
+    ConnectionLimit,
+    DeadlineReader,
+    LimitLog,
+    StreamingLimits,
+)
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io")
 TOKEN_TTL = 60.0
-STREAM_CREATION_TIMEOUT = 30.0
-
-#: Opens the console to attach to; returns a read/write file descriptor (non-blocking).
-Target = Callable[[], int]
-
-
-@dataclass
-class AttachRequest:
-    target: Target
-    what: str
-    stdin: bool
-    stdout: bool
-    stderr: bool
-    tty: bool
-    expires: float
 
 
 def open_pty(path: str) -> int:
@@ -66,22 +65,26 @@ def open_pty(path: str) -> int:
 class StreamingServer:
     """A loopback HTTP server handing out one-time attach URLs."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, limits: StreamingLimits | None = None
+    ) -> None:
+        self.limits = limits or StreamingLimits()
         self._pending: dict[str, AttachRequest] = {}
         self._lock = threading.Lock()
+        self._limit_log = LimitLog()
         server = self
 
         class Handler(_AttachHandler):
             streaming = server
+            timeout = server.limits.handshake_timeout  # sends too; the session changes it
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = BoundedHTTPServer((host, port), Handler, self.limits, self._limit_log)
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="cri-streaming", daemon=True)
         self._thread.start()
 
     @property
     def base_url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = self.httpd.socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def attach_url(
@@ -102,14 +105,53 @@ class StreamingServer:
             req = self._pending.pop(token, None)
         return req if req and req.expires >= time.monotonic() else None
 
+    @property
+    def limit_hits(self) -> collections.Counter[str]:
+        """How many times each limit was hit."""
+        return self._limit_log.hits
+
+    def limit_hit(self, limit: str, message: str) -> None:
+        """Count a hit of ``limit`` and log ``message`` (rate-limited, see LimitLog)."""
+        self._limit_log.hit(limit, message)
+
     def close(self) -> None:
+        """Stop listening and end every connection."""
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.httpd.close_connections()
 
 
 class _AttachHandler(BaseHTTPRequestHandler):
     streaming: StreamingServer
+    server: BoundedHTTPServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by one that keeps the deadlines
+        lim, start = self.streaming.limits, time.monotonic()
+        self.reader = DeadlineReader(
+            self.connection,
+            "handshake_timeout",
+            f"upgrade request not complete within {lim.handshake_timeout:g} s (handshake_timeout)",
+            start + lim.handshake_timeout,
+            lim.max_request_head,
+        )
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionLimit as e:  # while the request is read: the session handles its own
+            self.streaming.limit_hit(e.limit, f"{self.client_address[0]}: {e}")
+            body = f"{e}\n".encode()
+            with contextlib.suppress(OSError):
+                self.wfile.write(
+                    f"HTTP/1.1 {e.status} {'Request Timeout' if e.status == 408 else 'Too Large'}\r\n"
+                    f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                    + body
+                )
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("streaming: " + format, *args)
@@ -133,6 +175,12 @@ class _AttachHandler(BaseHTTPRequestHandler):
         parts = self.path.split("?", 1)[0].strip("/").split("/")
         if len(parts) != 2 or parts[0] != "attach":
             return self._fail(404, f"no such streaming endpoint: {self.path}")
+        if not self.server.claim_session(self.connection):
+            cap = self.streaming.limits.max_sessions
+            self.streaming.limit_hit(
+                "max_sessions", f"{cap} attach sessions already: refused one (max_sessions)"
+            )
+            return self._fail(503, f"{cap} attach sessions already (max_sessions): try again later")
         req = self.streaming.take(parts[1])
         if req is None:
             return self._fail(404, "unknown or expired attach token: ask the runtime for a new URL (Attach)")
@@ -157,132 +205,10 @@ class _AttachHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         self.close_connection = True
-        conn = spdy.Connection(self.connection, rfile=self.rfile)
+        conn = spdy.Connection(self.connection, rfile=self.rfile, limits=self.streaming.limits.frames)
         try:
-            _Session(conn, req, protocol).run()
+            AttachSession(
+                conn, req, protocol, self.streaming.limits, self.reader, self.streaming.limit_hit
+            ).run()
         finally:
             conn.close()
-
-
-class _Session:
-    """One attach: collect the client's streams, then bridge them to the console."""
-
-    def __init__(self, conn: spdy.Connection, req: AttachRequest, protocol: str) -> None:
-        self.conn, self.req, self.protocol = conn, req, protocol
-        self.streams: dict[str, int] = {}
-        self.fd: int | None = None
-        self.done = threading.Event()
-
-    def expected(self) -> int:
-        r = self.req
-        return 1 + r.stdin + r.stdout + r.stderr + (r.tty and self.protocol != "v2.channel.k8s.io")
-
-    def run(self) -> None:
-        conn = self.conn
-        conn.sock.settimeout(STREAM_CREATION_TIMEOUT)
-        pending: list[spdy.Frame] = []
-        try:
-            while len(self.streams) < self.expected():
-                f = conn.read_frame()
-                if f.kind == spdy.SYN_STREAM:
-                    self.streams[f.headers.get("streamtype", "")] = f.stream_id
-                    conn.syn_reply(f.stream_id)
-                elif f.kind == spdy.PING:
-                    conn.ping(f.value)
-                elif f.kind == 0:
-                    pending.append(f)  # stdin sent right after its stream was created
-        except (TimeoutError, EOFError, spdy.ProtocolError, OSError) as e:
-            log.info("attach to %s: streams not set up: %s", self.req.what, e)
-            return
-        conn.sock.settimeout(None)
-        try:
-            self.fd = self.req.target()
-        except Exception as e:
-            log.info("attach to %s: %s", self.req.what, e)
-            self.finish(f"error attaching to container: {e}")
-            return
-        pump = threading.Thread(target=self._pump, name=f"attach:{self.req.what}", daemon=True)
-        pump.start()
-        try:
-            for f in pending:
-                self._on_frame(f)
-            while not self.done.is_set():
-                self._on_frame(conn.read_frame())
-        except (EOFError, spdy.ProtocolError, OSError):
-            pass  # the client went away (detach): the VM runs on
-        finally:
-            self.done.set()
-            pump.join(5)
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-
-    def _on_frame(self, f: spdy.Frame) -> None:
-        if f.kind == spdy.PING:
-            self.conn.ping(f.value)
-        elif f.kind in (spdy.RST_STREAM, spdy.GOAWAY) and (
-            f.kind == spdy.GOAWAY or f.stream_id == self.streams.get("error")
-        ):
-            self.done.set()
-        elif f.kind == 0 and f.stream_id == self.streams.get("stdin") and f.data:
-            self._write_console(f.data)
-        # resize: a serial console has no window size; SETTINGS/WINDOW_UPDATE: nothing to do
-
-    def _write_console(self, data: bytes) -> None:
-        assert self.fd is not None
-        while data and not self.done.is_set():
-            try:
-                n = os.write(self.fd, data)
-                data = data[n:]
-            except BlockingIOError:
-                select.select([], [self.fd], [], 1.0)
-
-    def _pump(self) -> None:
-        """Console -> stdout (stderr is never asked for with a TTY; without one the console is
-        stdout). Ends when the client is gone or the console closes (the VM stopped)."""
-        assert self.fd is not None
-        out = self.streams.get("stdout")
-        try:
-            while not self.done.is_set():
-                r, _, _ = select.select([self.fd], [], [], 0.5)
-                if not r:
-                    continue
-                try:
-                    chunk = os.read(self.fd, 65536)
-                except BlockingIOError:
-                    continue
-                except OSError as e:
-                    if e.errno != errno.EIO:  # EIO: the pty's other side (QEMU) is gone
-                        raise
-                    chunk = b""
-                if not chunk:
-                    self.finish("")
-                    return
-                if out is not None:
-                    self.conn.data(out, chunk)
-        except (EOFError, OSError):
-            self.done.set()
-
-    def finish(self, error: str) -> None:
-        """Report the end on the error stream (v4: a metav1.Status) and close the output streams."""
-        self.done.set()
-        err = self.streams.get("error")
-        if self.protocol == "v4.channel.k8s.io":
-            status = {"metadata": {}, "status": "Success"}
-            if error:
-                status = {
-                    "metadata": {},
-                    "status": "Failure",
-                    "message": error,
-                    "reason": "InternalError",
-                    "code": 500,
-                }
-            payload = json.dumps(status).encode()
-        else:
-            payload = error.encode()
-        with contextlib.suppress(EOFError, OSError):
-            for kind in ("stdout", "stderr"):
-                if kind in self.streams:
-                    self.conn.data(self.streams[kind], b"", fin=True)
-            if err is not None:
-                self.conn.data(err, payload, fin=True)
-        self.conn.close()
