@@ -155,12 +155,12 @@ def test_rootfs_is_slim(rootfs: Path) -> None:
 
 @pytest.mark.timeout(1500)
 def test_components_run_in_the_rootfs(rootfs: Path, image: dict) -> None:
-    code = "import cri_shim, vmcrd, cni_macvtap, runtimeclass, libvirt; from cri_shim import protos, status"
+    code = "import cri_shim, vmcrd, cni_macvtap, runtimeclass, libvirt; from cri_shim import protos, runtime_status"
     r = in_image(
         rootfs,
         "python3",
         "-c",
-        code + "; print(protos.api().VersionResponse().DESCRIPTOR.name, status.VERSION)",
+        code + "; print(protos.api().VersionResponse().DESCRIPTOR.name, runtime_status.VERSION)",
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["VersionResponse", image["tag"]]
