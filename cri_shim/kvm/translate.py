@@ -7,8 +7,8 @@ answers as INVALID_ARGUMENT.
 
 * RunPodSandbox: :class:`PodRequest` (the fields of ``PodSandboxConfig`` the handler uses) + the
   parsed VM pod contract -> a :class:`~.records.SandboxRecord` in its ``setup`` phase, with the VM
-  NIC's MAC: ``edgevirt.io/mac``, else one derived from the VM's UID (a VirtualMachine keeps its MAC
-  across pods), else none (the CNI plugin picks one).
+  NIC's MAC: ``edgevirt.io/mac``, else one derived from the VM's namespace and UID (a VirtualMachine
+  keeps its MAC across pods), else none (the CNI plugin picks one).
 * CreateContainer: :class:`ContainerRequest` (the fields of ``ContainerConfig``) + the sandbox's
   record (with its parsed contract) -> a :class:`~.records.ContainerRecord` and the VMSpec: the
   image (``edgevirt.io/image``, else the container image; never an image ID), vCPUs from the CPU
@@ -65,15 +65,18 @@ def check_name(field: str, value: str) -> str:
     return value
 
 
-def derived_mac(uid: str) -> str:
-    """A stable, locally administered unicast MAC for a VM identity."""
-    h = hashlib.sha256(uid.encode()).hexdigest()
+def derived_mac(namespace: str, uid: str) -> str:
+    """A stable, locally administered unicast MAC for a VM identity: its namespace (kubelet's) and
+    UID, so a pod that copies another namespace's VM UID does not get that VM's MAC."""
+    h = hashlib.sha256(f"{namespace}/{uid}".encode()).hexdigest()
     return "02:" + ":".join(h[i : i + 2] for i in range(0, 10, 2))
 
 
-def sandbox_mac(contract: PodContract) -> str | None:
-    """The VM NIC's MAC: the annotation's (checked), else derived from the VM's UID, else None."""
-    mac = contract.mac or (derived_mac(contract.vm.vm_uid) if contract.vm is not None else None)
+def sandbox_mac(contract: PodContract, namespace: str) -> str | None:
+    """The VM NIC's MAC: the annotation's (checked), else derived from the VM's namespace and UID,
+    else None."""
+    vm = contract.vm
+    mac = contract.mac or (derived_mac(namespace, vm.vm_uid) if vm is not None else None)
     return check_mac(f"config.annotations[{ANN_MAC}]", mac) if mac else None
 
 
@@ -118,7 +121,7 @@ def new_sandbox(req: PodRequest, sandbox_id: str, now: int) -> SandboxRecord:
         annotations=req.annotations,
         log_directory=req.log_directory,
         hostname=req.hostname,
-        mac=sandbox_mac(contract),
+        mac=sandbox_mac(contract, md.namespace),
     )
 
 

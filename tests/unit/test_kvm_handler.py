@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from cri_shim import protos
 from cri_shim.errors import BackendError
@@ -23,6 +24,7 @@ from cri_shim.vm.errors import DomainNotFound, ImageError, VMError
 from cri_shim.vm.model import DomainState, DomainStats, VMSpec
 
 api = protos.api()
+REPO = Path(__file__).resolve().parents[2]
 
 PLUGIN = """#!/bin/sh
 cat > /dev/null
@@ -244,7 +246,7 @@ def test_vm_annotations_give_a_stable_mac_and_bad_ones_name_the_field(env):
     make, mgr, _netns, tmp = env
     b = make()
     sid = run_pod(b, tmp, {"edgevirt.io/vm-uid": "vm-1", "edgevirt.io/image": "127.0.0.1:5000/vm/d:1"})
-    assert b.sandboxes.store.get(sid).mac == translate.derived_mac("vm-1")
+    assert b.sandboxes.store.get(sid).mac == translate.derived_mac("ns", "vm-1")
     cid = create(b, sid, image="sha256:" + "b" * 64)  # the annotation wins over the image ID
     spec = mgr.specs[f"edgevirt-{cid[:20]}"]
     assert (spec.namespace, spec.disk_scope, spec.disk_key, spec.uid) == ("ns", "vm", "vm-1", "vm-1")
@@ -311,6 +313,21 @@ def test_a_domain_that_vanished_is_an_exit_and_the_factory_names_bad_options(env
         factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "bogus": 1})
     with pytest.raises(ValueError, match=r"backends\.kvm\.options\.cni_conflist is required"):
         factory.parse_options("kvm", {"state_dir": "/x"})
+    with pytest.raises(ValueError, match=r"backends\.kvm\.options\.max_disk_bytes: 'huge' is not a size"):
+        factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "max_disk_bytes": "huge"})
+    with pytest.raises(ValueError, match=r"backends\.kvm\.options\.max_volumes: 0 is not a positive number"):
+        factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "max_volumes": 0})
+    no_host_disks = factory.parse_options(
+        "kvm", {"state_dir": "/x", "cni_conflist": "/y", "host_disk_root": ""}
+    )
+    assert no_host_disks.host_disk_root is None
+    example = yaml.safe_load((REPO / "deploy/cri/edgevirt-cri.yaml").read_text())
+    opts = factory.parse_options("kvm", example["backends"]["kvm"]["options"])
+    assert (opts.host_disk_root, opts.max_disk_bytes, opts.min_free_bytes) == (
+        Path("/var/lib/edgevirt/hostdisks"),
+        256 * 2**30,
+        2 * 2**30,
+    )
     down = factory.build_handler(
         "kvm",
         factory.parse_options("kvm", {"state_dir": str(tmp / "s2"), "cni_conflist": "/nonexistent"}),

@@ -60,7 +60,7 @@ def test_a_sandbox_reads_the_contract_once_and_gets_its_mac():
     sb = translate.new_sandbox(pod(VM), SID, now=5)
     assert (sb.id, sb.netns, sb.created_at, sb.phase) == (SID, "cni-kvm-aaaaaaaaaaaa", 5, "setup")
     assert sb.contract.vm is not None and sb.contract.vm.vm_uid == "vm-1"
-    assert sb.mac == translate.derived_mac("vm-1") and sb.mac.startswith("02:")  # stable per VM
+    assert sb.mac == translate.derived_mac("ns", "vm-1") and sb.mac.startswith("02:")  # stable per VM
     assert translate.new_sandbox(pod({**VM, ANN_MAC: "02:AA:00:00:00:01"}), SID, 0).mac == "02:aa:00:00:00:01"
     assert translate.new_sandbox(pod({ANN_MAC: "02:00:00:00:00:07"}), SID, 0).mac == "02:00:00:00:00:07"
     assert translate.new_sandbox(pod(), SID, 0).mac is None  # not a VM: the plugin picks one
@@ -242,6 +242,7 @@ def test_a_vm_uid_copied_into_another_namespace_gets_disks_of_its_own(tmp_path):
     dir_a = dm.owner_dir(DiskOwner(spec_a.disk_scope, spec_a.disk_key, spec_a.namespace))
     dir_b = dm.owner_dir(DiskOwner(spec_b.disk_scope, spec_b.disk_key, spec_b.namespace))
     assert dir_a == tmp_path / "disks/ns/team-a/vm/vm-1" and dir_b == tmp_path / "disks/ns/team-b/vm/vm-1"
+    assert a.mac != b.mac  # nor its MAC on the VM network
 
 
 def test_volumes_are_bounded_by_the_nodes_limits():
