@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from ..vm.cloudinit import CloudInit
+from ..vm.disks import check_key
 from ..vm.errors import ValidationError
+from ..vm.hostdisks import check_namespace
 from ..vm.model import VMSpec, VolumeSpec
 from ..vm.nics import nics_from_cni_result
 from ..vm.sizes import DiskLimits, parse_quantity
@@ -109,7 +111,9 @@ def new_sandbox(req: PodRequest, sandbox_id: str, now: int) -> SandboxRecord:
     md = req.metadata
     check_name("config.metadata.name", md.name)
     check_name("config.metadata.namespace", md.namespace)
+    check_namespace("config.metadata.namespace", md.namespace)  # it keys the pod's disks
     check_name("config.metadata.uid", md.uid)
+    check_key("config.metadata.uid", md.uid)
     contract = parse_pod_contract(req.annotations)
     return SandboxRecord(
         id=sandbox_id,

@@ -69,6 +69,10 @@ def test_a_sandbox_reads_the_contract_once_and_gets_its_mac():
 def test_bad_sandbox_input_names_the_field():
     with pytest.raises(ValidationError, match=r"^config\.metadata\.namespace: 'bad/ns' is not a Kubernetes"):
         translate.new_sandbox(pod(namespace="bad/ns"), SID, 0)
+    with pytest.raises(ValidationError, match=r"namespace: 'Team_A' is not a namespace name"):
+        translate.new_sandbox(pod(namespace="Team_A"), SID, 0)  # it keys the pod's disks: a DNS label
+    with pytest.raises(ValidationError, match=r"^config\.metadata\.uid: .* is not a safe key"):
+        translate.new_sandbox(pod(uid="u" * 200), SID, 0)
     with pytest.raises(
         ValidationError, match=r"^config\.annotations\[edgevirt\.io/mac\]: 'nope' is not a MAC"
     ):
