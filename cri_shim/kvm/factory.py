@@ -13,7 +13,18 @@ option                   default   meaning
 ``domain_type``          probed    ``kvm`` or ``qemu`` (TCG)
 ``default_memory_mib``   256       a VM's memory when its container has no memory limit
 ``streaming_address``    ``127.0.0.1:0``  where Attach's streaming server listens
+``host_disk_root``       ``/var/lib/edgevirt/hostdisks``  hostDisk files: ``<root>/<namespace>/...``
+                                   ("" disables hostDisk)
+``kubelet_root_dir``     ``/var/lib/kubelet``  kubelet's ``--root-dir`` (the pods' volume folders)
+``max_disk_bytes``       256Gi     the largest virtual size of one disk (emptyDisk, hostDisk,
+                                   an overlay, so also an image's)
+``min_free_bytes``       2Gi       no new disk or download while less is free on ``vm_state_dir``
+``max_volumes``          32        data volumes of one VM
+``max_image_bytes``      20Gi      the largest image download (https, OCI layers, the disk in it)
+``image_fetch_timeout_s``  1800    deadline of one image download
 =======================  ========  ==============================================================
+
+Sizes are Kubernetes quantities (``256Gi``) or byte counts.
 
 A handler whose network or libvirt is not usable on this node is still made: it reports why
 (:meth:`~.handler.KvmHandler.unavailable_reason`) and edgevirt-cri does not register it.
@@ -28,15 +39,18 @@ from pathlib import Path
 from typing import Any
 
 from ..vm.disks import DiskManager
-from ..vm.errors import VMError
-from ..vm.images import ImageStore, SkopeoSource
+from ..vm.errors import ValidationError, VMError
+from ..vm.images import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, ImageStore
 from ..vm.lifecycle import DomainManager
 from ..vm.nics import DEFAULT_DEVICE_DIR
+from ..vm.oci import SkopeoSource
+from ..vm.sizes import DiskLimits, parse_quantity
 from . import cni_exec
 from .containers import Domains
 from .handler import KvmHandler
 from .sandbox_net import IpNetns, Netns, SandboxNetwork
 from .translate import Limits
+from .userdata import DEFAULT_KUBELET_ROOT
 
 REQUIRED = ("state_dir", "cni_conflist")
 
@@ -55,6 +69,53 @@ class KvmOptions:
     domain_type: str | None = None
     default_memory_mib: int = 256
     streaming_address: str = "127.0.0.1:0"
+    host_disk_root: Path | None = Path("/var/lib/edgevirt/hostdisks")
+    kubelet_root_dir: Path = DEFAULT_KUBELET_ROOT
+    max_disk_bytes: int = DiskLimits.max_disk_bytes
+    min_free_bytes: int = DiskLimits.min_free_bytes
+    max_volumes: int = 32
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    image_fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT
+
+    @property
+    def disk_limits(self) -> DiskLimits:
+        return DiskLimits(max_disk_bytes=self.max_disk_bytes, min_free_bytes=self.min_free_bytes)
+
+
+def _bytes(name: str, key: str, value: Any, default: int, *, zero: bool = False) -> int:
+    if value is None:
+        return default
+    if zero and value in (0, "0"):
+        return 0
+    try:
+        return parse_quantity(f"backends.{name}.options.{key}", value)
+    except ValidationError as e:
+        raise ValueError(str(e)) from None
+
+
+def _positive(name: str, key: str, value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"backends.{name}.options.{key}: {value!r} is not a positive number")
+    return float(value)
+
+
+def _limits(name: str, options: Mapping[str, Any], d: KvmOptions) -> dict[str, Any]:
+    root = options.get("host_disk_root", d.host_disk_root)
+    return {
+        "host_disk_root": Path(root) if root else None,
+        "kubelet_root_dir": Path(options.get("kubelet_root_dir") or d.kubelet_root_dir),
+        "max_disk_bytes": _bytes(name, "max_disk_bytes", options.get("max_disk_bytes"), d.max_disk_bytes),
+        "min_free_bytes": _bytes(
+            name, "min_free_bytes", options.get("min_free_bytes"), d.min_free_bytes, zero=True
+        ),
+        "max_volumes": int(_positive(name, "max_volumes", options.get("max_volumes"), d.max_volumes)),
+        "max_image_bytes": _bytes(name, "max_image_bytes", options.get("max_image_bytes"), d.max_image_bytes),
+        "image_fetch_timeout_s": _positive(
+            name, "image_fetch_timeout_s", options.get("image_fetch_timeout_s"), d.image_fetch_timeout_s
+        ),
+    }
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> KvmOptions:
@@ -77,6 +138,7 @@ def parse_options(name: str, options: Mapping[str, Any]) -> KvmOptions:
         domain_type=options.get("domain_type"),
         default_memory_mib=int(options.get("default_memory_mib") or d.default_memory_mib),
         streaming_address=str(options.get("streaming_address") or d.streaming_address),
+        **_limits(name, options, d),
     )
 
 
@@ -86,7 +148,9 @@ def create(name: str, options: dict[str, Any]) -> KvmHandler:
 
 
 def domain_manager(opts: KvmOptions) -> DomainManager:
-    """The libvirt layer as the handler uses it (images under ``vm_state_dir``, file:// roots)."""
+    """The libvirt layer as the handler uses it (images under ``vm_state_dir``, file:// roots,
+    hostDisks under ``host_disk_root``, the node's size limits)."""
+    limits = opts.disk_limits
     return DomainManager(
         opts.vm_state_dir,
         uri=opts.libvirt_uri,
@@ -95,8 +159,15 @@ def domain_manager(opts: KvmOptions) -> DomainManager:
             opts.vm_state_dir,
             file_roots=opts.image_roots,
             container_disks=SkopeoSource(opts.insecure_registries),
+            max_image_bytes=opts.max_image_bytes,
+            fetch_timeout=opts.image_fetch_timeout_s,
+            limits=limits,
         ),
-        disks=DiskManager(opts.vm_state_dir),
+        disks=DiskManager(
+            opts.vm_state_dir,
+            host_disk_roots=[opts.host_disk_root] if opts.host_disk_root else [],
+            limits=limits,
+        ),
     )
 
 
@@ -127,10 +198,14 @@ def build_handler(
         image_roots=tuple(Path(os.path.realpath(r)) for r in opts.image_roots),
         default_memory_mib=opts.default_memory_mib,
         device_dir=network.device_dir if network is not None else DEFAULT_DEVICE_DIR,
+        disks=opts.disk_limits,
+        max_volumes=opts.max_volumes,
     )
     return KvmHandler(
         name,
         state_dir=opts.state_dir,
+        kubelet_root=opts.kubelet_root_dir,
+        private_roots=(opts.state_dir, opts.vm_state_dir, opts.kubelet_root_dir, limits.device_dir),
         network=network,
         domains=domains,
         limits=limits,

@@ -14,6 +14,11 @@ Each method is thin: find the record, take its lock, delegate, answer.
 Everything the handler makes is recorded on disk (:mod:`.records`) before it is made, so a
 restarted shim reports the same IDs and states and a failure halfway is rolled back (also one left
 by a kill -9: records still in their ``setup`` phase are undone at start).
+
+The handler trusts nothing it is told by the pod's author: the annotations are checked field by
+field (:mod:`.contract`), disks belong to the pod's namespace as kubelet gave it (:mod:`.pod_disks`),
+secret user data comes only from this pod's own volume (:mod:`.userdata`), and every error a client
+sees is stripped of the node's paths and of digests (:mod:`.public_errors`; details go to the log).
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ import grpc
 from .. import protos
 from ..backends.base import TypedBackend
 from ..errors import BackendError, invalid, unimplemented
-from ..vm.errors import DomainNotFound, ImageError, ValidationError, VMError
-from . import replies, translate
+from ..vm.errors import ValidationError, VMError
+from . import pod_disks, replies, translate, userdata
 from .cni_exec import CNIError
 from .console import ConsoleAttach, ConsoleLogs
 from .containers import AlreadyRan, ContainerLifecycle, Domains, now
-from .contract import ContractError
+from .public_errors import Redactor, vm_error
 from .records import ContainerRecord, SandboxRecord, container_store, sandbox_store
 from .sandbox_net import SandboxNetwork
 from .sandboxes import SandboxLifecycle
@@ -47,15 +52,6 @@ NOT_SUPPORTED = (
     "agent; use `kubectl logs` for the serial console output, `kubectl attach -it POD` (or "
     "`kubectl vm console NAME`) for an interactive console, and the VM's IP for its services"
 )
-
-
-def vm_error(e: VMError) -> BackendError:
-    """The gRPC status of a libvirt-layer failure: bad input, a missing domain, or anything else."""
-    if isinstance(e, ValidationError | ImageError):
-        return BackendError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    if isinstance(e, DomainNotFound):
-        return BackendError(grpc.StatusCode.NOT_FOUND, str(e))
-    return BackendError(grpc.StatusCode.UNKNOWN, str(e))
 
 
 class KeyedLocks:
@@ -81,10 +77,14 @@ class KvmHandler(TypedBackend):
         network: SandboxNetwork | None,
         domains: Domains,
         limits: translate.Limits,
+        kubelet_root: Path = userdata.DEFAULT_KUBELET_ROOT,
+        private_roots: tuple[Path, ...] = (),
         streaming_address: str = "127.0.0.1:0",
         unavailable: str | None = None,
     ) -> None:
         self.name = name
+        self.kubelet_root = kubelet_root
+        self.redact = Redactor((state_dir, kubelet_root, *private_roots))
         self.network = network
         self.domains = domains
         self.limits = limits
@@ -99,8 +99,22 @@ class KvmHandler(TypedBackend):
         if unavailable is None:
             self.sandboxes.recover()
             self.containers.recover()
+            pod_disks.adopt_legacy_disks(domains, self.sandboxes.store)
 
     # ------------------------------------------------------------ backend interface
+    def invoke(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
+        """Every CRI call; what the client reads of a failure holds no node paths and no digests."""
+        try:
+            return super().invoke(method, request, timeout)
+        except BackendError as e:
+            public = self.redact(e.message)
+            if public != e.message:
+                log.warning("%s failed: %s", method, e.message)
+            raise BackendError(e.code, public) from None
+        except Exception as e:
+            log.exception("%s failed", method)
+            raise BackendError(grpc.StatusCode.UNKNOWN, self.redact(f"kvm handler, {method}: {e}")) from None
+
     def unavailable_reason(self) -> str | None:
         return self._reason
 
@@ -145,10 +159,8 @@ class KvmHandler(TypedBackend):
             sb = translate.new_sandbox(
                 translate.PodRequest.from_cri(req.config), secrets.token_hex(32), now()
             )
-        except ContractError as e:
-            raise invalid("config.annotations", str(e), "fix the VM pod's annotations") from None
-        except ValidationError as e:
-            raise invalid(e.field, e.problem, e.fix) from None
+        except ValidationError as e:  # ContractError too
+            raise vm_error(e) from None
         md = sb.metadata
         with self._lock(sb.id):
             try:
@@ -185,6 +197,10 @@ class KvmHandler(TypedBackend):
             self.stop_pod_sandbox(self.api.StopPodSandboxRequest(pod_sandbox_id=sb.id))
             for c in self.containers.of_sandbox(sb.id):
                 self._remove_container(c)
+            try:
+                pod_disks.release_pod_disks(self.domains, self.sandboxes.store, sb)
+            except VMError as e:
+                raise vm_error(e) from None
             self.sandboxes.remove(sb)
         log.info("pod sandbox %s removed", sb.id[:12])
         return self.api.RemovePodSandboxResponse()
@@ -224,7 +240,10 @@ class KvmHandler(TypedBackend):
         with self._lock(sb.id):
             try:
                 self._check_room_for_a_vm(sb)
-                c, spec = translate.new_container(request, sb, self.limits, secrets.token_hex(32), now())
+                pod_disks.refuse_unclaimed_legacy_disks(self.domains, sb)
+                secret = userdata.secret_user_data(request.mounts, self.kubelet_root, sb.metadata.uid)
+                cid = secrets.token_hex(32)
+                c, spec = translate.new_container(request, sb, self.limits, cid, now(), secret)
                 self.containers.create(c, spec)
             except VMError as e:
                 raise vm_error(e) from None

@@ -2,7 +2,8 @@
 
 One JSON file per sandbox (``<dir>/sandboxes/<id>.json``) and per container
 (``<dir>/containers/<id>.json``), written to a temporary file and renamed into place, so a kill -9
-of the shim leaves the old or the new record and never half of one. The records hold what CRI
+of the shim leaves the old or the new record and never half of one. Records hold the pods'
+annotations (inline user data among them): files 0600 in folders 0700. The records hold what CRI
 reports back (metadata, labels, annotations, timestamps, log paths) and what teardown needs (netns,
 CNI result, domain name), so a restarted shim answers with the same IDs and states as before. A
 sandbox's record also keeps the VM pod contract as parsed at ``RunPodSandbox``
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from ..vm.private import FILE_MODE, private_dir
 from .contract import ContractError, PodContract, PodVM, parse_pod_contract
 
 ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -170,7 +172,8 @@ class RecordStore(Generic[R]):
         dump: Callable[[R], dict[str, Any]],
     ) -> None:
         self.dir = Path(root) / kind
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(root))
+        private_dir(self.dir)
         self._dump = dump
         self._lock = threading.Lock()
         self._cache: dict[str, R] = {}
@@ -192,7 +195,10 @@ class RecordStore(Generic[R]):
         path = self._path(rec.id)
         tmp = self.dir / f".{rec.id}.{threading.get_ident()}.tmp"
         with self._lock:
-            tmp.write_text(json.dumps(self._dump(rec), sort_keys=True))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._dump(rec), sort_keys=True))
+            os.chmod(tmp, FILE_MODE)
             os.replace(tmp, path)
             self._cache[rec.id] = rec
         return rec

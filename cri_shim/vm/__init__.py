@@ -14,8 +14,11 @@ per job:
 * :mod:`.spec` - resolved domain data (disks, NICs, kernel boot) and input validation
 * :mod:`.domain_xml` - domain XML via ElementTree (accel type, disks, console log, tap-fd NICs)
 * :mod:`.tapwrap` / :mod:`.wrapper_install` - the QEMU wrapper that opens macvtap tap devices
-* :mod:`.images` - image references -> verified base disks in a content-addressed cache
-* :mod:`.disks` - qcow2 overlays (per VM or per pod), emptyDisk, hostDisk
+* :mod:`.images` - image references -> verified base disks in a content-addressed cache;
+  :mod:`.oci` (registry references, skopeo) and :mod:`.https_fetch` (https downloads) fetch them
+* :mod:`.disks` - qcow2 overlays and emptyDisks, per namespace and VM or pod; :mod:`.hostdisks`
+  confines hostDisk files to their namespace's folder; :mod:`.sizes` holds the node's size limits
+* :mod:`.private` - files 0600 in folders 0700
 * :mod:`.cloudinit` - NoCloud seed ISO, network-config v2 from a CNI result
 * :mod:`.nics` - NICs (MAC + tap device node) from a macvtap CNI result
 * :mod:`.console_log` - serial console -> CRI log format
@@ -33,13 +36,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .cloudinit import CloudInit, network_config_from_cni
     from .console_log import ConsoleLogConverter
-    from .disks import DiskManager
+    from .disks import DiskManager, DiskOwner
     from .domain_xml import RESERVED_DISK_NAMES, attached_volumes
     from .errors import DomainExists, DomainNotFound, ImageError, ValidationError, VMError
-    from .images import BaseImage, ImageStore, SkopeoSource
+    from .images import BaseImage, ImageStore
     from .lifecycle import DomainManager
     from .model import DomainState, DomainStats, HostDisk, VMSpec, VolumeSpec
     from .nics import nics_from_cni_result
+    from .oci import SkopeoSource
+    from .sizes import DiskLimits
     from .spec import DiskSpec, DomainSpec, KernelBoot, NicSpec
 
 #: public name -> the module that defines it
@@ -48,7 +53,9 @@ _HOME = {
     "BaseImage": ".images",
     "CloudInit": ".cloudinit",
     "ConsoleLogConverter": ".console_log",
+    "DiskLimits": ".sizes",
     "DiskManager": ".disks",
+    "DiskOwner": ".disks",
     "DiskSpec": ".spec",
     "DomainExists": ".errors",
     "DomainManager": ".lifecycle",
@@ -61,7 +68,7 @@ _HOME = {
     "ImageStore": ".images",
     "KernelBoot": ".spec",
     "NicSpec": ".spec",
-    "SkopeoSource": ".images",
+    "SkopeoSource": ".oci",
     "VMError": ".errors",
     "VMSpec": ".model",
     "ValidationError": ".errors",
@@ -76,7 +83,9 @@ __all__ = [
     "BaseImage",
     "CloudInit",
     "ConsoleLogConverter",
+    "DiskLimits",
     "DiskManager",
+    "DiskOwner",
     "DiskSpec",
     "DomainExists",
     "DomainManager",

@@ -5,6 +5,11 @@ the files the domain needs on the way: the root overlay on the resolved image, t
 Every file made registers its removal on the caller's undo list, so a failure later in
 :meth:`.lifecycle.DomainManager.create` (or a hot-plug) leaves nothing behind. A disk that existed
 before (a VM's overlay kept across stop/start) is never on the list.
+
+The writable disks belong to the spec's :class:`~.disks.DiskOwner` (namespace, VM or pod, key), which
+the domain's metadata records (``namespace``, ``diskScope``, ``diskKey``) so that hot-plug and
+removal find them again; a hostDisk must lie in that namespace's folder. The run directory (seed ISO
+with the user-data, console log) is 0700, its files 0600.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import cloudinit
-from .disks import DiskManager, parse_quantity
-from .errors import ValidationError
+from .disks import DiskManager, DiskOwner
+from .errors import ValidationError, VMError
 from .images import ImageStore
 from .model import VMSpec, VolumeSpec
+from .private import private_dir
+from .sizes import parse_quantity
 from .spec import DiskSpec, DomainSpec
 from .wrapper_install import install_wrapper
 
@@ -53,7 +60,7 @@ class BuildContext:
 
 def build_domain_spec(spec: VMSpec, ctx: BuildContext, undo: Undo) -> DomainSpec:
     """Resolve ``spec`` into a :class:`DomainSpec`, making its files; register undo steps."""
-    key = spec.disk_key or spec.uid
+    owner = DiskOwner(spec.disk_scope, spec.disk_key or spec.uid, spec.namespace)
     dspec = DomainSpec(
         name=spec.name,
         uuid=spec.uuid,
@@ -65,9 +72,9 @@ def build_domain_spec(spec: VMSpec, ctx: BuildContext, undo: Undo) -> DomainSpec
         qemu_binary=ctx.qemu_binary,
     )
     dspec.validate()  # name, uuid (filled in), cpu, memory, nics, kernel boot: before any file is made
-    disk_dir = ctx.disks.dir_for(spec.disk_scope, key)  # validates scope and key
+    disk_dir = ctx.disks.owner_dir(owner)  # validates scope, key and namespace
     if not disk_dir.exists():
-        undo.append(lambda: ctx.disks.prune(spec.disk_scope, key))
+        undo.append(lambda: ctx.disks.prune(owner.scope, owner.key, owner.namespace))
     if spec.image is None and spec.kernel_boot is None:
         raise ValidationError("image", "neither image nor kernelBoot is set", "give an image reference")
     for i, v in enumerate(spec.volumes):
@@ -75,13 +82,13 @@ def build_domain_spec(spec: VMSpec, ctx: BuildContext, undo: Undo) -> DomainSpec
     run = run_dir(ctx.state_dir, dspec.uuid)
     if run.exists():  # left by a crash between mkdir and define: no domain has this uuid (checked)
         shutil.rmtree(run)
-    run.mkdir(parents=True)
+    private_dir(run.parent)
+    private_dir(run)
     undo.append(lambda: shutil.rmtree(run, ignore_errors=True))
     if spec.image is not None:
-        dspec.disks.append(_root_disk(spec, ctx, key, undo))
+        dspec.disks.append(_root_disk(spec, ctx, owner, undo))
     for i, v in enumerate(spec.volumes):
-        field = f"volumes[{i}]"
-        dspec.disks.append(volume_disk(v, field, spec.disk_scope, key, ctx.images, ctx.disks, undo))
+        dspec.disks.append(volume_disk(v, f"volumes[{i}]", owner, ctx.images, ctx.disks, undo))
     if spec.cloud_init is not None or spec.cni_result is not None:
         seed = cloudinit.make_seed_iso(_cloud_init(spec), run / "seed.iso")
         dspec.disks.append(DiskSpec(name="cidata", path=seed, format="raw", bus="sata", cdrom=True))
@@ -90,19 +97,20 @@ def build_domain_spec(spec: VMSpec, ctx: BuildContext, undo: Undo) -> DomainSpec
         dspec.emulator = install_wrapper(ctx.wrapper_dir)
     dspec.metadata = {
         "uid": spec.uid,
-        "diskScope": spec.disk_scope,
-        "diskKey": key,
+        "namespace": owner.namespace,
+        "diskScope": owner.scope,
+        "diskKey": owner.key,
         "runDir": str(run),
         "consoleLog": str(dspec.console_log),
     }
     return dspec
 
 
-def _root_disk(spec: VMSpec, ctx: BuildContext, key: str, undo: Undo) -> DiskSpec:
+def _root_disk(spec: VMSpec, ctx: BuildContext, owner: DiskOwner, undo: Undo) -> DiskSpec:
     """The boot disk: a qcow2 overlay (per VM or per pod) on the resolved image."""
     base = ctx.images.resolve(spec.image or "", "image")
     size = parse_quantity("rootSize", spec.root_size) if spec.root_size is not None else None
-    path, created = ctx.disks.overlay(base, spec.disk_scope, key, size)
+    path, created = ctx.disks.overlay(base, owner, size)
     if created:
         undo.append(lambda: path.unlink(missing_ok=True))
     return DiskSpec(name="root", path=path, format="qcow2", bus="virtio", boot_order=1)
@@ -118,23 +126,34 @@ def _cloud_init(spec: VMSpec) -> cloudinit.CloudInit:
     return ci
 
 
+def owner_from_metadata(md: dict[str, str], domain: str) -> DiskOwner:
+    """The disk owner a domain's metadata records; a domain defined before disks had namespaces
+    (no ``namespace`` in its metadata) gets no new disks."""
+    if "namespace" not in md or not md.get("diskScope") or not md.get("diskKey"):
+        raise VMError(
+            f"domain {domain!r} was defined by an older edgevirt that did not record whose disks it has: "
+            "restart the VM (kubectl vm restart) before mounting volumes"
+        )
+    return DiskOwner(md["diskScope"], md["diskKey"], md["namespace"]).validate()
+
+
 def volume_disk(
-    v: VolumeSpec, field: str, scope: str, key: str, images: ImageStore, disks: DiskManager, undo: Undo
+    v: VolumeSpec, field: str, owner: DiskOwner, images: ImageStore, disks: DiskManager, undo: Undo
 ) -> DiskSpec:
-    """The disk of a data volume, made (or found) under (scope, key); at boot and for hot-plug."""
+    """The disk of a data volume, made (or found) for ``owner``; at boot and for hot-plug."""
     if v.empty_disk is not None:
-        path, created = disks.empty_disk(scope, key, v.name, v.empty_disk, v.format)
+        path, created = disks.empty_disk(owner, v.name, v.empty_disk, v.format)
         fmt = v.format
     elif v.host_disk is not None:
         hd = v.host_disk
-        path, created = disks.host_disk(v.name, hd.path, hd.type, hd.capacity)
+        path, created = disks.host_disk(owner.namespace, v.name, hd.path, hd.type, hd.capacity)
         fmt = "raw"
     else:
         base = images.resolve(v.image or "", f"{field}.image")
         if v.read_only or v.cdrom:
             path, created, fmt = base.path, False, base.format
         else:
-            path, created = disks.overlay(base, scope, key, None, name=f"vol-{v.name}")
+            path, created = disks.overlay(base, owner, None, name=f"vol-{v.name}", field=f"{field}.image")
             fmt = "qcow2"
     if created:
         undo.append(lambda: Path(path).unlink(missing_ok=True))

@@ -4,7 +4,8 @@ The network config binds each interface to the guest NIC's MAC (``match: macaddr
 not depend on how the guest names its NICs. Addresses, gateways, routes and DNS come from the CNI
 result (spec 1.x / 0.4.0 / 0.3.x shapes: ``ips[].address``, ``ips[].gateway``, ``ips[].interface``,
 ``routes[].dst|gw``, ``dns.nameservers|search``). The ISO is made with ``genisoimage -V cidata``
-(the volume label NoCloud looks for), from files in a temporary directory (never a shell).
+(the volume label NoCloud looks for), from files in a temporary directory (0700, never a shell); the
+ISO is 0600 (the user-data may hold secrets).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ValidationError, VMError
+from .private import FILE_MODE
 from .spec import check_mac
 
 MAX_USER_DATA = 64 * 1024
@@ -172,9 +174,14 @@ def make_seed_iso(ci: CloudInit, dest: Path) -> Path:
         out = Path(tmp, "seed.iso")
         argv = ["genisoimage", "-quiet", "-output", str(out), "-volid", "cidata", "-joliet", "-rock"]
         r = subprocess.run(
-            [*argv, *(str(Path(tmp, n)) for n in files)], capture_output=True, text=True, check=False
+            [*argv, *(str(Path(tmp, n)) for n in files)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
         )
         if r.returncode != 0:
-            raise VMError(f"genisoimage failed: {r.stderr.strip()}")
+            raise VMError("genisoimage failed", detail=r.stderr.strip())
+        os.chmod(out, FILE_MODE)  # the user-data may hold secrets
         os.replace(out, dest)
     return dest

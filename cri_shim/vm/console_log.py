@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from .private import write_private
+
 ESCAPE_RE = re.compile(rb"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_]|[a-z])")
 CONTROL_RE = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 DEFAULT_MAX_LINE = 16 * 1024
@@ -93,9 +95,8 @@ class ConsoleLogConverter:
     def _save_state(self) -> None:
         if self.state_file is None:
             return
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps({"offset": self._offset - len(self._pending), "inode": self._inode}))
-        tmp.replace(self.state_file)
+        state = {"offset": self._offset - len(self._pending), "inode": self._inode}
+        write_private(self.state_file, json.dumps(state))
 
     # -- output
     def _write(self, entries: list[str]) -> None:

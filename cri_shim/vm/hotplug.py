@@ -1,5 +1,8 @@
 """Hot-plug and hot-unplug of data volumes on a running domain (the controller's node mode).
 
+A volume's writable disk belongs to the owner the domain's metadata records (namespace, VM or pod,
+key): the same as at boot, and a hostDisk must lie in that namespace's folder.
+
 A volume's disk carries the user alias of its name (:func:`.domain_xml.user_alias`), so it is found
 again by name in the live and the persistent definition: attach is idempotent per volume name,
 detach reports False for a volume that is not attached. The caller (:class:`.lifecycle.DomainManager`)
@@ -14,7 +17,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from . import domain_xml
-from .build import Undo, run_undo, volume_disk
+from .build import Undo, owner_from_metadata, run_undo, volume_disk
 from .disks import DiskManager
 from .errors import VMError
 from .images import ImageStore
@@ -49,10 +52,9 @@ def attach_volume(
     if existing is not None:
         target = existing.find("target")
         return target.get("dev", "") if target is not None else ""
-    md = domain_xml.read_metadata(live)
+    owner = owner_from_metadata(domain_xml.read_metadata(live), name)
     undo: Undo = []
-    scope, key = md.get("diskScope", "vm"), md.get("diskKey", name)
-    disk = volume_disk(volume, "volume", scope, key, images, disks, undo)
+    disk = volume_disk(volume, "volume", owner, images, disks, undo)
     disk.target = next_target(disk.bus, set(domain_xml.disk_targets(live)))
     disk.validate("volume")
     flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if persist else 0)

@@ -11,8 +11,11 @@ domain and starts it. If any step fails, everything this call made is undone in 
 ``remove`` is idempotent and cleans up from the domain's own metadata, so it works in a process
 that did not create the domain. Hot-plug lives in :mod:`.hotplug`.
 
-Files: ``<state>/domains/<uuid>/`` (seed ISO, default console log), ``<state>/disks/{vm,pod}/<key>/``
-(see :mod:`.disks`), ``<state>/images/`` (see :mod:`.images`), ``<state>/bin/edgevirt-qemu``
+Node mode finds a VM's domains by (namespace, uid) (:meth:`DomainManager.vm_domains`) and removes a
+deleted VM with :meth:`DomainManager.remove_vm`.
+
+Files: ``<state>/domains/<uuid>/`` (seed ISO, default console log; 0700), ``<state>/disks/ns/<namespace>/
+{vm,pod}/<key>/`` (see :mod:`.disks`), ``<state>/images/`` (see :mod:`.images`), ``<state>/bin/edgevirt-qemu``
 (``wrapper_dir``; libvirt keeps a capability cache file per emulator path: keep it stable).
 """
 
@@ -31,7 +34,7 @@ import libvirt
 from . import domain_xml, hotplug
 from .build import BuildContext, Undo, build_domain_spec, run_dir, run_undo
 from .connection import Connection
-from .disks import DiskManager
+from .disks import DiskManager, DiskOwner
 from .errors import DomainExists, DomainNotFound, ValidationError, VMError
 from .images import ImageStore
 from .model import DomainState, DomainStats, VMSpec, VolumeSpec
@@ -198,9 +201,10 @@ class DomainManager:
                     raise VMError(f"resuming {name!r} failed: {e}") from None
 
     def remove(self, name: str, delete_disks: bool = False) -> bool:
-        """Destroy and undefine the domain and delete what create() made: run dir (seed ISO,
-        default console log), pod-scoped disks always, VM-scoped disks only with ``delete_disks``.
-        Idempotent: returns False when there was no such domain."""
+        """Destroy and undefine the domain and delete what create() made: the run dir (seed ISO,
+        default console log); its disks with ``delete_disks``, and unscoped pod disks always
+        (a namespace's pod disks live as long as the pod: :meth:`remove_pod_disks`). Idempotent:
+        returns False when there was no such domain."""
         with self._lock(name):
             try:
                 dom = self._conn.lookup(name)
@@ -211,10 +215,42 @@ class DomainManager:
             run = md.get("runDir")
             if run and Path(run).parent == self.state_dir / "domains":
                 shutil.rmtree(run, ignore_errors=True)
-            scope, key = md.get("diskScope"), md.get("diskKey")
-            if scope and key and (scope == "pod" or delete_disks):
-                self.disks.remove(scope, key)
+            scope, key, ns = md.get("diskScope"), md.get("diskKey"), md.get("namespace", "")
+            if scope and key and (delete_disks or (scope == "pod" and not ns)):
+                with contextlib.suppress(ValidationError):
+                    self.disks.remove_owner(DiskOwner(scope, key, ns))
             return True
+
+    # ------------------------------------------------------------ per VM and pod (node mode, handler)
+    def vm_domains(self, namespace: str, uid: str) -> list[str]:
+        """Names of the domains of VM (``namespace``, ``uid``): the metadata names both (a domain
+        defined before disks had namespaces: the uid alone)."""
+        out = []
+        for name in self.list_managed():
+            with contextlib.suppress(VMError):
+                md = self.metadata(name)
+                if md.get("uid") == uid and md.get("namespace", namespace) == namespace:
+                    out.append(name)
+        return out
+
+    def remove_vm(self, namespace: str, uid: str) -> None:
+        """Remove the deleted VM's domains and all its disks (also those of the unscoped layout).
+        Idempotent; the disks go even when libvirt does not answer (the error is raised after)."""
+        try:
+            for name in self.vm_domains(namespace, uid):
+                self.remove(name, delete_disks=True)
+        finally:
+            self.disks.remove_vm_disks(namespace, uid)
+
+    def remove_pod_disks(self, namespace: str, pod_uid: str) -> None:
+        """Delete the disks of the removed kvm pod (``namespace``, ``pod_uid``). Idempotent."""
+        self.disks.remove_owner(DiskOwner("pod", pod_uid, namespace))
+
+    def has_legacy_vm_disks(self, uid: str) -> bool:
+        return self.disks.has_legacy_vm_disks(uid)
+
+    def adopt_legacy_vm_disks(self, namespace: str, uid: str) -> bool:
+        return self.disks.adopt_legacy_vm_disks(namespace, uid)
 
     # ------------------------------------------------------------ facts
     def exists(self, name: str) -> bool:

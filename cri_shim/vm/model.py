@@ -95,9 +95,12 @@ class VMSpec:
     nics: list[NicSpec] = dataclasses.field(default_factory=list)
     volumes: list[VolumeSpec] = dataclasses.field(default_factory=list)
     console_log: Path | None = None
-    disk_scope: str = "vm"  # "vm": disks kept across stop/start, keyed by uid; "pod": removed with it
+    disk_scope: str = "vm"  # "vm": disks kept across stop/start, keyed by uid; "pod": the pod's
     disk_key: str = ""  # defaults to uid
     uuid: str = ""
+    # whose disks: the VM's or pod's namespace (the kvm handler: kubelet's); "" = unscoped (the layout
+    # before namespaces, for callers that serve one tenant; no hostDisk then)
+    namespace: str = ""
 
 
 def dump_spec(spec: VMSpec) -> str:

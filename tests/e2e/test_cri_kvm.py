@@ -8,6 +8,10 @@ and the bootable test disk as an OCI containerDisk in the local registry.
   nothing left (netns, tap device node, domain, overlay, IP, record).
 * bad input: an image outside the allowed roots and a malformed VM annotation are refused with the
   field named, leaving nothing behind.
+* a hostile pod author (the kvm handler trusts nothing it is told): a VM UID copied into a pod of
+  another namespace gets disks of its own; every skopeo transport but docker:// is refused and
+  leaves nothing in /var/tmp; oversize and too many disks are refused; another namespace's hostDisk
+  is refused; secret user data reaches the guest from the pod's own volume only.
 * kubelet: a pod with runtimeClassName kvm reaches Running, `kubectl logs` shows the boot; kill -9 of
   the shim restarts nothing; deleting the pod leaves nothing.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -50,8 +55,9 @@ def kvm_available(crictl: Crictl, log_file: Path) -> None:
         raise AssertionError(f"edgevirt-cri does not serve the kvm handler on this node; its log:\n{log}")
 
 
-def leftovers(opts: dict, sid: str, cid: str | None) -> list[str]:
-    """What a removed kvm pod must not leave behind (``opts``: the kvm backend's options)."""
+def leftovers(opts: dict, sid: str, cid: str | None, pod: tuple[str, str] | None = None) -> list[str]:
+    """What a removed kvm pod must not leave behind (``opts``: the kvm backend's options; ``pod``:
+    its namespace and UID, whose disks go with it)."""
     conf = json.loads(Path(opts["cni_conflist"]).read_text())
     ipam_dir = Path(conf["plugins"][0]["ipam"].get("dataDir", "/var/lib/cni/networks")) / conf["name"]
     vm_state = Path(opts.get("vm_state_dir") or "/var/lib/edgevirt/vm")
@@ -66,11 +72,13 @@ def leftovers(opts: dict, sid: str, cid: str | None) -> list[str]:
                 found.append(f"IP {f.name}")
     if (Path(opts["state_dir"]) / "sandboxes" / f"{sid}.json").exists():
         found.append("sandbox record")
+    if pod and (vm_state / "disks" / "ns" / pod[0] / "pod" / pod[1]).exists():
+        found.append("the pod's disks")
     if cid:
         if f"edgevirt-{cid[:20]}" in domain_names():
             found.append("domain")
         if (vm_state / "disks" / "pod" / cid).exists():
-            found.append("overlay")
+            found.append("overlay (old layout)")
         if (Path(opts["state_dir"]) / "containers" / f"{cid}.json").exists():
             found.append("container record")
     return found
@@ -88,6 +96,11 @@ class PrivateKvmShim:
         self.cluster_containerd = cluster.paths.containerd_sock
         self.shim = Shim.create(self.containerd.socket)
         self.options["state_dir"] = str(self.shim.root / "kvm")
+        # hostDisks and kubelet's pod volumes of this shim's own (the node's are the cluster's)
+        self.host_disk_root = self.shim.root / "hostdisks"
+        self.kubelet_root = self.shim.root / "kubelet"
+        self.options["host_disk_root"] = str(self.host_disk_root)
+        self.options["kubelet_root_dir"] = str(self.kubelet_root)
         self.shim.extra_config = {
             "backends": {
                 "containerd": {"type": "containerd", "socket": str(self.containerd.socket)},
@@ -147,8 +160,9 @@ def pod_files(cri, tmp_path):
         subprocess.run(["rm", "-rf", str(logdir)], check=False, timeout=60)
 
 
-def container_json(tmp_path: Path, image: str, name: str = "vm") -> Path:
+def container_json(tmp_path: Path, image: str, name: str = "vm", mounts: list | None = None) -> Path:
     ctr = {
+        "mounts": mounts or [],
         "metadata": {"name": name},
         "image": {"image": image},
         "log_path": f"{name}/0.log",
@@ -166,7 +180,7 @@ def container_json(tmp_path: Path, image: str, name: str = "vm") -> Path:
 
 
 def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cri, vm_image, pod_files):
-    tmp, _pod, made = pod_files
+    tmp, pod, made = pod_files
     sid = cri("runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
     made.append(sid)
     status = json.loads(cri("inspectp", sid).stdout)["status"]
@@ -215,7 +229,7 @@ def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cri, vm
     assert json.loads(cri("inspectp", sid).stdout)["status"]["state"] == "SANDBOX_NOTREADY"
     cri("rmp", sid)
     made.remove(sid)
-    assert leftovers(cri.options, sid, cid) == []
+    assert leftovers(cri.options, sid, cid, ("e2e", pod["metadata"]["uid"])) == []
 
 
 def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cri, pod_files):
@@ -231,7 +245,7 @@ def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(cri, pod_files
         check=False,
     )
     assert r.returncode != 0
-    assert "image" in r.stderr and "allowed" in r.stderr, r.stderr
+    assert "image" in r.stderr and "outside the node's image roots" in r.stderr, r.stderr
     assert json.loads(cri("ps", "-a", "-p", sid, "-o", "json").stdout)["containers"] == []
     assert domain_names() == before
     cri("rmp", "-f", sid)
@@ -293,7 +307,7 @@ def test_containerd_down_and_a_libvirtd_restart_leave_vm_pods_running(cri, clust
     cri("stop", "--timeout", "60", cid)
     cri("rmp", "-f", sid)
     made.remove(sid)
-    assert leftovers(cri.options, sid, cid) == []
+    assert leftovers(cri.options, sid, cid, ("e2e", _pod["metadata"]["uid"])) == []
 
 
 def _qemu_pids() -> set[int]:
@@ -309,6 +323,187 @@ def _cpu(cri, cid: str) -> int:
         return 0
     stats = json.loads(r.stdout).get("stats") or [{}]
     return int(((stats[0].get("cpu") or {}).get("usageCoreNanoSeconds") or {}).get("value") or 0)
+
+
+# ---------------------------------------------------------------- a hostile pod author (crictl)
+#: temporary folders containers/image (skopeo) makes in /var/tmp unless TMPDIR says otherwise
+SKOPEO_TMP = re.compile(r"^(oci|docker-tarfile-blob|container_images_|storage|docker-archive|dir)")
+TRANSPORTS = (
+    "oci:/var/lib/edgevirt/images/layout:1",
+    "oci-archive:/etc/shadow",
+    "docker-archive:/etc/shadow",
+    "dir:/etc",
+    "containers-storage:alpine",
+    "docker-daemon:alpine:latest",
+)
+
+
+def skopeo_tmp() -> set[str]:
+    return {n for n in os.listdir("/var/tmp") if SKOPEO_TMP.match(n)}
+
+
+def hostile_pod(tmp: Path, namespace: str, annotations: dict[str, str] | None = None) -> tuple[Path, dict]:
+    """A pod config of ``namespace`` (a fresh UID) with ``annotations``."""
+    uid = str(uuid.uuid4())
+    logdir = tmp / "pods" / f"{namespace}_{uid}"
+    pod = {
+        "metadata": {"name": f"e2e-{uid[:6]}", "namespace": namespace, "uid": uid, "attempt": 0},
+        "log_directory": str(logdir),
+        "annotations": annotations or {},
+        "linux": {},
+    }
+    path = tmp / f"pod-{uid}.json"
+    path.write_text(json.dumps(pod))
+    return path, pod
+
+
+def disk_sources(domain: str) -> list[str]:
+    """The files of a domain's disks (its persistent definition)."""
+    import xml.etree.ElementTree as ET
+
+    import libvirt
+    from helpers.vm_env import connection
+
+    with connection() as conn:
+        xml = conn.lookupByName(domain).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    return [s.get("file", "") for s in ET.fromstring(xml).iterfind("devices/disk/source")]
+
+
+@pytest.fixture
+def vm_disks_of(cri):
+    """Removes the VM-scoped disks a test made (they outlive pods: node mode's job otherwise)."""
+    from cri_shim.vm.disks import DiskManager
+
+    made: list[tuple[str, str]] = []
+    yield made.append
+    disks = DiskManager(Path(cri.options.get("vm_state_dir") or "/var/lib/edgevirt/vm"))
+    for ns, uid in made:
+        disks.remove_vm_disks(ns, uid)
+
+
+def test_a_vm_uid_copied_into_another_namespace_gets_disks_of_its_own(cri, vm_image, pod_files, vm_disks_of):
+    """Finding 1: a pod of namespace B carrying a VM UID of namespace A booted A's disks read-write."""
+    tmp, _pod, made = pod_files
+    vm_uid = str(uuid.uuid4())
+    volumes = [{"name": "data", "emptyDisk": {"capacity": "16Mi"}}]
+    ann = {
+        "edgevirt.io/vm-uid": vm_uid,
+        "edgevirt.io/image": vm_image,
+        "edgevirt.io/volumes": json.dumps(volumes),
+    }
+    vm_state = Path(cri.options.get("vm_state_dir") or "/var/lib/edgevirt/vm")
+    sources = {}
+    for ns in ("e2e-team-a", "e2e-team-b"):
+        vm_disks_of((ns, vm_uid))
+        pod_path, _ = hostile_pod(tmp, ns, ann)
+        sid = cri("runp", "--runtime", "kvm", str(pod_path)).stdout.strip()
+        made.append(sid)
+        cid = cri("create", sid, str(container_json(tmp, vm_image)), str(pod_path)).stdout.strip()
+        sources[ns] = [f for f in disk_sources(f"edgevirt-{cid[:20]}") if "/disks/" in f]
+    for ns, files in sources.items():
+        assert len(files) == 2, files  # the root overlay and the emptyDisk
+        assert all(f.startswith(f"{vm_state}/disks/ns/{ns}/vm/{vm_uid}/") for f in files), files
+    assert not set(sources["e2e-team-a"]) & set(sources["e2e-team-b"])
+
+
+def test_every_skopeo_transport_is_refused_and_leaves_nothing_in_var_tmp(cri, pod_files):
+    """Finding 4: oci:, oci-archive:, dir:, ... reached skopeo (an oci: layout outside the roots booted)."""
+    tmp, _pod, made = pod_files
+    sid = cri("runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
+    made.append(sid)
+    before, domains = skopeo_tmp(), domain_names()
+    for ref in TRANSPORTS:
+        r = cri("create", sid, str(container_json(tmp, ref)), str(tmp / "pod.json"), check=False)
+        assert r.returncode != 0 and "which the kvm handler does not allow" in r.stderr, r.stderr
+        assert "registry reference" in r.stderr
+    assert skopeo_tmp() <= before and domain_names() == domains
+    assert json.loads(cri("ps", "-a", "-p", sid, "-o", "json").stdout)["containers"] == []
+
+
+def test_oversize_and_too_many_disks_are_refused(cri, vm_image, pod_files, vm_disks_of):
+    """Finding 7: 200 x 16Ti empty disks were accepted."""
+    tmp, _pod, made = pod_files
+    vm_uid = str(uuid.uuid4())
+    vm_disks_of(("e2e", vm_uid))
+    huge = [{"name": "big", "emptyDisk": {"capacity": "16Ti"}}]
+    ann = {
+        "edgevirt.io/vm-uid": vm_uid,
+        "edgevirt.io/image": vm_image,
+        "edgevirt.io/volumes": json.dumps(huge),
+    }
+    pod_path, _ = hostile_pod(tmp, "e2e", ann)
+    sid = cri("runp", "--runtime", "kvm", str(pod_path)).stdout.strip()
+    made.append(sid)
+    r = cri("create", sid, str(container_json(tmp, vm_image)), str(pod_path), check=False)
+    assert r.returncode != 0 and "16Ti is over this node's limit" in r.stderr and "max_disk_bytes" in r.stderr
+    vm_state = Path(cri.options.get("vm_state_dir") or "/var/lib/edgevirt/vm")
+    assert not (vm_state / "disks" / "ns" / "e2e" / "vm" / vm_uid).exists()
+    many = [{"name": f"d{i}", "emptyDisk": {"capacity": "1Mi"}} for i in range(200)]
+    pod_path, _ = hostile_pod(tmp, "e2e", {**ann, "edgevirt.io/volumes": json.dumps(many)})
+    r = cri("runp", "--runtime", "kvm", str(pod_path), check=False)
+    assert r.returncode != 0 and "lists 200 volumes; use at most 32" in r.stderr, r.stderr
+
+
+def test_a_hostdisk_of_another_namespace_is_refused(cri, vm_image, pod_files, vm_disks_of):
+    """Finding 6: any namespace could use another's hostDisk file, or create files with DiskOrCreate."""
+    tmp, _pod, made = pod_files
+    root = cri.host_disk_root
+    (root / "e2e-team-a").mkdir(parents=True, exist_ok=True)
+    (root / "e2e-team-a" / "a.img").write_bytes(b"\0" * 2**20)
+
+    def create(ns: str, host_disk: dict) -> subprocess.CompletedProcess:
+        vm_uid = str(uuid.uuid4())  # one VM per pod (one VM's pods share a MAC)
+        vm_disks_of((ns, vm_uid))
+        vols = [{"name": "h", "hostDisk": host_disk}]
+        ann = {
+            "edgevirt.io/vm-uid": vm_uid,
+            "edgevirt.io/image": vm_image,
+            "edgevirt.io/volumes": json.dumps(vols),
+        }
+        pod_path, _ = hostile_pod(tmp, ns, ann)
+        sid = cri("runp", "--runtime", "kvm", str(pod_path)).stdout.strip()
+        made.append(sid)
+        return cri("create", sid, str(container_json(tmp, vm_image)), str(pod_path), check=False)
+
+    r = create("e2e-team-b", {"path": f"{root}/e2e-team-a/a.img", "type": "Disk"})
+    assert r.returncode != 0 and "is not in the folder of namespace 'e2e-team-b'" in r.stderr, r.stderr
+    r = create(
+        "e2e-team-b", {"path": f"{root}/e2e-team-a/new.img", "type": "DiskOrCreate", "capacity": "1Mi"}
+    )
+    assert r.returncode != 0 and not (root / "e2e-team-a" / "new.img").exists()
+    r = create("e2e-team-a", {"path": f"{root}/e2e-team-a/a.img", "type": "Disk"})
+    assert r.returncode == 0, r.stderr  # its own namespace's file: fine (boot-time hostDisk works)
+    assert f"{root}/e2e-team-a/a.img" in disk_sources(f"edgevirt-{r.stdout.strip()[:20]}")
+
+
+def test_secret_user_data_reaches_the_guest_from_the_pods_own_volume_only(cri, vm_image, pod_files):
+    """Finding 8: user data from the Secret mounted at /run/edgevirt/cloud-init, not from pod metadata."""
+    tmp, pod, made = pod_files
+    uid = pod["metadata"]["uid"]
+    vol = cri.kubelet_root / "pods" / uid / "volumes" / "kubernetes.io~secret" / "cloud-init"
+    vol.mkdir(parents=True)
+    (vol / "userdata").write_text("#cloud-config\n# edgevirt.poweroff: 2\n")  # the guest powers off
+    mount = [{"container_path": "/run/edgevirt/cloud-init", "host_path": str(vol), "readonly": True}]
+    sid = cri("runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
+    made.append(sid)
+    other_path, _ = hostile_pod(tmp, "e2e-team-b")
+    other = cri("runp", "--runtime", "kvm", str(other_path)).stdout.strip()
+    made.append(other)
+    r = cri("create", other, str(container_json(tmp, vm_image, mounts=mount)), str(other_path), check=False)
+    assert r.returncode != 0 and "is not a volume of this pod" in r.stderr and str(vol) not in r.stderr
+    cid = cri(
+        "create", sid, str(container_json(tmp, vm_image, mounts=mount)), str(tmp / "pod.json")
+    ).stdout.strip()
+    cri("start", cid)
+
+    def ended() -> dict | None:
+        st = json.loads(cri("inspect", cid).stdout)["status"]
+        return st if st["state"] == "CONTAINER_EXITED" else None
+
+    st = wait("the guest to power off as its secret user data says", ended, 300, 2)
+    assert (st["exitCode"], st["reason"]) == (0, "Completed"), st
+    records = Path(cri.options["state_dir"])
+    assert "edgevirt.poweroff" not in "".join(p.read_text() for p in records.rglob("*.json"))
 
 
 KVM_POD = """apiVersion: v1
@@ -331,7 +526,7 @@ def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluste
     kvm_available(cluster.cri(via_shim=True), cluster.paths.logs / "edgevirt-cri.log")
     name = f"e2e-kvm-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("apply", "-f", "-", input=KVM_POD.format(name=name, image=vm_image))
-    sid = cid = None
+    sid = cid = pod_key = None
     try:
         cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=300s", timeout=320)
         pod = cluster.kubectl_json("get", "pod", name)
@@ -344,6 +539,7 @@ def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluste
         )
         sb = cluster.cri(via_shim=True).json("pods", "--name", name, "-o", "json")["items"]
         sid = sb[0]["id"]
+        pod_key = ("default", pod["metadata"]["uid"])
         cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
 
         proc = BY_NAME["edgevirt-cri"].process(cluster.paths)
@@ -364,4 +560,5 @@ def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluste
     finally:
         cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
     if sid:
-        wait("kubelet to remove the sandbox", lambda: leftovers(kvm_options(cluster), sid, cid) == [], 120, 2)
+        opts = kvm_options(cluster)
+        wait("kubelet to remove the sandbox", lambda: leftovers(opts, sid, cid, pod_key) == [], 120, 2)

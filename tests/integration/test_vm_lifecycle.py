@@ -1,6 +1,8 @@
 """The VM layer against a real libvirtd + QEMU (TCG here): boot from disk, console log in CRI format,
 stats, pause/resume, disk hotplug seen by the guest, ACPI shutdown, destroy-after-timeout, overlays
-kept across stop/start, and a start that fails halfway leaving nothing behind.
+kept across stop/start, disks per namespace (the same VM UID in two namespaces boots two sets of
+disks; a hostDisk of another namespace is refused at boot and at hot-plug), and a start that fails
+halfway leaving nothing behind.
 
 The guest is deploy/images/build_guest.py's busybox initramfs; it prints ``EDGEVIRT-GUEST:`` lines
 on the serial console (``up``, ``blocks ...``, ``block+ vdb <sectors>``, ``block- vdb``,
@@ -21,6 +23,7 @@ from cri_shim.vm import (
     DomainExists,
     DomainNotFound,
     HostDisk,
+    ImageStore,
     KernelBoot,
     NicSpec,
     ValidationError,
@@ -28,22 +31,40 @@ from cri_shim.vm import (
     VMSpec,
     VolumeSpec,
 )
+from cri_shim.vm.oci import Manifest, extract_disk_from_oci_layout
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 CRI_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z stdout [PF] .*$")
+
+
+class LayoutSource:
+    """The containerDisk source of these tests: the test disk's OCI layout answers any registry
+    reference (the image store's containerDisk path without a registry; skopeo is
+    tests/integration/test_vm_image_fetch.py's)."""
+
+    def __init__(self, disk) -> None:
+        self.disk = disk
+
+    def inspect(self, ref, timeout):
+        return Manifest(self.disk.manifest_digest, 0)
+
+    def fetch_disk(self, ref, dest, max_bytes, timeout):
+        extract_disk_from_oci_layout(self.disk.oci_layout, dest, tag=self.disk.tag, max_bytes=max_bytes)
 
 
 def test_disk_boot_console_stats_pause_hotplug_acpi(vm_env, vm_disk, tmp_path):
     mgr = vm_env.manager
     name = vm_env.name("disk")
     console = tmp_path / "console.log"
-    # the image is the OCI containerDisk (disk under /disk/), fetched with skopeo from its OCI layout
+    # the image is the OCI containerDisk (disk under /disk/), taken from its layers
+    mgr.images = ImageStore(vm_env.state_dir, container_disks=LayoutSource(vm_disk))
     spec = VMSpec(
         name=name,
         uid="uid-disk-1",
         memory_mib=256,
-        image=f"oci:{vm_disk.oci_layout}:{vm_disk.tag}",
+        image="registry.test/vm/test-disk:1",
         console_log=console,
+        namespace="team-a",
     )
     t0 = time.monotonic()
     uuid = mgr.create(spec)
@@ -177,7 +198,7 @@ def test_failure_halfway_leaves_nothing(vm_env, vm_disk, tmp_path):
     # bad input is refused before anything is made
     spec.nics = []
     spec.image = "file:///etc/passwd"
-    with pytest.raises(ValidationError, match=r"^image: .* outside the allowed image roots; put it under"):
+    with pytest.raises(ValidationError, match=r"^image: .* outside the node's image roots"):
         mgr.create(spec)
     spec.image = f"file://{vm_disk.qcow2}"
     # fails after the overlay, the run dir and the first volume were made: all undone
@@ -237,15 +258,17 @@ def test_define_time_volumes_seed_and_buses(vm_env, vm_disk, tmp_path):
     """Every disk kind on every bus at define time; QEMU really opens them (paused start)."""
     from cri_shim.vm import CloudInit, HostDisk
     from cri_shim.vm.disks import DiskManager
+    from cri_shim.vm.sizes import DiskLimits
 
     mgr = vm_env.manager
     hostroot = tmp_path / "hostdisks"
-    hostroot.mkdir()
-    mgr.disks = DiskManager(vm_env.state_dir, host_disk_roots=[hostroot])
+    (hostroot / "team-b").mkdir(parents=True)
+    mgr.disks = DiskManager(vm_env.state_dir, host_disk_roots=[hostroot], limits=DiskLimits(min_free_bytes=0))
     name = vm_env.name("vols")
     spec = VMSpec(
         name=name,
         uid="uid-vols",
+        namespace="team-a",
         image=f"file://{vm_disk.qcow2}",
         cloud_init=CloudInit(instance_id="uid-vols", hostname="vols", user_data="#cloud-config\n{}\n"),
         cni_result={"ips": [{"address": "10.66.0.5/24", "gateway": "10.66.0.1"}]},
@@ -255,7 +278,8 @@ def test_define_time_volumes_seed_and_buses(vm_env, vm_disk, tmp_path):
             VolumeSpec(name="scsi", empty_disk="8Mi", bus="scsi", format="raw", read_only=True),
             VolumeSpec(name="sata", empty_disk="8Mi", bus="sata"),
             VolumeSpec(
-                name="host", host_disk=HostDisk(path=f"{hostroot}/h.img", type="DiskOrCreate", capacity="4Mi")
+                name="host",
+                host_disk=HostDisk(path=f"{hostroot}/team-a/h.img", type="DiskOrCreate", capacity="4Mi"),
             ),
             VolumeSpec(name="cd", image=f"file://{vm_disk.qcow2}", cdrom=True, bus="sata"),
         ],
@@ -265,10 +289,53 @@ def test_define_time_volumes_seed_and_buses(vm_env, vm_disk, tmp_path):
     assert mgr.state(name).phase == "paused"
     disks = mgr.facts(name)["disks"]
     assert set(disks) == {"vda", "vdb", "vdc", "sda", "sdb", "sdc", "sdd"}, disks
-    assert disks["vdc"] == f"{hostroot}/h.img"
+    assert disks["vdc"] == f"{hostroot}/team-a/h.img"
     assert disks["sdd"].endswith("/seed.iso")
     xml = mgr.xml(name)
     assert xml.count("<readonly />") + xml.count("<readonly/>") == 3  # scsi ro, cdrom, seed
+    assert mgr.metadata(name)["namespace"] == "team-a"
+    seed = Path(disks["sdd"])
+    assert oct(seed.stat().st_mode & 0o777) == "0o600" and oct(seed.parent.stat().st_mode & 0o777) == "0o700"
+    # hot-plug takes the namespace from the domain: another namespace's hostDisk is refused there too
+    other = HostDisk(path=f"{hostroot}/team-b/x.img", type="DiskOrCreate", capacity="1Mi")
+    with pytest.raises(ValidationError, match=r"is not in the folder of namespace 'team-a'"):
+        mgr.attach_volume(name, VolumeSpec(name="other", host_disk=other))
+    assert not (hostroot / "team-b" / "x.img").exists()
     mgr.remove(name, delete_disks=True)
-    assert (hostroot / "h.img").exists()  # hostDisk belongs to the host, not to the VM
+    assert (hostroot / "team-a" / "h.img").exists()  # hostDisk belongs to the host, not to the VM
+    assert leftovers(vm_env) == {"domains": [], "files": []}
+
+
+def test_disks_belong_to_a_namespace_and_node_mode_finds_and_removes_them(vm_env, vm_disk, tmp_path):
+    """Finding 1 on real domains: the same VM UID in two namespaces boots two root disks; a
+    namespace's pod disks outlive the domain (they are the pod's); node mode finds the VM's domain
+    by (namespace, uid) and removes the deleted VM with its disks."""
+    mgr = vm_env.manager
+    image = f"file://{vm_disk.qcow2}"
+    a, b = vm_env.name("ns-a"), vm_env.name("ns-b")
+    mgr.create(VMSpec(name=a, uid="uid-shared", image=image, namespace="team-a"), start=False)
+    mgr.create(VMSpec(name=b, uid="uid-shared", image=image, namespace="team-b"), start=False)
+    root_a, root_b = Path(mgr.facts(a)["disks"]["vda"]), Path(mgr.facts(b)["disks"]["vda"])
+    assert root_a != root_b
+    assert root_a == vm_env.state_dir / "disks/ns/team-a/vm/uid-shared/root.qcow2"
+    assert mgr.vm_domains("team-a", "uid-shared") == [a] and mgr.vm_domains("team-b", "uid-shared") == [b]
+    mgr.remove_vm("team-b", "uid-shared")
+    assert not mgr.exists(b) and not root_b.exists() and mgr.exists(a) and root_a.exists()
+    mgr.remove_vm("team-b", "uid-shared")  # idempotent
+    mgr.remove_vm("team-a", "uid-shared")
+    # a plain pod's disks of a namespace go with the pod, not with its domain
+    pod = vm_env.name("pod")
+    mgr.create(
+        VMSpec(name=pod, uid="pod-uid", image=image, namespace="team-a", disk_scope="pod"), start=False
+    )
+    pod_root = Path(mgr.facts(pod)["disks"]["vda"])
+    mgr.remove(pod)
+    assert pod_root.exists()
+    mgr.create(
+        VMSpec(name=pod, uid="pod-uid", image=image, namespace="team-a", disk_scope="pod"), start=False
+    )
+    assert Path(mgr.facts(pod)["disks"]["vda"]) == pod_root  # a new container of the pod: same disk
+    mgr.remove(pod)
+    mgr.remove_pod_disks("team-a", "pod-uid")
+    assert not pod_root.exists()
     assert leftovers(vm_env) == {"domains": [], "files": []}

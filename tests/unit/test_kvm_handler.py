@@ -1,7 +1,9 @@
 """The kvm handler's bookkeeping with a fake libvirt layer and a fake CNI plugin (the real flows run in
 tests/e2e/test_cri_kvm.py): IDs and states survive a restart of the shim, a failure in
 CreateContainer removes what it made, a pod left half-made by a kill -9 is undone at start, exit
-states never flip back, and bad annotations name the field."""
+states never flip back, and bad annotations name the field. And what a hostile pod author cannot
+do: reach another namespace's disks, claim old-layout disks, read files through the cloud-init
+mount, or learn node paths and digests from error texts; records are private (0600 in 0700)."""
 
 from __future__ import annotations
 
@@ -12,14 +14,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from cri_shim import protos
 from cri_shim.errors import BackendError
 from cri_shim.kvm import factory, translate
-from cri_shim.vm.errors import DomainNotFound, ImageError
+from cri_shim.kvm.contract import CLOUD_INIT_MOUNT_PATH
+from cri_shim.vm.errors import DomainNotFound, ImageError, VMError
 from cri_shim.vm.model import DomainState, DomainStats, VMSpec
 
 api = protos.api()
+REPO = Path(__file__).resolve().parents[2]
 
 PLUGIN = """#!/bin/sh
 cat > /dev/null
@@ -39,6 +44,9 @@ class FakeDomains:
         self.fail_create: Exception | None = None
         self.removed: list[str] = []
         self.specs: dict[str, VMSpec] = {}
+        self.legacy: set[str] = set()  # VM UIDs with disks of the layout before namespaces
+        self.adopted: list[tuple[str, str]] = []
+        self.pod_disks_removed: list[tuple[str, str]] = []
 
     def connect(self) -> None:
         pass
@@ -85,6 +93,17 @@ class FakeDomains:
     def close(self) -> None:
         pass
 
+    def has_legacy_vm_disks(self, uid: str) -> bool:
+        return uid in self.legacy
+
+    def adopt_legacy_vm_disks(self, namespace: str, uid: str) -> bool:
+        self.adopted.append((namespace, uid))
+        self.legacy.discard(uid)
+        return True
+
+    def remove_pod_disks(self, namespace: str, pod_uid: str) -> None:
+        self.pod_disks_removed.append((namespace, pod_uid))
+
 
 class FakeNetns:
     """Network namespaces as files in a directory (no ip netns, no root)."""
@@ -128,6 +147,7 @@ def env(tmp_path: Path):
             "vm_state_dir": str(tmp_path / "vm"),
             "cni_conflist": str(tmp_path / "vm.conflist"),
             "cni_bin_dirs": [str(bindir)],
+            "kubelet_root_dir": str(tmp_path / "kubelet"),
         },
     )
 
@@ -137,18 +157,21 @@ def env(tmp_path: Path):
     return make, mgr, netns, tmp_path
 
 
-def run_pod(b, tmp: Path, annotations=None) -> str:
+def run_pod(b, tmp: Path, annotations=None, namespace: str = "ns", uid: str = "u1") -> str:
     cfg = api.PodSandboxConfig(
-        metadata=api.PodSandboxMetadata(name="web", namespace="ns", uid="u1"),
+        metadata=api.PodSandboxMetadata(name="web", namespace=namespace, uid=uid),
         log_directory=str(tmp / "logs"),
         annotations=annotations or {},
     )
     return b.run_pod_sandbox(api.RunPodSandboxRequest(config=cfg, runtime_handler="kvm")).pod_sandbox_id
 
 
-def create(b, sid: str, image: str = "127.0.0.1:5000/vm/d:1") -> str:
+def create(b, sid: str, image: str = "127.0.0.1:5000/vm/d:1", mounts=()) -> str:
     cfg = api.ContainerConfig(
-        metadata=api.ContainerMetadata(name="vm"), image=api.ImageSpec(image=image), log_path="vm/0.log"
+        metadata=api.ContainerMetadata(name="vm"),
+        image=api.ImageSpec(image=image),
+        log_path="vm/0.log",
+        mounts=[api.Mount(container_path=c, host_path=h, readonly=True) for c, h in mounts],
     )
     return b.create_container(api.CreateContainerRequest(pod_sandbox_id=sid, config=cfg)).container_id
 
@@ -223,10 +246,10 @@ def test_vm_annotations_give_a_stable_mac_and_bad_ones_name_the_field(env):
     make, mgr, _netns, tmp = env
     b = make()
     sid = run_pod(b, tmp, {"edgevirt.io/vm-uid": "vm-1", "edgevirt.io/image": "127.0.0.1:5000/vm/d:1"})
-    assert b.sandboxes.store.get(sid).mac == translate.derived_mac("vm-1")
+    assert b.sandboxes.store.get(sid).mac == translate.derived_mac("ns", "vm-1")
     cid = create(b, sid, image="sha256:" + "b" * 64)  # the annotation wins over the image ID
     spec = mgr.specs[f"edgevirt-{cid[:20]}"]
-    assert (spec.disk_scope, spec.disk_key, spec.uid) == ("vm", "vm-1", "vm-1")
+    assert (spec.namespace, spec.disk_scope, spec.disk_key, spec.uid) == ("ns", "vm", "vm-1", "vm-1")
     with pytest.raises(BackendError, match=r"edgevirt.io/mac"):
         run_pod(b, tmp, {"edgevirt.io/mac": "not-a-mac"})
     with pytest.raises(BackendError, match=r"edgevirt.io/image"):
@@ -290,9 +313,144 @@ def test_a_domain_that_vanished_is_an_exit_and_the_factory_names_bad_options(env
         factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "bogus": 1})
     with pytest.raises(ValueError, match=r"backends\.kvm\.options\.cni_conflist is required"):
         factory.parse_options("kvm", {"state_dir": "/x"})
+    with pytest.raises(ValueError, match=r"backends\.kvm\.options\.max_disk_bytes: 'huge' is not a size"):
+        factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "max_disk_bytes": "huge"})
+    with pytest.raises(ValueError, match=r"backends\.kvm\.options\.max_volumes: 0 is not a positive number"):
+        factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "max_volumes": 0})
+    no_host_disks = factory.parse_options(
+        "kvm", {"state_dir": "/x", "cni_conflist": "/y", "host_disk_root": ""}
+    )
+    assert no_host_disks.host_disk_root is None
+    example = yaml.safe_load((REPO / "deploy/cri/edgevirt-cri.yaml").read_text())
+    opts = factory.parse_options("kvm", example["backends"]["kvm"]["options"])
+    assert (opts.host_disk_root, opts.max_disk_bytes, opts.min_free_bytes) == (
+        Path("/var/lib/edgevirt/hostdisks"),
+        256 * 2**30,
+        2 * 2**30,
+    )
     down = factory.build_handler(
         "kvm",
         factory.parse_options("kvm", {"state_dir": str(tmp / "s2"), "cni_conflist": "/nonexistent"}),
         domains=mgr,
     )
     assert "cannot read the VM network's conflist /nonexistent" in (down.unavailable_reason() or "")
+
+
+VM_A = {"edgevirt.io/vm-uid": "vm-a", "edgevirt.io/image": "127.0.0.1:5000/vm/d:1"}
+
+
+def test_a_pod_of_another_namespace_with_a_vms_uid_gets_its_own_disks(env):
+    """Finding 1, through the CRI calls: the namespace of the disks is kubelet's, never an annotation's."""
+    make, mgr, _netns, tmp = env
+    b = make()
+    spec_a = mgr.specs[f"edgevirt-{create(b, run_pod(b, tmp, VM_A, 'team-a', 'pod-a'))[:20]}"]
+    spec_b = mgr.specs[f"edgevirt-{create(b, run_pod(b, tmp, VM_A, 'team-b', 'pod-b'))[:20]}"]
+    assert (spec_a.namespace, spec_a.disk_key) == ("team-a", "vm-a")
+    assert (spec_b.namespace, spec_b.disk_key) == ("team-b", "vm-a")
+
+
+def test_old_layout_disks_are_claimed_only_by_the_pods_that_ran_them(env):
+    make, mgr, _netns, tmp = env
+    b = make()
+    sid = run_pod(b, tmp, VM_A, "team-a")
+    mgr.legacy.add("vm-a")  # disks of this VM in the layout before namespaces
+    with pytest.raises(
+        BackendError, match=r"not yet claimed for namespace team-a: the node-mode controller"
+    ) as e:
+        create(b, sid)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and not mgr.specs
+    make()  # a restarted (upgraded) shim: its own VM pod of team-a claims them
+    assert mgr.adopted == [("team-a", "vm-a")]
+    assert create(b, sid)
+    mgr.legacy.add("vm-b")
+    run_pod(b, tmp, {**VM_A, "edgevirt.io/vm-uid": "vm-b"}, "team-a")
+    run_pod(b, tmp, {**VM_A, "edgevirt.io/vm-uid": "vm-b"}, "team-b")  # who is it? node mode knows
+    make()
+    assert ("team-a", "vm-b") not in mgr.adopted and ("team-b", "vm-b") not in mgr.adopted
+
+
+def test_a_plain_pods_disks_go_with_its_last_sandbox(env):
+    make, mgr, _netns, tmp = env
+    b = make()
+    first = run_pod(b, tmp, uid="pod-1")
+    create(b, first)
+    second = run_pod(b, tmp, uid="pod-1")  # kubelet made a new sandbox for the same pod
+    b.remove_pod_sandbox(api.RemovePodSandboxRequest(pod_sandbox_id=first))
+    assert mgr.pod_disks_removed == []
+    b.remove_pod_sandbox(api.RemovePodSandboxRequest(pod_sandbox_id=second))
+    assert mgr.pod_disks_removed == [("ns", "pod-1")]
+    vm = run_pod(b, tmp, VM_A, uid="pod-2")
+    b.remove_pod_sandbox(api.RemovePodSandboxRequest(pod_sandbox_id=vm))
+    assert mgr.pod_disks_removed == [("ns", "pod-1")]  # a VM's disks stay: node mode removes them
+
+
+def test_secret_user_data_comes_from_this_pods_volume_only(env):
+    make, mgr, _netns, tmp = env
+    b = make()
+    vol = tmp / "kubelet/pods/pod-a/volumes/kubernetes.io~secret/ci"
+    vol.mkdir(parents=True)
+    (vol / "userdata").write_text("#cloud-config\npassword: s3cr3t\n")
+    sid = run_pod(b, tmp, VM_A, "team-a", "pod-a")
+    cid = create(b, sid, mounts=[(CLOUD_INIT_MOUNT_PATH, str(vol))])
+    assert mgr.specs[f"edgevirt-{cid[:20]}"].cloud_init.user_data == "#cloud-config\npassword: s3cr3t\n"
+    assert "s3cr3t" not in "".join(p.read_text() for p in (tmp / "state").rglob("*.json"))  # in no record
+    other = run_pod(b, tmp, VM_A, "team-b", "pod-b")  # another pod mounting pod-a's volume by host path
+    with pytest.raises(BackendError) as e:
+        create(b, other, mounts=[(CLOUD_INIT_MOUNT_PATH, str(vol))])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message.startswith(f"config.mounts[{CLOUD_INIT_MOUNT_PATH}]: is not a volume of this pod")
+    assert str(tmp) not in e.value.message
+
+
+def test_error_texts_hold_no_node_paths_or_digests(env, caplog):
+    """Finding 2: a failure's text reaches the pod's events; its details stay in the node's log."""
+    make, mgr, _netns, tmp = env
+    b = make()
+    sid = run_pod(b, tmp)
+    blob = tmp / "vm" / "images" / "blobs" / "sha256" / ("e" * 64)
+    mgr.fail_create = VMError(f"starting domain failed: Could not open '{blob}': Permission denied")
+    req = api.CreateContainerRequest(
+        pod_sandbox_id=sid,
+        config=api.ContainerConfig(
+            metadata=api.ContainerMetadata(name="vm"), image=api.ImageSpec(image="r.example/x:1")
+        ),
+    )
+    with pytest.raises(BackendError) as e:
+        b.invoke("CreateContainer", req.SerializeToString())
+    assert e.value.message == "starting domain failed: Could not open '<node path>': Permission denied"
+    assert str(blob) in caplog.text  # the node's log has it
+    mgr.fail_create = ImageError(f"image: sha256:{'f' * 64} is bad", detail=f"the detail {tmp}")
+    with pytest.raises(BackendError) as e:
+        b.invoke("CreateContainer", req.SerializeToString())
+    assert e.value.message == "image: sha256:<digest> is bad" and f"the detail {tmp}" in caplog.text
+    mgr.fail_create = RuntimeError(f"unexpected in {tmp / 'state'}")
+    with pytest.raises(BackendError) as e:
+        b.invoke("CreateContainer", req.SerializeToString())
+    assert e.value.code == grpc.StatusCode.UNKNOWN and str(tmp) not in e.value.message
+
+
+def test_malformed_annotations_are_refused_naming_the_field(env):
+    """Finding 9: {"kernel": 5} raised TypeError."""
+    make, _mgr, netns, tmp = env
+    b = make()
+    with pytest.raises(BackendError) as e:
+        run_pod(b, tmp, {**VM_A, "edgevirt.io/kernel-boot": '{"kernel": 5}'})
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message == (
+        "config.annotations: edgevirt.io/kernel-boot.kernel: must be a string, not int; "
+        "write it as a JSON string"
+    )
+    assert not netns.names()
+
+
+def test_records_are_private(env):
+    make, _mgr, _netns, tmp = env
+    b = make()
+    cid = create(b, run_pod(b, tmp, {**VM_A, "edgevirt.io/cloud-init-user-data": "#cloud-config\n"}))
+    assert cid
+    state = tmp / "state"
+    files = [p for p in state.rglob("*") if p.is_file()]
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o600"}
+    assert {oct(p.stat().st_mode & 0o777) for p in [state, *(p for p in state.rglob("*") if p.is_dir())]} == {
+        "0o700"
+    }

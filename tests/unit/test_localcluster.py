@@ -217,6 +217,13 @@ def test_edgevirt_cri_config_routes_kvm_to_the_vm_backend(paths: Paths, monkeypa
         "cni_bin_dirs": ["/opt/cni/bin", "/usr/lib/cni"],
         "image_roots": ["/var/lib/edgevirt/images"],
         "insecure_registries": ["127.0.0.1:5000"],
+        "host_disk_root": "/var/lib/edgevirt/hostdisks",
+        "kubelet_root_dir": str(paths.kubelet_dir),
+        "max_disk_bytes": "256Gi",
+        "min_free_bytes": "2Gi",
+        "max_volumes": 32,
+        "max_image_bytes": "20Gi",
+        "image_fetch_timeout_s": 1800,
     }
     monkeypatch.setenv("EDGEVIRT_VM_STATE_DIR", "/srv/vm state")
     cfg = yaml.safe_load(configs.edgevirt_cri(paths).read_text())

@@ -22,6 +22,8 @@ from .paths import (
 # Where the kvm handler looks for CNI plugins: macvtap (deploy/cni/install-plugin) first, then
 # Debian's reference plugins (host-local).
 VM_CNI_BIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
+# hostDisk files of kvm pods: <root>/<namespace>/... (the VirtualMachine CRD names this root)
+VM_HOST_DISK_ROOT = "/var/lib/edgevirt/hostdisks"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -214,6 +216,13 @@ backends:
       cni_bin_dirs: {j(list(VM_CNI_BIN_DIRS))}
       image_roots: {j(list(VM_IMAGE_ROOTS))}
       insecure_registries: {j([REGISTRY_ADDR])}
+      host_disk_root: {j(VM_HOST_DISK_ROOT)}
+      kubelet_root_dir: {j(str(paths.kubelet_dir))}
+      max_disk_bytes: 256Gi
+      min_free_bytes: 2Gi
+      max_volumes: 32
+      max_image_bytes: 20Gi
+      image_fetch_timeout_s: 1800
 handlers:
   "": containerd
   runc: containerd
