@@ -155,7 +155,10 @@ def test_rootfs_is_slim(rootfs: Path) -> None:
 
 @pytest.mark.timeout(1500)
 def test_components_run_in_the_rootfs(rootfs: Path, image: dict) -> None:
-    code = "import cri_shim, vmcrd, cni_macvtap, runtimeclass, libvirt; from cri_shim import protos, runtime_status"
+    code = (
+        "import cri_shim, vmcrd, cni_macvtap, runtimeclass, libvirt; "
+        "from cri_shim import protos, runtime_status"
+    )
     r = in_image(
         rootfs,
         "python3",
