@@ -295,7 +295,7 @@ def test_readiness_needs_serving_and_an_answering_default_backend(tmp_path):
         readiness.close()
     readiness.stopping = False
     ok, why = readiness()
-    assert not ok and f"the CRI socket {sock} does not answer" in why
+    assert not ok and f"the CRI socket {sock} does not accept connections" in why
 
 
 # --- logs ---
