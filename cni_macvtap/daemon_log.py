@@ -3,7 +3,7 @@
 ``text`` keeps the daemon's one line per event (``<time> <LEVEL> macvtap-daemon: <message>``).
 ``json`` is one JSON object per line with ``time`` (RFC 3339, UTC, milliseconds), ``level``,
 ``logger``, ``message`` and the event's fields (``command``, ``container_id``, ``ifname``, ``ms``,
-``exit_code``, ``cni_code`` for a call), passed with ``extra=``. Only the daemon loads this: the
+``exit_code`` for a call), passed with ``extra=``. Only the daemon loads this: the
 plugin's client path never logs.
 """
 

@@ -84,6 +84,12 @@ def _cri(p: argparse.ArgumentParser) -> None:
         help=f"containerd's socket, must exist ({D.containerd_socket})",
     )
     g.add_argument(
+        "--no-socket-check",
+        dest="check_sockets",
+        action="store_false",
+        help="a --containerd-socket that does not exist yet is a warning, not an error (staging, boot order)",
+    )
+    g.add_argument(
         "--ops-address", default=D.ops_address, help=f"/healthz /readyz /metrics ({D.ops_address}; '' off)"
     )
     g.add_argument("--log-level", default=D.log_level, choices=logsetup.LEVELS, help="of both services")
@@ -177,6 +183,7 @@ def options(args: argparse.Namespace) -> NodeOptions:
         socket=args.socket,
         state_dir=args.state_dir,
         containerd_socket=args.containerd_socket,
+        check_sockets=args.check_sockets,
         ops_address=args.ops_address,
         log_level=args.log_level,
         log_format=args.log_format,

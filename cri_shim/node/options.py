@@ -4,8 +4,9 @@ Every path the installer writes and every socket it points at is a setting with 
 local cluster can put everything under its own state directory. Paths are as the node's services
 see them; ``root`` (``--root``) only prefixes where the installer writes (tests, image builds). What
 the written files point at - containerd's socket, the VM network's conflist, the binaries - is
-checked where it is, and a problem is an :class:`InstallError` naming the flag and the fix. Checks
-that cannot make the install wrong, only the node's VMs unhappy, are warnings.
+checked where it is, and a problem is an :class:`InstallError` naming the flag and the fix
+(``--no-socket-check`` makes a missing socket a warning: staging, or containerd starting later).
+Checks that cannot make the install wrong, only the node's VMs unhappy, are warnings.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class NodeOptions:
     socket: Path = Path("/run/edgevirt/cri.sock")
     state_dir: Path = Path("/var/lib/edgevirt/cri")
     containerd_socket: Path = Path("/run/containerd/containerd.sock")
+    check_sockets: bool = True  # False: a socket that is not there yet is a warning (staging, boot order)
     ops_address: str = "127.0.0.1:9641"
     log_level: str = "info"
     log_format: str = "json"
@@ -190,7 +192,13 @@ def check(opts: NodeOptions) -> list[str]:
         _absolute(problems, flag.split(" ")[0], path)
     _address(problems, "--ops-address", opts.ops_address)
     _executable(problems, "--cri-binary", opts.cri_binary, "edgevirt-cri", "")
-    _socket(problems, "--containerd-socket", opts.containerd_socket, "containerd")
+    warnings: list[str] = []
+    _socket(
+        problems if opts.check_sockets else warnings,
+        "--containerd-socket",
+        opts.containerd_socket,
+        "containerd",
+    )
     if opts.socket == opts.containerd_socket:
         problems.append("--socket: edgevirt-cri cannot serve on containerd's socket; choose another path")
     if opts.macvtap_daemon:
@@ -199,7 +207,6 @@ def check(opts: NodeOptions) -> list[str]:
     for key, _ in opts.kvm_options:
         if key in OWN_KVM_OPTIONS:
             problems.append(f"--kvm-option {key}=...: use {OWN_KVM_OPTIONS[key]} for that")
-    warnings: list[str] = []
     if opts.kvm:
         try:
             warnings += conflist_warnings(opts, read_conflist(opts.vm_conflist))

@@ -16,12 +16,15 @@ from helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 PORT = 19642
-FETCH = "import sys, urllib.request, urllib.error\n" + (
-    "try:\n"
-    "    r = urllib.request.urlopen(sys.argv[1], timeout=30); print(r.status); sys.stdout.write(r.read().decode())\n"
-    "except urllib.error.HTTPError as e:\n"
-    "    print(e.code); sys.stdout.write(e.read().decode())\n"
-)
+FETCH = """
+import sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=30)
+    status, body = r.status, r.read()
+except urllib.error.HTTPError as e:
+    status, body = e.code, e.read()
+sys.stdout.write(f"{status}\\n{body.decode()}")
+"""
 
 
 def fetch(t: Topology, path: str) -> tuple[int, str]:

@@ -240,6 +240,16 @@ def test_a_bad_flag_is_named_and_nothing_is_written(node, change, flag):
     assert snapshot(root) == before
 
 
+def test_without_the_socket_check_a_missing_containerd_socket_is_a_warning(node):
+    root, opts = node
+    later = opts.containerd_socket.parent / "later.sock"
+    outcome = install(dataclasses.replace(opts, containerd_socket=later, check_sockets=False))
+    assert outcome.changed and any(
+        w.startswith(f"--containerd-socket: no socket at {later}") for w in outcome.warnings
+    )
+    assert f"socket: {later}" in (root / "etc/edgevirt/cri.yaml").read_text()
+
+
 def test_something_in_the_way_is_named_and_nothing_is_written(node):
     root, opts = node
     (root / "var/lib/edgevirt").mkdir(parents=True)
