@@ -15,12 +15,21 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import config as config_mod
 from . import logsetup, protos
-from .ops_http import AddressError, OpsServer, parse_address
+from .ops_http import AddressError, OpsServer, Readiness, parse_address
 from .sd_notify import READY, STOPPING, Notifier
+
+if TYPE_CHECKING:  # imported when serving (they load grpc and the stubs)
+    import grpc
+    from prometheus_client import CollectorRegistry
+
+    from .backends.base import Backend
+    from .metrics import CriMetrics
+    from .readiness import CriReadiness
+    from .router import Router
 
 DEFAULT_OPS_ADDRESS = "127.0.0.1:9641"
 log = logging.getLogger("edgevirt-cri")
@@ -53,11 +62,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 class Running:
     """What main() started and must stop."""
 
-    server: Any
-    router: Any
+    server: grpc.Server
+    router: Router
     socket: str
     ops: OpsServer | None = None
-    readiness: Any = None
+    readiness: CriReadiness | None = None
     notifier: Notifier = field(default_factory=lambda: Notifier(None))
 
 
@@ -70,7 +79,9 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
     return cfg
 
 
-def _ops(address: tuple[str, int] | None, explicit: bool, registry: Any, readiness: Any) -> OpsServer | None:
+def _ops(
+    address: tuple[str, int] | None, explicit: bool, registry: CollectorRegistry, readiness: Readiness
+) -> OpsServer | None:
     """The ops server, started; None when disabled or when the default address is taken."""
     if address is None:
         return None
@@ -85,8 +96,30 @@ def _ops(address: tuple[str, int] | None, explicit: bool, registry: Any, readine
         return None
 
 
+def _observability(
+    cfg: config_mod.Config,
+    backends: dict[str, Backend],
+    handlers: dict[str, str],
+    address: tuple[str, int],
+    explicit: bool,
+) -> tuple[OpsServer | None, CriReadiness, CriMetrics]:
+    """The metrics registry, the readiness check and the ops server serving them (None when the
+    default address is taken)."""
+    from . import metrics
+    from .readiness import CriReadiness
+
+    registry = metrics.new_registry()
+    cri_metrics = metrics.CriMetrics(registry)
+    vm_backends = {n: b for n, b in backends.items() if cfg.backends[n].type != "containerd"}
+    registry.register(metrics.VmCollector(vm_backends))
+    registry.register(metrics.HandlerCollector(cfg.handlers, handlers))
+    readiness = CriReadiness(cfg.socket, backends[handlers[""]])
+    return _ops(address, explicit, registry, readiness), readiness, cri_metrics
+
+
 def _start(cfg: config_mod.Config, ops_address: tuple[str, int] | None, explicit: bool) -> Running:
     from .backends.loader import build
+    from .metrics import metered
     from .router import Router
     from .server import serve
     from .state import IdIndex
@@ -94,21 +127,17 @@ def _start(cfg: config_mod.Config, ops_address: tuple[str, int] | None, explicit
     backends, handlers, unavailable = build(cfg)
     observe = None
     ops = readiness = None
-    if ops_address is not None:
-        from . import metrics
-        from .readiness import CriReadiness
-
-        registry = metrics.new_registry()
-        cri_metrics = metrics.CriMetrics(registry)
-        vm_backends = {n: b for n, b in backends.items() if cfg.backends[n].type != "containerd"}
-        registry.register(metrics.VmCollector(vm_backends))
-        registry.register(metrics.HandlerCollector(cfg.handlers, handlers))
-        readiness = CriReadiness(cfg.socket, backends[handlers[""]])
-        ops = _ops(ops_address, explicit, registry, readiness)
-        if ops is not None:
-            observe = cri_metrics.observe_request
-            backends = metrics.metered(backends, cri_metrics)
-    router = Router(backends, handlers, IdIndex(Path(cfg.state_dir), cfg.fsync), unavailable)
+    try:
+        if ops_address is not None:
+            ops, readiness, cri_metrics = _observability(cfg, backends, handlers, ops_address, explicit)
+            if ops is not None:
+                observe = cri_metrics.observe_request
+                backends = metered(backends, cri_metrics)
+        router = Router(backends, handlers, IdIndex(Path(cfg.state_dir), cfg.fsync), unavailable)
+    except BaseException:
+        for backend in backends.values():
+            backend.close()
+        raise
     try:
         server = serve(router, cfg.socket, cfg.socket_mode, cfg.workers, observe)
     except BaseException:
