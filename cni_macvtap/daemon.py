@@ -1,26 +1,37 @@
 """`macvtap daemon`: the resident process that keeps pyroute2 and netlink sockets warm for the plugin.
 
-A supervisor pre-forks one worker per CPU (--workers), all accepting on the shared socket (one GIL
-each, so a burst of calls uses every core), restarts any worker that dies and stops them all on
-SIGTERM. The supervisor itself never starts a thread or imports pyroute2, so forking from it is safe.
-With --workers 1 the process serves by itself. The server of each worker is cni_macvtap.server.
+A supervisor (cni_macvtap.supervisor) pre-forks one worker per CPU (--workers), all accepting on the
+shared socket (one GIL each, so a burst of calls uses every core), restarts any worker that dies and
+stops them all on SIGTERM. The supervisor itself never starts a thread or imports pyroute2, so
+forking from it is safe. With --workers 1 the process serves by itself. The server of each worker is
+cni_macvtap.server.
+
+Operations: ``/healthz``, ``/readyz`` and ``/metrics`` on --ops-address (cni_macvtap.ops,
+cni_macvtap.metrics); ``READY=1`` / ``STOPPING=1`` to systemd (cni_macvtap.sd_notify); --log-level
+and --log-format (cni_macvtap.daemon_log).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
-import threading
+import sys
+from collections.abc import Callable
 
-from . import ipam
+from . import daemon_log, ipam
+from .daemon_log import log
 from .defaults import DEFAULT_SOCKET
-from .server import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, Server, log
+from .ops import OpsEndpoint, parse_address
+from .sd_notify import READY, STOPPING, Notifier
+from .server import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, Server
+from .supervisor import Census, ReadyPipe, Supervisor
+
+DEFAULT_OPS_ADDRESS = "127.0.0.1:9642"
 
 
-def _serve_worker(server: Server) -> None:
-    """One worker: warm up, then accept on the shared socket until SIGTERM."""
+def _serve_worker(server: Server, pipe: ReadyPipe | None, with_metrics: bool) -> None:
+    """One worker: warm up, say so, then accept on the shared socket until SIGTERM."""
 
     def on_signal(signum: int, _frame: object) -> None:
         server.request_stop()
@@ -28,52 +39,55 @@ def _serve_worker(server: Server) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.warm()
+    if with_metrics:
+        from .metrics import RequestMetrics  # after the fork: the values' files carry this pid
+
+        server.metrics = RequestMetrics()
+    if pipe is not None:
+        pipe.announce()
     server.serve()
 
 
-def _spawn(server: Server) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            _serve_worker(server)
-        except BaseException as exc:  # a worker must never fall back into the supervisor's loop
-            log(f"worker {os.getpid()} failed: {exc!r}")
-            code = 1
-        finally:
-            os._exit(code)
-    return pid
+def _spawner(
+    server: Server, pipe: ReadyPipe, ops: OpsEndpoint | None, with_metrics: bool
+) -> Callable[[], int]:
+    def spawn() -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                if ops is not None:
+                    os.close(ops.fileno())  # the supervisor's socket, not the worker's
+                _serve_worker(server, pipe, with_metrics)
+            except BaseException as exc:  # a worker must never fall back into the supervisor's loop
+                log.error("worker %d failed: %r", os.getpid(), exc)
+                code = 1
+            finally:
+                os._exit(code)
+        return pid
+
+    return spawn
 
 
-def _supervise(server: Server, workers: int) -> None:
-    """Keep `workers` worker processes running until SIGTERM, then stop and reap them."""
-    stop = threading.Event()
+def _serve_alone(server: Server, census: Census, ops: OpsEndpoint | None, notifier: Notifier) -> None:
+    """--workers 1: this process serves; the ops endpoint runs in a thread."""
 
     def on_signal(signum: int, _frame: object) -> None:
-        log(f"signal {signum}: stopping")
-        stop.set()
+        server.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    children = {_spawn(server) for _ in range(workers)}
-    log(f"listening on {server.path} (pid {os.getpid()}, workers {sorted(children)})")
-    while not stop.is_set():
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = 0, 0
-        if pid and pid in children:
-            children.discard(pid)
-            log(f"worker {pid} exited ({status}); starting a new one")
-            children.add(_spawn(server))
-        else:
-            stop.wait(0.2)
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    for pid in children:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+    log.info("listening on %s (pid %d)", server.path, os.getpid())
+    server.warm()
+    if ops is not None:
+        from .metrics import RequestMetrics
+
+        server.metrics = RequestMetrics()
+        ops.serve_in_thread()
+    census.ready_pids.add(os.getpid())
+    notifier.notify(READY)
+    server.serve()
+    notifier.notify(STOPPING)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,24 +114,76 @@ def _parser() -> argparse.ArgumentParser:
         default=REQUEST_TIMEOUT_S,
         help=f"seconds a request may take to arrive, and a reply to be read (default {REQUEST_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--ops-address",
+        default=None,
+        help=f"HOST:PORT of /healthz, /readyz and /metrics (default {DEFAULT_OPS_ADDRESS}; '' disables). "
+        "When the default address is taken the daemon runs without it; an address given here must bind",
+    )
+    parser.add_argument("--log-level", default="info", choices=daemon_log.LEVELS)
+    parser.add_argument("--log-format", default="text", choices=daemon_log.FORMATS)
     return parser
 
 
+def _open_ops(args: argparse.Namespace, census: Census) -> tuple[OpsEndpoint | None, str | None]:
+    """(the bound ops endpoint, its metrics dir), or (None, None) when disabled or the default
+    address is taken. SystemExit when an address given with --ops-address cannot be had."""
+    address = parse_address(DEFAULT_OPS_ADDRESS if args.ops_address is None else args.ops_address)
+    if address is None:
+        return None, None
+    from . import metrics_files
+
+    path = metrics_files.metrics_dir(args.socket)
+    metrics_files.enable(path)  # before prometheus_client is imported (by cni_macvtap.metrics, below)
+    from .metrics import exposition_registry
+
+    try:
+        return OpsEndpoint(address, exposition_registry(path, census), census.readiness), path
+    except OSError as e:
+        metrics_files.disable(path)
+        if args.ops_address is not None:
+            raise SystemExit(
+                f"macvtap daemon: --ops-address {args.ops_address}: cannot listen: {e.strerror}"
+            ) from None
+        log.warning("ops endpoint %s not served (%s); pass --ops-address to pick one", address, e.strerror)
+        return None, None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`macvtap daemon [--socket PATH] [--workers N] [--max-connections N] [--request-timeout S]`."""
+    """`macvtap daemon [--socket PATH] [--workers N] [--max-connections N] [--request-timeout S]
+    [--ops-address HOST:PORT] [--log-level L] [--log-format text|json]`."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.workers < 1 or args.max_connections < 1 or not args.request_timeout > 0:
         parser.error("--workers and --max-connections must be at least 1, --request-timeout above 0")
+    try:
+        parse_address(args.ops_address or "")
+    except ValueError as e:
+        parser.error(str(e))
+    daemon_log.configure(args.log_level, args.log_format, sys.stderr)
+    notifier = Notifier.from_environment()
     server = Server(args.socket, args.max_connections, args.request_timeout)
     server.bind()
     ipam.IN_PROCESS = os.environ.get("MACVTAP_DAEMON_EXEC_IPAM", "") != "1"
+    census = Census(configured=args.workers)
+    ops, metrics_path = None, None
     try:
+        ops, metrics_path = _open_ops(args, census)
+        if ops is not None:
+            log.info("ops endpoints on http://%s:%d", *ops.address)
         if args.workers == 1:
-            log(f"listening on {args.socket} (pid {os.getpid()})")
-            _serve_worker(server)
+            _serve_alone(server, census, ops, notifier)
         else:
-            _supervise(server, args.workers)
+            pipe = ReadyPipe()
+            spawn = _spawner(server, pipe, ops, ops is not None)
+            Supervisor(spawn, census, pipe, ops, notifier).run(args.socket)
+            pipe.close()
     finally:
         server.stop()
+        if ops is not None:
+            ops.close()
+        if metrics_path is not None:
+            from .metrics_files import disable
+
+            disable(metrics_path)
     return 0

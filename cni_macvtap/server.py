@@ -20,12 +20,13 @@ import errno
 import os
 import socket
 import stat
-import sys
 import threading
 import time
+from typing import Protocol
 
 from . import namespaces, plugin, wire
 from .client import own_netns
+from .daemon_log import log
 from .errors import DECODING_FAILURE, CNIError
 
 MAX_CONNECTIONS = 64
@@ -33,10 +34,11 @@ REQUEST_TIMEOUT_S = 10.0
 BUSY_LOG_EVERY_S = 10.0
 
 
-def log(msg: str) -> None:
-    """One timestamped line on stderr (the daemon's log)."""
-    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} macvtap-daemon: {msg}\n")
-    sys.stderr.flush()
+class Metrics(Protocol):
+    """What the server reports to (cni_macvtap.metrics.RequestMetrics; nothing without --ops-address)."""
+
+    def observe(self, command: str | None, seconds: float, exit_code: int, out: bytes) -> None: ...
+    def count_not_served(self, reason: str) -> None: ...
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -76,6 +78,7 @@ class Server:
         self._stop = threading.Event()
         self._busy_count = 0
         self._busy_logged = float("-inf")
+        self.metrics: Metrics | None = None  # set in the worker (after the fork) when metrics are on
 
     def bind(self) -> None:
         """Create the socket (mode 0600); refuse when another daemon already answers there."""
@@ -107,7 +110,7 @@ class Server:
             except OSError as exc:
                 if self._stop.is_set():
                     break
-                log(f"accept failed: {exc}")
+                log.warning("accept failed: %s", exc)
                 continue
             if not self._slots.acquire(blocking=False):
                 self._hand_back(conn)
@@ -136,10 +139,12 @@ class Server:
             conn.settimeout(1.0)
             self._reply(conn, wire.FALLBACK, b"", "macvtap daemon busy: run the call in-process")
         self._busy_count += 1
+        if self.metrics is not None:
+            self.metrics.count_not_served("busy")
         now = time.monotonic()
         if now - self._busy_logged >= BUSY_LOG_EVERY_S:
             self._busy_logged = now
-            log(f"busy: every connection slot is taken; {self._busy_count} calls handed back so far")
+            log.warning("busy: every connection slot is taken; %d calls handed back so far", self._busy_count)
 
     def _serve_one(self, conn: socket.socket) -> None:
         try:
@@ -152,34 +157,52 @@ class Server:
         try:
             netns, env, stdin = wire.recv_request(conn, time.monotonic() + self.request_timeout)
         except TimeoutError:
-            log(f"a request took longer than {self.request_timeout:g} s to arrive: connection closed")
+            self._not_served("timeout")
+            log.warning("a request took longer than %g s to arrive: connection closed", self.request_timeout)
             return
         except (OSError, wire.ProtocolError, UnicodeError) as exc:
-            log(f"bad request: {exc}")
+            self._not_served("malformed")
+            log.warning("bad request: %s", exc)
             err = CNIError(DECODING_FAILURE, f"malformed request to the macvtap daemon: {exc}")
             conn.settimeout(self.request_timeout)
             self._reply(conn, 1, err.to_json(), err.msg)
             return
         if netns != self.netns:
+            self._not_served("other_netns")
             self._reply(conn, wire.FALLBACK, b"", "caller is in another network namespace")
             return
         conn.settimeout(None)
         t0 = time.perf_counter()
         out, code, err_text = plugin.run(env, stdin)
-        what = f"{env.get('CNI_COMMAND')} {env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')}"
-        ms = 1000 * (time.perf_counter() - t0)
-        if code:
-            log(f"{what} failed (exit {code}) in {ms:.1f} ms: {err_text.strip().splitlines()[-1:]}")
-            if "Traceback" in err_text:
-                log(err_text)  # a bug: keep the traceback in the daemon's log, never on stdout
-        else:
-            log(f"{what} ok in {ms:.1f} ms")
+        seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.observe(env.get("CNI_COMMAND"), seconds, code, out)
+        self._log_call(env, seconds, code, err_text)
         conn.settimeout(self.request_timeout)  # a client that does not read its reply is dropped
         self._reply(conn, code, out, err_text)
+
+    def _not_served(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_not_served(reason)
+
+    @staticmethod
+    def _log_call(env: dict[str, str], seconds: float, code: int, err_text: str) -> None:
+        command = env.get("CNI_COMMAND")
+        cid, ifname = env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", "")
+        fields = {"command": command, "container_id": cid, "ifname": ifname, "ms": round(1000 * seconds, 2)}
+        what = f"{command} {cid}/{ifname}"
+        if code:
+            last = err_text.strip().splitlines()[-1:]
+            log.warning("%s failed (exit %d) in %.1f ms: %s", what, code, fields["ms"], last,
+                        extra={**fields, "exit_code": code})  # fmt: skip
+            if "Traceback" in err_text:
+                log.error("%s", err_text)  # a bug: keep the traceback in the daemon's log, never on stdout
+        else:
+            log.info("%s ok in %.1f ms", what, fields["ms"], extra=fields)
 
     @staticmethod
     def _reply(conn: socket.socket, code: int, out: bytes, err: str) -> None:
         try:
             wire.send_reply(conn, code, out, err)
         except OSError as exc:
-            log(f"client went away before the reply: {exc}")
+            log.info("client went away before the reply: %s", exc)

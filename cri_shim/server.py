@@ -2,7 +2,10 @@
 socket, with bytes in and bytes out (no (de)serialization in the server itself).
 
 Every runtime.v1 method is registered through one generic handler; a method this cri-api version
-does not define, or another API version (e.g. v1alpha2), answers UNIMPLEMENTED with a message."""
+does not define, or another API version (e.g. v1alpha2), answers UNIMPLEMENTED with a message.
+
+With an `observe(method, seconds, code)` callback (cri_shim.metrics), every unary call of a known
+method is timed and its gRPC status code reported; the event stream is not timed."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -25,6 +29,8 @@ from .router import Router
 log = logging.getLogger("edgevirt-cri.server")
 
 Unary = Callable[[bytes, grpc.ServicerContext], bytes]
+#: (method, seconds, status code) of one served call
+Observe = Callable[[str, float, grpc.StatusCode], None]
 if TYPE_CHECKING:  # generic only in grpc-stubs
     _GenericRpcHandler = grpc.GenericRpcHandler[bytes, bytes]
 else:
@@ -45,14 +51,17 @@ def _timeout(context: grpc.ServicerContext) -> float | None:
 class CriHandler(_GenericRpcHandler):
     """Dispatches /runtime.v1.{RuntimeService,ImageService}/<Method> to the router."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, observe: Observe | None = None) -> None:
         self.router = router
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
         for method, (service, route) in METHODS.items():
             if route is Route.EVENTS:
                 h = grpc.unary_stream_rpc_method_handler(self._events)
             else:
-                h = grpc.unary_unary_rpc_method_handler(self._unary(method, route))
+                unary = self._unary(method, route)
+                if observe is not None:
+                    unary = _timed(method, unary, observe)
+                h = grpc.unary_unary_rpc_method_handler(unary)
             self._handlers[f"/{service}/{method}"] = h
 
     def _unary(self, method: str, route: Route) -> Unary:
@@ -89,6 +98,25 @@ class CriHandler(_GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(_unimplemented(handler_call_details.method))
 
 
+def _timed(method: str, unary: Unary, observe: Observe) -> Unary:
+    """`unary` reporting its duration and status code (the one `context.abort` set, UNKNOWN for an
+    exception that escaped) to `observe`."""
+
+    def timed(request: bytes, context: grpc.ServicerContext) -> bytes:
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return unary(request, context)
+        except BaseException:
+            code_of = getattr(context, "code", None)  # grpcio >= 1.38; not in grpc-stubs
+            code = (code_of() if code_of is not None else None) or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            observe(method, time.perf_counter() - t0, code)
+
+    return timed
+
+
 def _unimplemented(method: str) -> Unary:
     def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
         service = method.rsplit("/", 1)[0].lstrip("/")
@@ -118,13 +146,16 @@ def _claim_socket(path: Path) -> None:
     raise RuntimeError(f"{path} is in use by a running server; stop it first or choose another --socket")
 
 
-def serve(router: Router, socket_path: str, mode: int = 0o660, workers: int = 32) -> grpc.Server:
-    """Start serving on `socket_path` (mode `mode`); returns the started server."""
+def serve(
+    router: Router, socket_path: str, mode: int = 0o660, workers: int = 32, observe: Observe | None = None
+) -> grpc.Server:
+    """Start serving on `socket_path` (mode `mode`); returns the started server. `observe` gets the
+    duration and status code of every call (metrics)."""
     path = Path(socket_path)
     _claim_socket(path)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cri"),
-        handlers=[CriHandler(router)],
+        handlers=[CriHandler(router, observe)],
         options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),

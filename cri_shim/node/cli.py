@@ -1,0 +1,244 @@
+"""``edgevirt-node install|uninstall|status``: the command line of the node installer.
+
+Exit codes: 0 done (status: installed as recorded), 2 a flag is wrong or something the flags point
+at is missing (nothing was changed; the message names the flag), 1 an operation failed halfway
+(the record says what was done; run the command again), 3 status: not installed or not as
+recorded. ``--json`` prints the outcome as one JSON document on stdout (an error as
+``{"ok": false, "error": ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import logsetup
+from .options import InstallError, NodeOptions
+from .outcome import Outcome
+from .record import RecordError
+
+D = NodeOptions()
+
+
+def _path(text: str) -> Path:
+    return Path(text)
+
+
+def _kvm_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. max_volumes=16)")
+    return key, yaml.safe_load(value) if value else ""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", type=_path, default=D.root, help="write under this directory (tests, staging)")
+    p.add_argument("--record", type=_path, default=D.record, help=f"the install record (default {D.record})")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+
+def _files(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("files written")
+    g.add_argument(
+        "--config-path", type=_path, default=D.config_path, help=f"edgevirt-cri's config ({D.config_path})"
+    )
+    g.add_argument(
+        "--unit-dir", type=_path, default=D.unit_dir, help=f"systemd unit directory ({D.unit_dir})"
+    )
+    g.add_argument(
+        "--kubelet-config-dir",
+        type=_path,
+        default=D.kubelet_config_dir,
+        help=f"kubelet's --config-dir ({D.kubelet_config_dir})",
+    )
+    g.add_argument(
+        "--kubelet-unit-dropin-dir",
+        type=_path,
+        default=None,
+        help="kubelet.service's drop-in directory (<unit-dir>/kubelet.service.d)",
+    )
+    g.add_argument(
+        "--qemu-conf", type=_path, default=D.qemu_conf, help=f"libvirt's qemu.conf ({D.qemu_conf})"
+    )
+
+
+def _cri(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("edgevirt-cri")
+    g.add_argument(
+        "--cri-binary", type=_path, help="edgevirt-cri (default: next to this Python, else on PATH)"
+    )
+    g.add_argument(
+        "--socket", type=_path, default=D.socket, help=f"its CRI socket, kubelet's endpoint ({D.socket})"
+    )
+    g.add_argument("--state-dir", type=_path, default=D.state_dir, help=f"its ID index, 0700 ({D.state_dir})")
+    g.add_argument(
+        "--containerd-socket",
+        type=_path,
+        default=D.containerd_socket,
+        help=f"containerd's socket, must exist ({D.containerd_socket})",
+    )
+    g.add_argument(
+        "--no-socket-check",
+        dest="check_sockets",
+        action="store_false",
+        help="a --containerd-socket that does not exist yet is a warning, not an error (staging, boot order)",
+    )
+    g.add_argument(
+        "--ops-address", default=D.ops_address, help=f"/healthz /readyz /metrics ({D.ops_address}; '' off)"
+    )
+    g.add_argument("--log-level", default=D.log_level, choices=logsetup.LEVELS, help="of both services")
+    g.add_argument(
+        "--log-format", default=D.log_format, choices=logsetup.FORMATS, help="of both services (json)"
+    )
+
+
+def _kvm(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the kvm backend")
+    g.add_argument("--no-kvm", dest="kvm", action="store_false", help="containerd only (no kvm handler)")
+    g.add_argument("--kvm-state-dir", type=_path, default=D.kvm_state_dir, help=f"0700 ({D.kvm_state_dir})")
+    g.add_argument(
+        "--vm-state-dir", type=_path, default=D.vm_state_dir, help=f"VM disks, 0711 ({D.vm_state_dir})"
+    )
+    g.add_argument(
+        "--vm-conflist",
+        type=_path,
+        default=D.vm_conflist,
+        help=f"the VM network, must exist ({D.vm_conflist})",
+    )
+    g.add_argument(
+        "--cni-bin-dir", type=_path, action="append", help="repeatable (/opt/cni/bin, /usr/lib/cni)"
+    )
+    g.add_argument("--libvirt-uri", default=D.libvirt_uri, help=f"({D.libvirt_uri})")
+    g.add_argument(
+        "--image-root",
+        type=str,
+        action="append",
+        help="file:// image root, 0711, repeatable (/var/lib/edgevirt/images); --image-root= for none",
+    )
+    g.add_argument("--insecure-registry", action="append", default=[], help="repeatable")
+    g.add_argument("--host-disk-root", type=_path, help="hostDisk root, 0711 (default: the handler's own)")
+    g.add_argument("--kubelet-root-dir", type=_path, help="kubelet's --root-dir (default: the handler's own)")
+    g.add_argument(
+        "--kvm-option",
+        type=_kvm_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other kvm handler option (YAML value), repeatable",
+    )
+
+
+def _node(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("macvtap daemon and libvirt")
+    g.add_argument("--no-macvtap-daemon", dest="macvtap_daemon", action="store_false", help="no macvtap unit")
+    g.add_argument(
+        "--macvtap-binary", type=_path, help="macvtap (default: next to this Python, else on PATH)"
+    )
+    g.add_argument("--macvtap-socket", type=_path, default=D.macvtap_socket, help=f"({D.macvtap_socket})")
+    g.add_argument(
+        "--macvtap-ops-address", default=D.macvtap_ops_address, help=f"({D.macvtap_ops_address}; '' off)"
+    )
+    g.add_argument(
+        "--libvirt-relaxed",
+        action="store_true",
+        help="guests as root, no security driver, no cgroups (machines without systemd/udev only)",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="edgevirt-node", description="install edgevirt's host services on a node"
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    install = sub.add_parser("install", help="write config, units and drop-ins (idempotent)")
+    for add in (_common, _files, _cri, _kvm, _node):
+        add(install)
+    uninstall = sub.add_parser("uninstall", help="remove what install wrote, put back what it changed")
+    _common(uninstall)
+    uninstall.add_argument("--purge", action="store_true", help="also remove state directories with content")
+    status = sub.add_parser("status", help="compare the node with the install record")
+    _common(status)
+    return ap
+
+
+def options(args: argparse.Namespace) -> NodeOptions:
+    if args.command != "install":
+        return NodeOptions(root=args.root, record=args.record)
+    roots = D.image_roots if args.image_root is None else tuple(Path(r) for r in args.image_root if r)
+    return NodeOptions(
+        root=args.root,
+        record=args.record,
+        config_path=args.config_path,
+        unit_dir=args.unit_dir,
+        kubelet_config_dir=args.kubelet_config_dir,
+        kubelet_unit_dropin_dir=args.kubelet_unit_dropin_dir,
+        qemu_conf=args.qemu_conf,
+        cri_binary=args.cri_binary,
+        socket=args.socket,
+        state_dir=args.state_dir,
+        containerd_socket=args.containerd_socket,
+        check_sockets=args.check_sockets,
+        ops_address=args.ops_address,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        kvm=args.kvm,
+        kvm_state_dir=args.kvm_state_dir,
+        vm_state_dir=args.vm_state_dir,
+        vm_conflist=args.vm_conflist,
+        cni_bin_dirs=tuple(args.cni_bin_dir) if args.cni_bin_dir else D.cni_bin_dirs,
+        libvirt_uri=args.libvirt_uri,
+        image_roots=roots,
+        insecure_registries=tuple(args.insecure_registry),
+        host_disk_root=args.host_disk_root,
+        kubelet_root_dir=args.kubelet_root_dir,
+        kvm_options=tuple(args.kvm_option),
+        macvtap_daemon=args.macvtap_daemon,
+        macvtap_binary=args.macvtap_binary,
+        macvtap_socket=args.macvtap_socket,
+        macvtap_ops_address=args.macvtap_ops_address,
+        libvirt_relaxed=args.libvirt_relaxed,
+    )
+
+
+def run(args: argparse.Namespace) -> Outcome:
+    from .apply import install
+    from .status import status
+    from .undo import uninstall
+
+    opts = options(args)
+    if args.command == "install":
+        return install(opts)
+    if args.command == "uninstall":
+        return uninstall(opts, purge=args.purge)
+    return status(opts)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.json:
+        print(json.dumps({"ok": False, "command": args.command, "error": message}))
+    print(f"edgevirt-node {args.command}: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.root.is_dir():
+        return _fail(args, f"--root: {args.root} is not a directory", 2)
+    try:
+        outcome = run(args)
+    except (InstallError, RecordError) as e:
+        return _fail(args, str(e), 2)
+    except OSError as e:
+        return _fail(args, f"{e} (the record lists what was done; run the command again)", 1)
+    sys.stdout.write(outcome.to_json() if args.json else outcome.text())
+    return 0 if outcome.ok else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
