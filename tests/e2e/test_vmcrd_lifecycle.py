@@ -300,7 +300,10 @@ def test_kill9_of_the_controllers_at_random_points_converges_without_duplicates(
     invariants()
     assert len(_vm_pods(k, ns, "chaos")) == 1
     assert [active for _, active in vm_domains(uid)] == [True]
-    disks = sorted(p.name for p in (Path("/var/lib/edgevirt/vm/disks/vm") / uid).iterdir())
+    from cri_shim.vm import DiskManager
+
+    vm_disks = DiskManager(Path("/var/lib/edgevirt/vm")).dir_for("vm", uid, namespace=ns)
+    disks = sorted(p.name for p in vm_disks.iterdir())
     assert "root.qcow2" in disks and not [d for d in disks if d.startswith(".")], disks
     vm_cmd("stop", "chaos")
     wait_for(
