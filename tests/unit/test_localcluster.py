@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from localcluster import configs, health, leftovers, pki
-from localcluster.paths import Paths
+from localcluster.paths import REPO, Paths
 from localcluster.procs import Process, wait_for
 
 
@@ -202,38 +202,36 @@ def test_vm_network_conflist_is_what_the_macvtap_plugin_accepts(paths: Paths):
     assert path.stat().st_mtime_ns == mtime
 
 
-def test_edgevirt_cri_config_routes_kvm_to_the_vm_backend(paths: Paths, monkeypatch):
-    monkeypatch.delenv("EDGEVIRT_VM_STATE_DIR", raising=False)
-    cfg = yaml.safe_load(configs.edgevirt_cri(paths).read_text())
-    assert cfg["handlers"] == {"": "containerd", "runc": "containerd", "kata": "containerd", "kvm": "kvm"}
-    assert cfg["backends"]["containerd"] == {"type": "containerd", "socket": str(paths.containerd_sock)}
-    kvm = cfg["backends"]["kvm"]
-    assert kvm["type"] == "plugin" and kvm["factory"] == "cri_shim.kvm:create"
-    assert kvm["options"] == {
-        "state_dir": str(paths.data / "edgevirt-cri-kvm"),
-        "vm_state_dir": "/var/lib/edgevirt/vm",
-        "libvirt_uri": "qemu:///system",
-        "cni_conflist": str(paths.vm_cni_conflist),
-        "cni_bin_dirs": ["/opt/cni/bin", "/usr/lib/cni"],
-        "image_roots": ["/var/lib/edgevirt/images"],
-        "insecure_registries": ["127.0.0.1:5000"],
-        "host_disk_root": "/var/lib/edgevirt/hostdisks",
-        "kubelet_root_dir": str(paths.kubelet_dir),
-        "max_disk_bytes": "256Gi",
-        "min_free_bytes": "2Gi",
-        "max_volumes": 32,
-        "max_image_bytes": "20Gi",
-        "image_fetch_timeout_s": 1800,
-    }
-    monkeypatch.setenv("EDGEVIRT_VM_STATE_DIR", "/srv/vm state")
-    cfg = yaml.safe_load(configs.edgevirt_cri(paths).read_text())
-    assert cfg["backends"]["kvm"]["options"]["vm_state_dir"] == "/srv/vm state"
-    # edgevirt-cri's own loader accepts it: kvm is a plugin backend with these options.
+def test_the_node_install_routes_kvm_to_the_vm_backend(paths: Paths, tmp_path: Path):
+    """The cluster's call of `edgevirt-node install` (as up makes it, under a scratch root) writes
+    an edgevirt-cri config that routes kvm to the kvm handler with the cluster's paths, and units whose
+    ExecStart lines are what up runs."""
+    from localcluster import nodeinstall
+
     from cri_shim import config as cri_config
 
-    loaded = cri_config.load(str(paths.etc / "edgevirt-cri.yaml"))
-    assert loaded.backends["kvm"].factory == "cri_shim.kvm:create"
-    assert loaded.handlers["kvm"] == "kvm"
+    configs.vm_network(paths)
+    root = tmp_path / "root"
+    root.mkdir()
+    argv = nodeinstall.install_argv(paths)
+    argv[0] = str(REPO / ".venv/bin/edgevirt-node")  # the checkout's own install of the same code
+    out = subprocess.run(
+        [*argv, f"--root={root}", "--no-socket-check"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)["info"]
+    cri = info["units"][nodeinstall.CRI_UNIT]["exec_start"]
+    assert cri[1] == f"--config={paths.etc / 'edgevirt-cri.yaml'}"
+    assert info["kubelet"]["containerRuntimeEndpoint"] == f"unix://{paths.cri_sock}"
+    loaded = cri_config.load(str(root / str(paths.etc / "edgevirt-cri.yaml").lstrip("/")))
+    assert loaded.handlers == {"": "containerd", "runc": "containerd", "kata": "containerd", "kvm": "kvm"}
+    kvm = loaded.backends["kvm"]
+    assert kvm.factory == "cri_shim.kvm:create"
+    assert kvm.options["state_dir"] == str(paths.kvm_state)
+    assert kvm.options["cni_conflist"] == str(paths.vm_cni_conflist)
+    assert kvm.options["kubelet_root_dir"] == str(paths.kubelet_dir)
+    assert kvm.options["insecure_registries"] == ["127.0.0.1:5000"]
+    assert loaded.backends["containerd"].socket == str(paths.containerd_sock)
 
 
 def test_vm_network_comes_before_edgevirt_cri():
@@ -243,9 +241,10 @@ def test_vm_network_comes_before_edgevirt_cri():
 
     order = [c.name for c in COMPONENTS]
     cri = order.index("edgevirt-cri")
-    for before in ("containerd", "libvirtd", "vm-network", "macvtap-daemon"):
+    for before in ("containerd", "libvirtd", "vm-network", "node-install", "macvtap-daemon"):
         assert order.index(before) < cri, order
     assert order[-1] == "kubelet"
+    assert order.index("node-install") < order.index("libvirtd")  # libvirtd reads what it wrote
 
 
 def test_tap_nodes_and_stale_socket_are_removed(tmp_path: Path):

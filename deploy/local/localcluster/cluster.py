@@ -31,6 +31,11 @@ def _owner_of_port(port: int) -> str:
 
 def _start(c: Component, paths: Paths) -> str:
     proc = c.process(paths)
+    restarted = ""
+    pid = proc.pid()
+    if pid and proc.running() and c.stale(paths, pid):
+        proc.stop()
+        restarted = f"restarted (pid {pid} ran an older install); "
     if proc.running():
         wait_for(f"{c.name} to be ready", lambda: c.ready(paths), c.timeout, proc)
         return f"already running (pid {proc.pid()})"
@@ -47,9 +52,9 @@ def _start(c: Component, paths: Paths) -> str:
                 f"(or run deploy/local/down if it is a cluster of another checkout) and run up again"
             )
     c.prepare(paths)
-    pid = proc.start(c.argv(paths), env=c.env)
+    pid = proc.start(c.argv(paths), env=c.environment(paths))
     wait_for(f"{c.name} to be ready", lambda: c.ready(paths), c.timeout, proc)
-    return f"started (pid {pid}, log {proc.logfile})"
+    return f"{restarted}started (pid {pid}, log {proc.logfile})"
 
 
 def kubectl(paths: Paths, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import configs, health, pki, vmnet
+from . import configs, health, nodeinstall, pki, vmnet
 from .paths import (
     APISERVER_PORT,
     ETCD_CLIENT,
@@ -37,7 +36,12 @@ class Component:
     ports: tuple[int, ...] = ()
     timeout: float = 60.0
     may_be_external: bool = False
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] | Callable[[Paths], dict[str, str]] = field(default_factory=dict)
+    #: True when the running process is out of date (``up`` restarts it), e.g. an older node install
+    stale: Callable[[Paths, int], bool] = lambda paths, pid: False
+
+    def environment(self, paths: Paths) -> dict[str, str]:
+        return self.env(paths) if callable(self.env) else dict(self.env)
 
     def process(self, paths: Paths) -> Process:
         return Process(self.name, paths.pids / f"{self.name}.pid", paths.logs / f"{self.name}.log")
@@ -185,9 +189,22 @@ def cri_enabled() -> bool:
 
 
 def _cri_argv(p: Paths) -> list[str]:
-    venv_python = REPO / ".venv" / "bin" / "python"
-    python = str(venv_python) if venv_python.exists() else sys.executable
-    return [python, "-m", "cri_shim.cli", "--config", str(configs.edgevirt_cri(p))]
+    """The ExecStart line of the edgevirt-cri unit the node installer wrote (see nodeinstall)."""
+    return nodeinstall.exec_start(p, nodeinstall.CRI_UNIT)
+
+
+def _node_env(p: Paths) -> dict[str, str]:
+    return {nodeinstall.WHEEL_ENV: nodeinstall.wheel_digest(p)}
+
+
+def _older_install(p: Paths, pid: int) -> bool:
+    """The process runs from a node install older than the one now in place."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    mine = f"{nodeinstall.WHEEL_ENV}={nodeinstall.wheel_digest(p)}".encode()
+    return mine not in environ
 
 
 def _cri_prepare(p: Paths) -> None:
@@ -235,12 +252,15 @@ def _vmnet_leftovers(p: Paths) -> list[str]:
     return vmnet.leftovers() + ([str(p.vm_cni_data_dir)] if p.vm_cni_data_dir.exists() else [])
 
 
+#: the host daemons' /healthz /readyz /metrics (edgevirt-node install's defaults)
+CRI_OPS_PORT = 9641
+MACVTAP_OPS_PORT = 9642
+
+
 # --- macvtap daemon: the resident half of the macvtap CNI plugin (netlink kept warm) ---
 def _macvtap_argv(p: Paths) -> list[str]:
-    own = REPO / ".venv" / "bin" / "macvtap"
-    if not own.exists():
-        raise FileNotFoundError(f"{own} missing: run deploy/install/install first (it makes .venv)")
-    return [str(own), "daemon", "--socket", str(p.macvtap_sock)]
+    """The ExecStart line of the macvtap daemon's unit the node installer wrote."""
+    return nodeinstall.exec_start(p, nodeinstall.MACVTAP_UNIT)
 
 
 def _macvtap_prepare(p: Paths) -> None:
@@ -267,11 +287,14 @@ def _libvirtd_argv(p: Paths) -> list[str]:
 
 # --- kubelet ---
 def _kubelet_argv(p: Paths) -> list[str]:
+    """kubelet's own config names containerd; with edgevirt-cri the node installer's drop-in in
+    ``--config-dir`` points it at edgevirt-cri instead, as on a real node."""
     node = node_name()
-    endpoint = p.cri_sock if cri_enabled() else p.containerd_sock
+    dropins = [f"--config-dir={p.etc / 'kubelet.conf.d'}"] if cri_enabled() else []
     return [
         p.tool("kubelet"),
-        f"--config={configs.kubelet(p, node, endpoint)}",
+        f"--config={configs.kubelet(p, node, p.containerd_sock)}",
+        *dropins,
         f"--kubeconfig={_kubeconfig(p, 'kubelet')}",
         f"--root-dir={p.kubelet_dir}",
         f"--hostname-override={node}",
@@ -316,6 +339,16 @@ COMPONENTS: list[Component | Setup] = [
         lambda p: health.unix_ok(p.containerd_sock),
         prepare=_containerd_prepare,
     ),
+    Setup("vm-network", _vmnet_ensure, lambda p: vmnet.describe(), _vmnet_remove, _vmnet_leftovers),
+    # the node side as a real node gets it (the wheel + edgevirt-node install), before libvirtd reads
+    # the qemu.conf settings it writes; needs containerd's socket and the VM network's conflist
+    Setup(
+        "node-install",
+        nodeinstall.install,
+        nodeinstall.describe,
+        nodeinstall.uninstall,
+        nodeinstall.leftovers,
+    ),
     Component(
         "virtlogd",
         _virtlogd_argv,
@@ -330,20 +363,24 @@ COMPONENTS: list[Component | Setup] = [
         prepare=_libvirt_prepare,
         may_be_external=True,
     ),
-    Setup("vm-network", _vmnet_ensure, lambda p: vmnet.describe(), _vmnet_remove, _vmnet_leftovers),
     Component(
         "macvtap-daemon",
         _macvtap_argv,
         lambda p: health.unix_listening(p.macvtap_sock),
         prepare=_macvtap_prepare,
+        ports=(MACVTAP_OPS_PORT,),
         may_be_external=True,
+        env=_node_env,
+        stale=_older_install,
     ),
     Component(
         "edgevirt-cri",
         _cri_argv,
-        lambda p: health.unix_ok(p.cri_sock),
+        lambda p: health.unix_ok(p.cri_sock) and health.http_ok(f"http://127.0.0.1:{CRI_OPS_PORT}/readyz"),
         prepare=_cri_prepare,
-        env={"PYTHONPATH": str(REPO)},
+        ports=(CRI_OPS_PORT,),
+        env=_node_env,
+        stale=_older_install,
     ),
     Component(
         "kubelet",

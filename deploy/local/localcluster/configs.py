@@ -13,7 +13,6 @@ from .paths import (
     REGISTRY_ADDR,
     VM_CIDR,
     VM_GATEWAY,
-    VM_IMAGE_ROOTS,
     VM_MASTER,
     VM_RANGE,
     Paths,
@@ -187,49 +186,6 @@ def vm_network(paths: Paths) -> Path:
         ],
     }
     return _write(paths.vm_cni_conflist, json.dumps(conf, indent=2) + "\n")
-
-
-def edgevirt_cri(paths: Paths) -> Path:
-    """edgevirt-cri in front of the cluster's containerd: handlers "", runc and kata pass through to
-    containerd; kvm goes to the VM handler (cri_shim.kvm), which edgevirt-cri registers only
-    when it imports and reports itself available (see deploy/cri/edgevirt-cri.yaml); until then
-    kvm pods are refused with the reason and everything else runs."""
-    j = json.dumps
-    return _write(
-        paths.etc / "edgevirt-cri.yaml",
-        f"""# Written by deploy/local (localcluster/configs.py); edits are overwritten.
-socket: {paths.cri_sock}
-socket_mode: "0660"
-state_dir: {paths.cri_state}
-backends:
-  containerd:
-    type: containerd
-    socket: {paths.containerd_sock}
-  kvm:
-    type: plugin
-    factory: cri_shim.kvm:create
-    options:
-      state_dir: {j(str(paths.kvm_state))}
-      vm_state_dir: {j(str(paths.vm_state))}
-      libvirt_uri: qemu:///system
-      cni_conflist: {j(str(paths.vm_cni_conflist))}
-      cni_bin_dirs: {j(list(VM_CNI_BIN_DIRS))}
-      image_roots: {j(list(VM_IMAGE_ROOTS))}
-      insecure_registries: {j([REGISTRY_ADDR])}
-      host_disk_root: {j(VM_HOST_DISK_ROOT)}
-      kubelet_root_dir: {j(str(paths.kubelet_dir))}
-      max_disk_bytes: 256Gi
-      min_free_bytes: 2Gi
-      max_volumes: 32
-      max_image_bytes: 20Gi
-      image_fetch_timeout_s: 1800
-handlers:
-  "": containerd
-  runc: containerd
-  kata: containerd
-  kvm: kvm
-""",
-    )
 
 
 def kubelet(paths: Paths, node: str, runtime_endpoint: Path | None = None) -> Path:
