@@ -24,6 +24,13 @@ annotation                             value
                                        cdrom); always present (``[]`` when none)
 =====================================  ===============================================================
 
+Cloud-init user data that is secret does not travel in an annotation: a VirtualMachine's
+``spec.cloudInit.userDataSecretRef`` becomes a ``secret`` volume of the VM pod (items: key
+:data:`CLOUD_INIT_SECRET_KEY` -> path :data:`CLOUD_INIT_SECRET_KEY`, mode 0400) mounted read-only into
+the ``compute`` container at :data:`CLOUD_INIT_SECRET_PATH`; the kvm handler finds it among the CRI
+container's mounts by that container path and reads the file ``userdata`` in it. kubelet fetches the
+Secret (the node authorizer lets it read exactly the Secrets of its pods); the controller never reads it.
+
 The kvm handler reads a pod's annotations once, at ``RunPodSandbox`` (:func:`parse_pod_contract`),
 and keeps the parsed :class:`PodContract` in the sandbox's record; ``edgevirt.io/image`` and
 ``edgevirt.io/mac`` are honoured on any kvm pod, the rest only on a VirtualMachine's.
@@ -45,6 +52,14 @@ ANN_MAC = "edgevirt.io/mac"
 ANN_CLOUD_INIT_USER_DATA = "edgevirt.io/cloud-init-user-data"
 ANN_KERNEL_BOOT = "edgevirt.io/kernel-boot"
 ANN_VOLUMES = "edgevirt.io/volumes"
+
+#: Where the VM pod's ``compute`` container has the cloud-init Secret mounted (read-only): the CRI
+#: mount with this ``container_path`` is the Secret's volume, its ``host_path`` the directory kubelet
+#: made. Written by the controller (``vmcrd.podspec``), read by the kvm handler.
+CLOUD_INIT_SECRET_PATH = "/run/edgevirt/cloud-init"
+#: The key of the user data in the Secret named by ``spec.cloudInit.userDataSecretRef``, and the name
+#: of the file at :data:`CLOUD_INIT_SECRET_PATH` (KubeVirt's key for cloudInitNoCloud Secrets).
+CLOUD_INIT_SECRET_KEY = "userdata"
 
 
 class ContractError(ValueError):
