@@ -42,7 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--renew", type=float, default=5.0, help="lease renew period in seconds (default 5)")
     p.add_argument("--identity", default=f"{socket.gethostname()}_{os.getpid()}")
     p.add_argument(
-        "--runtime-class", default="kvm", help="cluster mode: the VM pods' RuntimeClass (default kvm)"
+        "--runtime-class",
+        default="kvm",
+        help="cluster mode: the VM pods' RuntimeClass (default kvm; the admission policy "
+        "edgevirt-controller-vm-pods-only admits no other until it is edited to match)",
     )
     p.add_argument("--workers", type=int, default=2, help="cluster mode: reconcile workers (default 2)")
     p.add_argument("--resync", type=float, default=300.0, help="seconds between full resyncs (default 300)")

@@ -69,7 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--empty-disk", metavar="CAPACITY", help="a new blank disk, e.g. 1Gi")
     src.add_argument("--image", metavar="REF", help="a disk image reference")
-    src.add_argument("--host-disk", metavar="PATH", help="a file under /var/lib/edgevirt/hostdisks/")
+    src.add_argument(
+        "--host-disk",
+        metavar="PATH",
+        help="a file in the namespace's hostDisk folder of the node "
+        "(/var/lib/edgevirt/hostdisks/<namespace>/), relative to it: e.g. data/a.img",
+    )
     m.add_argument("--host-disk-type", choices=["Disk", "DiskOrCreate"], default="Disk")
     m.add_argument("--capacity", help="size for --host-disk-type DiskOrCreate")
     m.add_argument("--bus", choices=["virtio", "scsi"], help="virtio (default; scsi for --cdrom)")

@@ -6,16 +6,23 @@
 * **pause / unpause**: ``spec.paused`` suspends / resumes the domain.
 * **facts**: ``status.accel`` and ``status.domainState`` from the domain.
 * **cleanup**: the finalizer ``edgevirt.io/node-cleanup`` is removed only after the VM's pod is
-  gone and its domain and VM-scoped disks (keyed by the VM's UID) are deleted from this node.
+  gone (cluster mode cleared ``status.podName``) and no domain of the VM runs here, once its domain
+  and VM-scoped disks (keyed by the VM's UID) are deleted from this node.
+
+Node mode reads no pods (its account may not): what it needs comes from the VirtualMachine and from
+libvirt. A VM is acted on while cluster mode reports it Running or Paused (``printableStatus``,
+from its pod) and its domain runs; the volumes it booted with are the user disks of the domain's
+persistent definition (the kvm handler defines the non-hotpluggable volumes; hot-plugs are live
+only). Only VMs on this node are its own: ``status.nodeName``, else the pin ``spec.nodeName`` (the
+admission policy ``edgevirt-node-own-vms-only`` refuses writes to any other).
 
 The VM's domain is found through the libvirt layer (``cri_shim.vm``) by the ``uid`` in its
 edgevirt metadata, which the CRI kvm handler sets from the pod annotation ``edgevirt.io/vm-uid``.
-The loop around the reconcile (informers, resync, retries) is :mod:`vmcrd.runner`.
+The loop around the reconcile (informer, resync, retries) is :mod:`vmcrd.runner`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes import client
 
-from cri_shim.kvm.contract import ANN_VOLUMES, to_volume_spec
+from cri_shim.kvm.contract import to_volume_spec
 from cri_shim.vm import attached_volumes
 
 from . import api
 from .api import KubeObject
-from .kube import EventRecorder, WorkQueue
-from .resources import VirtualMachines, vm_informers, vm_pod_lister
+from .kube import EventRecorder, Informer, WorkQueue
+from .resources import VirtualMachines
 from .runner import RetryDelays, Runner
 
 if TYPE_CHECKING:
@@ -45,19 +52,22 @@ RETRY = RetryDelays(conflict=1.0, api_error=3.0, error=5.0)
 NO_DOMAIN_RECHECK = 5.0
 #: Seconds before a failed attach or detach is tried again.
 HOTPLUG_RETRY = 5.0
-#: Seconds between looks at a VM being deleted whose pod cluster mode is still deleting.
+#: Seconds between looks at a VM being deleted whose pod cluster mode is still deleting (or whose
+#: domain still runs).
 POD_GONE_RECHECK = 2.0
+#: printableStatus values under which the VM's pod runs its domain (cluster mode's view of the pod).
+RUNNING_STATES = (api.RUNNING, api.PAUSED)
 
 
 def hotplug_plan(
-    spec_volumes: list[KubeObject], boot_volumes: list[KubeObject], attached: dict[str, str]
+    spec_volumes: list[KubeObject], boot_volumes: set[str], attached: dict[str, str]
 ) -> tuple[list[KubeObject], list[str]]:
     """(to attach, to detach): hotpluggable spec volumes not attached; attached volumes gone from the
-    spec that may be unplugged (hotpluggable at boot, or hot-added later)."""
+    spec that were hot-plugged (not among ``boot_volumes``, the domain's persistent disks: those
+    need a restart to go)."""
     wanted = {v["name"]: v for v in spec_volumes}
-    boot = {v["name"]: v for v in boot_volumes}
     attach = [v for n, v in wanted.items() if v.get("hotpluggable") and n not in attached]
-    detach = [n for n in attached if n not in wanted and (n not in boot or boot[n].get("hotpluggable"))]
+    detach = [n for n in attached if n not in wanted and n not in boot_volumes]
     return attach, detach
 
 
@@ -77,13 +87,10 @@ def volume_status(
     return sorted(vols.values(), key=lambda x: x["name"])
 
 
-def podspec_volumes(pod: KubeObject) -> list[KubeObject]:
-    """The volumes the VM pod was made with (its ``ANN_VOLUMES`` annotation): the boot-time ones."""
-    raw = (pod["metadata"].get("annotations") or {}).get(ANN_VOLUMES, "[]")
-    try:
-        return list(json.loads(raw))
-    except ValueError:
-        return []
+def vm_node(vm: KubeObject) -> str | None:
+    """The node a VM lives on: ``status.nodeName`` (cluster mode's), else the pin ``spec.nodeName``
+    (as the admission policy edgevirt-node-own-vms-only reads it)."""
+    return (vm.get("status") or {}).get("nodeName") or (vm.get("spec") or {}).get("nodeName") or None
 
 
 class NodeController:
@@ -105,11 +112,9 @@ class NodeController:
         self.queue = WorkQueue()
         self.events = EventRecorder(self.core, "edgevirt-controller-node", node)
         self._manager: DomainManager | None = None
-        self.vms, self.pods = vm_informers(
-            self.queue, self.vm_api.lister(namespace), vm_pod_lister(self.core, namespace, node)
-        )
+        self.vms = Informer("virtualmachines", self.vm_api.lister(namespace), self.queue.add)
         self.runner = Runner(
-            "node reconcile", self.queue, [self.vms, self.pods], self.reconcile, resync=resync, delays=RETRY
+            "node reconcile", self.queue, [self.vms], self.reconcile, resync=resync, delays=RETRY
         )
 
     @property
@@ -126,30 +131,29 @@ class NodeController:
         self.runner.run(stop)
 
     def mine(self, vm: KubeObject) -> bool:
-        return self.node in ((vm.get("status") or {}).get("nodeName"), (vm.get("spec") or {}).get("nodeName"))
+        return vm_node(vm) == self.node
 
     # ---------------------------------------------------------------- reconcile
     def reconcile(self, key: str) -> float | None:
         vm = self.vms.get(key)
         if vm is None or not self.mine(vm):
             return None
-        ns, name = key.split("/", 1)
-        pod = self.pods.get(f"{ns}/{api.pod_name(name)}")
         meta = vm["metadata"]
+        st = vm.get("status") or {}
         if meta.get("deletionTimestamp"):
             if api.FINALIZER not in (meta.get("finalizers") or []):
                 return None
-            if pod is not None:
-                return POD_GONE_RECHECK  # cluster mode is deleting it; the domain goes with the pod
+            if st.get("podName") or self._runs_here(meta["uid"]):
+                return POD_GONE_RECHECK  # cluster mode is deleting the pod; the domain goes with it
             self.cleanup(meta["uid"])
             self.vm_api.remove_finalizer(vm)
             self.events.emit(
                 vm, "Normal", "NodeStateRemoved", f"removed the VM's disks and state on {self.node}"
             )
             return None
-        if pod is None or (pod.get("status") or {}).get("phase") != "Running":
-            return None
-        return self.reconcile_domain(vm, pod)
+        if st.get("printableStatus") not in RUNNING_STATES:
+            return None  # cluster mode's next status write (from the pod) wakes us
+        return self.reconcile_domain(vm)
 
     def _domains_of(self, uid: str) -> Iterator[str]:
         """The managed domains whose edgevirt metadata names this VM's UID (looked up lazily)."""
@@ -170,19 +174,27 @@ class NodeController:
     def find_domain(self, uid: str) -> str | None:
         return next(self._domains_of(uid), None)
 
-    def reconcile_domain(self, vm: KubeObject, pod: KubeObject) -> float | None:
+    def _runs_here(self, uid: str) -> bool:
+        """A domain of this VM runs (or is paused) on this node: its pod is not gone yet, whatever
+        the VM's status says (e.g. cluster mode's write lags)."""
+        try:
+            return any(self.manager.state(d).phase in ("running", "paused") for d in self._domains_of(uid))
+        except Exception as e:  # libvirt away: nothing can be checked or removed; cleanup reports it
+            log.warning("is %s running here? libvirt: %s", uid, e)
+            return False
+
+    def reconcile_domain(self, vm: KubeObject) -> float | None:
         """Pause state, hot-plugged volumes and the domain's facts of a VM whose pod runs."""
         mgr = self.manager
         dom = self.find_domain(vm["metadata"]["uid"])
-        if dom is None:
-            return NO_DOMAIN_RECHECK
+        if dom is None or mgr.state(dom).phase not in ("running", "paused"):
+            return NO_DOMAIN_RECHECK  # the kvm handler has not made or started it yet
         facts = self._apply_paused(vm, dom)
         spec = vm.get("spec") or {}
         old = vm.get("status") or {}
         vols = {v["name"]: dict(v) for v in old.get("volumes") or []}
-        attach, detach = hotplug_plan(
-            spec.get("volumes") or [], podspec_volumes(pod), attached_volumes(mgr.xml(dom))
-        )
+        boot = set(attached_volumes(mgr.xml(dom, inactive=True)))
+        attach, detach = hotplug_plan(spec.get("volumes") or [], boot, attached_volumes(mgr.xml(dom)))
         retry: float | None = None
         if attach or detach:
             retry = self._hotplug(vm, dom, vols, attach, detach)

@@ -8,6 +8,13 @@ annotations of the controller's own bookkeeping that the handler ignores: ``edge
 (hash of the boot-relevant spec) and ``edgevirt.io/state-request`` (the restart request the pod was
 created for).
 
+Secret cloud-init user data (``spec.cloudInit.userDataSecretRef``) is never copied: the pod gets a
+``secret`` volume of that Secret, mounted read-only into the container at
+:data:`~cri_shim.kvm.contract.CLOUD_INIT_SECRET_PATH`, where the kvm handler reads it. The pod is what
+the admission policy ``edgevirt-controller-vm-pods-only`` lets the controller create: RuntimeClass
+kvm, owned by the VM, labelled, no host namespaces, no privileges, no volume but that Secret, no
+service account token.
+
 Labels: ``edgevirt.io/vm=<name>``, ``edgevirt.io/vm-uid=<uid>``. The pod's single container is
 named ``compute``; its image is the VM image when that is an OCI reference (so kubelet's pull is
 the real pull) and :data:`PLACEHOLDER_IMAGE` otherwise (kubelet cannot parse ``file://`` or
@@ -32,6 +39,8 @@ from cri_shim.kvm.contract import (
     ANN_VM_NAME,
     ANN_VM_UID,
     ANN_VOLUMES,
+    CLOUD_INIT_SECRET_KEY,
+    CLOUD_INIT_SECRET_PATH,
 )
 
 from . import api
@@ -44,6 +53,10 @@ LABEL_VM_UID = "edgevirt.io/vm-uid"
 
 RUNTIME_CLASS = "kvm"
 CONTAINER_NAME = "compute"
+#: The pod volume of the cloud-init Secret (``spec.cloudInit.userDataSecretRef``).
+CLOUD_INIT_VOLUME = "cloud-init"
+#: Its file mode: read by the kvm handler (root) only.
+CLOUD_INIT_SECRET_MODE = 0o400
 #: Container image when the VM image is not an OCI reference (kubelet must still pull something).
 PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
 #: vCPUs per requested CPU, as KubeVirt's default cpuAllocationRatio: a 2-core edge node schedules
@@ -53,7 +66,8 @@ CPU_ALLOCATION_RATIO = 10
 GRACE_PERIOD_SECONDS = 30
 
 #: Spec fields whose change needs a reboot (everything but hotpluggable volumes, paused, running,
-#: runStrategy). Hotpluggable volumes are mounted live by node mode.
+#: runStrategy). Hotpluggable volumes are mounted live by node mode. ``cloudInit`` includes
+#: ``userDataSecretRef``: another Secret means another seed, made at boot.
 BOOT_FIELDS = ("cpu", "memory", "image", "kernelBoot", "cloudInit", "networks", "nodeName")
 
 _OCI_SCHEMES = re.compile(r"^[a-z][a-z0-9+.-]*://")
@@ -105,6 +119,12 @@ def build_pod(
         "enableServiceLinks": False,
         "containers": [_container(spec)],
     }
+    secret_ref = (spec.get("cloudInit") or {}).get("userDataSecretRef")
+    if secret_ref:
+        pod_spec["volumes"] = [_cloud_init_volume(secret_ref["name"])]
+        pod_spec["containers"][0]["volumeMounts"] = [
+            {"name": CLOUD_INIT_VOLUME, "mountPath": CLOUD_INIT_SECRET_PATH, "readOnly": True}
+        ]
     if node:
         pod_spec["affinity"] = _node_affinity(node)
     return {
@@ -167,6 +187,18 @@ def _container(spec: dict[str, Any]) -> dict[str, Any]:
         # the serial console is an interactive terminal: `kubectl attach -it` (CRI Attach)
         "stdin": True,
         "tty": True,
+    }
+
+
+def _cloud_init_volume(secret_name: str) -> dict[str, Any]:
+    """The Secret with the user data as a pod volume: only its ``userdata`` key, readable by root only."""
+    return {
+        "name": CLOUD_INIT_VOLUME,
+        "secret": {
+            "secretName": secret_name,
+            "items": [{"key": CLOUD_INIT_SECRET_KEY, "path": CLOUD_INIT_SECRET_KEY}],
+            "defaultMode": CLOUD_INIT_SECRET_MODE,
+        },
     }
 
 

@@ -1,6 +1,7 @@
-"""What both controller modes read and write: VirtualMachines and their VM pods.
+"""What the controller modes read and write: VirtualMachines (both modes) and their VM pods
+(cluster mode; node mode reads no pods).
 
-How to list (and watch) them, the two informers over them that feed the work queue with VM keys,
+How to list (and watch) them, the two informers over them that feed cluster mode's work queue with VM keys,
 which VM a pod event is about, and the writes to a
 VirtualMachine: merge patches guarded by its resourceVersion (so a write based on a stale view is
 refused with 409 and retried), status patches of the fields a mode owns, the finalizer's removal.
@@ -80,22 +81,22 @@ class VirtualMachines:
         self.patch(vm, {"metadata": {"finalizers": fins}})
 
 
-def vm_pod_lister(core: client.CoreV1Api, namespace: str | None, node: str | None = None) -> Lister:
-    """List/watch the VM pods (label ``edgevirt.io/vm``) of ``namespace``, of ``node`` if given."""
+def vm_pod_lister(core: client.CoreV1Api, namespace: str | None) -> Lister:
+    """List/watch the VM pods (label ``edgevirt.io/vm``) of ``namespace`` (cluster mode; node mode
+    reads no pods)."""
     label = podspec.LABEL_VM
-    fields = f"spec.nodeName={node}" if node else None  # None: not sent
 
     def list_pods(**kw: Any) -> Any:
         if namespace:
-            return core.list_namespaced_pod(namespace, label_selector=label, field_selector=fields, **kw)
-        return core.list_pod_for_all_namespaces(label_selector=label, field_selector=fields, **kw)
+            return core.list_namespaced_pod(namespace, label_selector=label, **kw)
+        return core.list_pod_for_all_namespaces(label_selector=label, **kw)
 
     return list_pods
 
 
 def vm_informers(queue: WorkQueue, vms: Lister, pods: Lister) -> tuple[Informer, Informer]:
-    """The caches both modes keep: the VMs (a change queues the VM's key) and the VM pods (a change
-    queues the key of the pod's VM)."""
+    """Cluster mode's caches: the VMs (a change queues the VM's key) and the VM pods (a change queues
+    the key of the pod's VM)."""
 
     def on_pod(key: str) -> None:
         vm = vm_key_of_pod(key, pod_informer.get(key))

@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from benchkit import pct, time_create_xml  # noqa: E402
 from helpers.controller import ControllerProcess  # noqa: E402
+from helpers.tokens import service_account_kubeconfig  # noqa: E402
 from helpers.vm_env import VM_IMAGE as IMAGE  # noqa: E402
 from helpers.waiting import TimedOut, wait_for  # noqa: E402
 from kubernetes import client  # noqa: E402
@@ -219,10 +220,18 @@ def controllers_on_a_namespace(prefix: str) -> Iterator[Bench]:
     subprocess.run([*KUBECTL, "create", "namespace", ns], check=True, capture_output=True, timeout=120)
     node = subprocess.run(["hostname"], capture_output=True, text=True, timeout=60).stdout.strip()
     logs = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    # each mode as its service account (the node's token bound to this node): RBAC and admission
+    # policies as on a real cluster
+    sa = {"cluster": "edgevirt-controller", "node": "edgevirt-node"}
+    kc = {
+        m: service_account_kubeconfig(KUBECTL, KUBECONFIG, a, logs / f"{a}.kubeconfig", node=node)
+        for m, a in sa.items()
+    }
     procs = [
         ControllerProcess(
-            ["--mode", mode, "--kubeconfig", str(KUBECONFIG), "--namespace", ns,
-             *(["--lease-namespace", ns] if mode == "cluster" else ["--node", node])],
+            ["--mode", mode, "--kubeconfig", str(kc[mode]), "--namespace", ns,
+             *(["--lease-namespace", "edgevirt-system", "--lease-name", f"bench-{ns}"] if mode == "cluster"
+               else ["--node", node])],
             logs / f"{mode}.log", mode,
         )
         for mode in ("cluster", "node")
@@ -234,6 +243,8 @@ def controllers_on_a_namespace(prefix: str) -> Iterator[Bench]:
                        capture_output=True, timeout=330)  # fmt: skip
         for p in procs:
             p.stop()
+        subprocess.run([*KUBECTL, "delete", "lease", f"bench-{ns}", "-n", "edgevirt-system",
+                        "--ignore-not-found"], capture_output=True, timeout=60)  # fmt: skip
         subprocess.run(
             [*KUBECTL, "delete", "namespace", ns, "--wait=false"], capture_output=True, timeout=120
         )

@@ -26,10 +26,14 @@ annotation                             value
                                        cdrom); always present (``[]`` when none)
 =====================================  ===============================================================
 
-Secret user data travels in no pod metadata: the controller mounts the VM's Secret into the VM
-pod's container at :data:`CLOUD_INIT_MOUNT_PATH` (a ``secret`` volume; key :data:`USERDATA_KEY`, the
-optional :data:`NETWORKDATA_KEY` is ignored: the network config comes from the CNI result), and the
-kvm handler reads ``<the mount's host path>/userdata`` (see :mod:`.userdata`).
+Cloud-init user data that is secret travels in no pod metadata: a VirtualMachine's
+``spec.cloudInit.userDataSecretRef`` becomes a ``secret`` volume of the VM pod (items: key
+:data:`CLOUD_INIT_SECRET_KEY` -> path :data:`CLOUD_INIT_SECRET_KEY`, mode 0400) mounted read-only into
+the ``compute`` container at :data:`CLOUD_INIT_SECRET_PATH`; the kvm handler finds it among the CRI
+container's mounts by that container path and reads the file ``userdata`` in it (see
+:mod:`.userdata`; the optional :data:`NETWORKDATA_KEY` is ignored: the network config comes from the
+CNI result). kubelet fetches the Secret (the node authorizer lets it read exactly the Secrets of its
+pods); the controller never reads it.
 
 Every field is checked here with its type, as the CRD would (strings where strings are expected,
 a list of objects with known keys, enums, DNS-label names, lengths), so a malformed annotation is
@@ -58,9 +62,13 @@ ANN_CLOUD_INIT_USER_DATA = "edgevirt.io/cloud-init-user-data"
 ANN_KERNEL_BOOT = "edgevirt.io/kernel-boot"
 ANN_VOLUMES = "edgevirt.io/volumes"
 
-#: where the controller mounts the VM's cloud-init Secret in the VM pod's container
-CLOUD_INIT_MOUNT_PATH = "/run/edgevirt/cloud-init"
-USERDATA_KEY = "userdata"
+#: Where the VM pod's ``compute`` container has the cloud-init Secret mounted (read-only): the CRI
+#: mount with this ``container_path`` is the Secret's volume, its ``host_path`` the directory kubelet
+#: made. Written by the controller (``vmcrd.podspec``), read by the kvm handler.
+CLOUD_INIT_SECRET_PATH = "/run/edgevirt/cloud-init"
+#: The key of the user data in the Secret named by ``spec.cloudInit.userDataSecretRef``, and the name
+#: of the file at :data:`CLOUD_INIT_SECRET_PATH` (KubeVirt's key for cloudInitNoCloud Secrets).
+CLOUD_INIT_SECRET_KEY = "userdata"
 NETWORKDATA_KEY = "networkdata"
 
 MAX_USER_DATA = 64 * 1024  # cloud-init's NoCloud practice, and the CRD's maxLength

@@ -43,7 +43,7 @@ from .contract import (
     ANN_KERNEL_BOOT,
     ANN_MAC,
     ANN_VOLUMES,
-    CLOUD_INIT_MOUNT_PATH,
+    CLOUD_INIT_SECRET_PATH,
     MAX_VOLUMES,
     PodContract,
     PodVM,
@@ -273,7 +273,7 @@ def user_data(vm: PodVM | None, from_secret: str | None) -> str | None:
     if inline is not None and from_secret is not None:
         raise ValidationError(
             f"config.annotations[{ANN_CLOUD_INIT_USER_DATA}]",
-            f"is set while a Secret is mounted at {CLOUD_INIT_MOUNT_PATH} too",
+            f"is set while a Secret is mounted at {CLOUD_INIT_SECRET_PATH} too",
             "give the user data one way: the Secret (for secrets) or the annotation",
         )
     return from_secret if from_secret is not None else inline

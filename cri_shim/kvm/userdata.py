@@ -1,6 +1,6 @@
 """Secret cloud-init user data, from the Secret mounted into the VM pod's container.
 
-The controller mounts the VM's Secret at :data:`~.contract.CLOUD_INIT_MOUNT_PATH` in the VM pod's
+The controller mounts the VM's Secret at :data:`~.contract.CLOUD_INIT_SECRET_PATH` in the VM pod's
 container; kubelet passes the mount to ``CreateContainer`` (``ContainerConfig.mounts``) with the host
 path of the volume it made, ``<kubelet root>/pods/<pod uid>/volumes/kubernetes.io~secret/<name>``.
 The handler reads the user data from ``<host path>/userdata`` and never stores it in a record; it
@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..vm.errors import ValidationError
-from .contract import CLOUD_INIT_MOUNT_PATH, MAX_USER_DATA, UID_RE, USERDATA_KEY
+from .contract import CLOUD_INIT_SECRET_KEY, CLOUD_INIT_SECRET_PATH, MAX_USER_DATA, UID_RE
 
-FIELD = f"config.mounts[{CLOUD_INIT_MOUNT_PATH}]"
+FIELD = f"config.mounts[{CLOUD_INIT_SECRET_PATH}]"
 DEFAULT_KUBELET_ROOT = Path("/var/lib/kubelet")
 
 
@@ -41,7 +41,7 @@ class Mount:
 
 def cloud_init_mount(mounts: Iterable[Mount]) -> Mount | None:
     """The mount of the cloud-init Secret, if the container has one (exactly one allowed)."""
-    found = [m for m in mounts if m.container_path.rstrip("/") == CLOUD_INIT_MOUNT_PATH]
+    found = [m for m in mounts if m.container_path.rstrip("/") == CLOUD_INIT_SECRET_PATH]
     if len(found) > 1:
         raise ValidationError(FIELD, "is mounted twice", "mount the VM's cloud-init Secret once")
     return found[0] if found else None
@@ -51,7 +51,7 @@ def _refuse(problem: str, detail: str) -> ValidationError:
     return ValidationError(
         FIELD,
         problem,
-        f"mount a Secret volume of the pod there, without subPath, with the key {USERDATA_KEY}",
+        f"mount a Secret volume of the pod there, without subPath, with the key {CLOUD_INIT_SECRET_KEY}",
         detail=detail,
     )
 
@@ -68,23 +68,28 @@ def read_user_data(mount: Mount, kubelet_root: Path, pod_uid: str, max_bytes: in
     host = mount.host_path
     if not host.startswith("/") or not _inside(os.path.realpath(host), allowed):
         raise _refuse("is not a volume of this pod", f"host path {host!r}, allowed under {allowed}")
-    wanted = os.path.realpath(os.path.join(host, USERDATA_KEY))
+    wanted = os.path.realpath(os.path.join(host, CLOUD_INIT_SECRET_KEY))
     if not _inside(wanted, allowed):
         raise _refuse(
-            f"the key {USERDATA_KEY} leads out of the pod's volume", f"{host}/{USERDATA_KEY} -> {wanted}"
+            f"the key {CLOUD_INIT_SECRET_KEY} leads out of the pod's volume",
+            f"{host}/{CLOUD_INIT_SECRET_KEY} -> {wanted}",
         )
     try:
         fd = os.open(wanted, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ValidationError(
-            FIELD, f"the Secret has no key {USERDATA_KEY}", f"put the user data under the key {USERDATA_KEY}"
+            FIELD,
+            f"the Secret has no key {CLOUD_INIT_SECRET_KEY}",
+            f"put the user data under the key {CLOUD_INIT_SECRET_KEY}",
         ) from None
     except OSError as e:
-        raise _refuse(f"the key {USERDATA_KEY} cannot be read", f"{wanted}: {e}") from None
+        raise _refuse(f"the key {CLOUD_INIT_SECRET_KEY} cannot be read", f"{wanted}: {e}") from None
     with contextlib.closing(os.fdopen(fd, "rb")) as f:
         opened = os.readlink(f"/proc/self/fd/{fd}")
         if not _inside(opened, allowed) or not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _refuse(f"the key {USERDATA_KEY} is not a regular file of the pod's volume", opened)
+            raise _refuse(
+                f"the key {CLOUD_INIT_SECRET_KEY} is not a regular file of the pod's volume", opened
+            )
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValidationError(FIELD, f"the user data is over {max_bytes} bytes", "shorten it")

@@ -1,9 +1,11 @@
 """hostDisk volumes: a file on the node, confined to the VM's namespace's folder of an allowed root.
 
-The one rule: a hostDisk path is absolute and lies under ``<root>/<namespace>/`` of an allowed root,
-both as written and after resolving symlinks (a symlink the node's administrator made may lead
-elsewhere inside that namespace's folder, never out of it). So a VM of namespace ``team-a`` may use
-``/var/lib/edgevirt/hostdisks/team-a/data.img`` and nothing of ``team-b``'s. The namespace is the
+The one rule: a hostDisk path is relative to the VM namespace's folder ``<root>/<namespace>/`` of the
+node's hostDisk root (``spec.volumes[].hostDisk.path`` of the VirtualMachine, e.g. ``disks/data.img``),
+written without ``..``, ``.`` or ``//``, and it stays inside that folder after resolving symlinks (a
+symlink the node's administrator made may lead elsewhere inside the folder, never out of it). So a VM
+of namespace ``team-a`` may use ``/var/lib/edgevirt/hostdisks/team-a/data.img`` (``path: data.img``)
+and nothing of ``team-b``'s. The namespace is the
 VM pod's, as kubelet gave it (never from an annotation); it is checked wherever a hostDisk is
 opened: at boot (the kvm handler) and at hot-plug (node mode, from the domain's metadata).
 
@@ -41,12 +43,13 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _clean_path(field: str, path: object) -> Path:
-    if not isinstance(path, str) or not path.startswith("/") or CONTROL_RE.search(path):
+    if not isinstance(path, str) or not path or path.startswith("/") or CONTROL_RE.search(path):
         raise ValidationError(
-            field, f"{path!r} is not an absolute path", "use /var/lib/edgevirt/hostdisks/..."
+            field,
+            f"{path!r} is not a path relative to the namespace's folder",
+            "write it relative to your namespace's hostDisk folder, such as disks/data.img",
         )
-    parts = path.split("/")[1:]
-    if any(p in ("", ".", "..") for p in parts):
+    if any(p in ("", ".", "..") for p in path.split("/")):
         raise ValidationError(
             field, f"{path!r} is not a clean path", "write it without '..', '.' or '//' components"
         )
@@ -54,9 +57,9 @@ def _clean_path(field: str, path: object) -> Path:
 
 
 def host_disk_path(roots: Sequence[Path], namespace: str, field: str, path: object) -> Path:
-    """The real path of hostDisk ``path`` of a VM in ``namespace``: under ``<root>/<namespace>/`` of
-    one of ``roots`` as written and after resolving symlinks. Nothing is made."""
-    p = _clean_path(field, path)
+    """The real path of hostDisk ``path`` of a VM in ``namespace``: ``<root>/<namespace>/<path>`` of
+    the node's hostDisk root, inside that folder also after resolving symlinks. Nothing is made."""
+    rel = _clean_path(field, path)
     if not roots:
         raise ValidationError(
             field, "hostDisk is disabled on this node", "ask its administrator (kvm option host_disk_root)"
@@ -64,21 +67,14 @@ def host_disk_path(roots: Sequence[Path], namespace: str, field: str, path: obje
     if not namespace:
         raise ValidationError(field, "a hostDisk needs the VM's namespace", "give the VM's namespace")
     check_namespace(f"{field}.namespace", namespace)
-    folders = [Path(r) / namespace for r in roots]
-    folder = next((f for f in folders if _inside(p, f)), None)
-    if folder is None:
-        raise ValidationError(
-            field,
-            f"{str(p)!r} is not in the folder of namespace {namespace!r}",
-            f"use a file under {folders[0]}/ (each namespace has its own folder)",
-        )
-    real = Path(os.path.realpath(p))
+    folder = Path(roots[0]) / namespace
+    real = Path(os.path.realpath(folder / rel))
     if not _inside(real, Path(os.path.realpath(folder))):
         raise ValidationError(
             field,
-            f"{str(p)!r} leads out of the folder of namespace {namespace!r} (through a symlink)",
-            f"use a regular file under {folder}/",
-            detail=f"{p} resolves to {real}",
+            f"{str(rel)!r} leads out of the folder of namespace {namespace!r} (through a symlink)",
+            "use a regular file in your namespace's hostDisk folder",
+            detail=f"{folder / rel} resolves to {real}",
         )
     return real
 

@@ -465,13 +465,14 @@ def test_a_hostdisk_of_another_namespace_is_refused(cri, vm_image, pod_files, vm
         made.append(sid)
         return cri("create", sid, str(container_json(tmp, vm_image)), str(pod_path), check=False)
 
+    # paths are relative to the VM's namespace folder: another's is out of reach
+    r = create("e2e-team-b", {"path": "../e2e-team-a/a.img", "type": "Disk"})
+    assert r.returncode != 0 and "is not a clean path" in r.stderr, r.stderr
     r = create("e2e-team-b", {"path": f"{root}/e2e-team-a/a.img", "type": "Disk"})
-    assert r.returncode != 0 and "is not in the folder of namespace 'e2e-team-b'" in r.stderr, r.stderr
-    r = create(
-        "e2e-team-b", {"path": f"{root}/e2e-team-a/new.img", "type": "DiskOrCreate", "capacity": "1Mi"}
-    )
+    assert r.returncode != 0 and "is not a path relative to the namespace's folder" in r.stderr, r.stderr
+    r = create("e2e-team-b", {"path": "../e2e-team-a/new.img", "type": "DiskOrCreate", "capacity": "1Mi"})
     assert r.returncode != 0 and not (root / "e2e-team-a" / "new.img").exists()
-    r = create("e2e-team-a", {"path": f"{root}/e2e-team-a/a.img", "type": "Disk"})
+    r = create("e2e-team-a", {"path": "a.img", "type": "Disk"})
     assert r.returncode == 0, r.stderr  # its own namespace's file: fine (boot-time hostDisk works)
     assert f"{root}/e2e-team-a/a.img" in disk_sources(f"edgevirt-{r.stdout.strip()[:20]}")
 

@@ -34,16 +34,23 @@ class Controllers:
     def __init__(self, k, ns: str, logdir: Path) -> None:
         self.k, self.ns, self.logdir = k, ns, logdir
         self.procs: dict[str, ControllerProcess] = {}
+        self.kubeconfigs: dict[str, Path] = {}
 
     def start(self, mode: str) -> None:
-        kc = str(self.k.paths.kubeconfig)
+        """Each mode as its service account (the node account's token bound to this node), so RBAC
+        and the admission policies of deploy/ hold as in a real cluster."""
+        sa = "edgevirt-controller" if mode == "cluster" else "edgevirt-node"
+        kc = self.kubeconfigs.get(sa) or self.k.service_account_kubeconfig(
+            sa, self.logdir / f"{sa}.kubeconfig"
+        )
+        self.kubeconfigs[sa] = kc
         state = os.environ.get("EDGEVIRT_VM_STATE_DIR", "/var/lib/edgevirt/vm")
         extra = (
-            ["--lease-namespace", self.ns]
+            ["--lease-namespace", "edgevirt-system", "--lease-name", f"vmcrd-{self.ns}"]
             if mode == "cluster"
             else ["--node", self.k.node, "--state-dir", state]
         )
-        args = ["--mode", mode, "--kubeconfig", kc, "--namespace", self.ns, "-v", *extra]
+        args = ["--mode", mode, "--kubeconfig", str(kc), "--namespace", self.ns, "-v", *extra]
         self.procs[mode] = ControllerProcess(args, self.logdir / f"{mode}.log", mode)
 
     def kill9(self, mode: str) -> None:
@@ -58,7 +65,7 @@ class Controllers:
 def vm_ns(cluster, vm_image, tmp_path):
     """A namespace with both controller modes running for it: (cluster, namespace, Controllers)."""
     k = cluster
-    k.kubectl("apply", "-k", str(REPO / "deploy"))  # CRD, RBAC
+    k.kubectl("apply", "-k", str(REPO / "deploy"))  # CRD, RBAC, admission policies
     k.kubectl("apply", "-f", str(REPO / "deploy/manifests/runtimeclasses.yaml"))
     with k.namespace("vmcrd-e2e") as ns:
         ctls = Controllers(k, ns, tmp_path)
@@ -74,6 +81,8 @@ def vm_ns(cluster, vm_image, tmp_path):
             )
         finally:
             ctls.stop()
+            lease = ["lease", f"vmcrd-{ns}", "-n", "edgevirt-system"]
+            k.kubectl("delete", *lease, "--ignore-not-found", check=False)
             for p in ctls.procs.values():
                 print(f"--- {p.identity} ---\n" + p.output()[-3000:])
 

@@ -15,6 +15,7 @@ rootdir conftest (tests/conftest.py); scripts outside pytest insert ``<repo>/tes
 * :mod:`helpers.cluster` — the handle on the local cluster (kubectl, crictl, patch, namespaces,
   service-account kubeconfigs, up/down);
 * :mod:`helpers.controller` — edgevirt-controller as a subprocess;
+* :mod:`helpers.tokens` — kubeconfigs acting as edgevirt's service accounts (the node's Node-bound);
 * :mod:`helpers.vm_env` — VM-layer tests: console waits, domains, leftovers;
 * :mod:`helpers.libvirt_daemon` — libvirtd + virtlogd, the node's or a private one;
 * :mod:`helpers.attaching` — type into a VM's serial console through a real attach client.

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from localcluster.paths import Paths
 
-from helpers import REPO
+from helpers import REPO, tokens
 from helpers.crictl import Crictl
 
 
@@ -67,27 +66,28 @@ class Cluster:
         ]
         return self.kubectl("patch", kind, name, *where, "--type", type, "-p", json.dumps(patch), check=check)
 
-    def service_account_kubeconfig(self, sa: str, path: Path, duration: str = "2h") -> Path:
+    def service_account_kubeconfig(
+        self, sa: str, path: Path, duration: str = "2h", node: str | None = None
+    ) -> Path:
         """A kubeconfig at ``path`` that acts as the service account edgevirt-system/``sa`` (a fresh
-        token), so a test exercises that account's RBAC."""
-        admin = yaml.safe_load(self.paths.kubeconfig.read_text())
-        token = self.kubectl("create", "token", sa, "-n", "edgevirt-system", f"--duration={duration}").stdout
-        cfg = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
-            "users": [{"name": sa, "user": {"token": token.strip()}}],
-            "contexts": [{"name": sa, "context": {"cluster": "local", "user": sa}}],
-            "current-context": sa,
-        }
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        token), so a test exercises that account's RBAC and admission policies; the node account's
+        token is bound to Node ``node`` (default: this cluster's node), see :mod:`helpers.tokens`."""
+        kubectl = [str(self.paths.tool("kubectl")), "--kubeconfig", str(self.paths.kubeconfig)]
+        return tokens.service_account_kubeconfig(
+            kubectl, self.paths.kubeconfig, sa, path, node=node or self.node, duration=duration
+        )
+
+    def token_kubeconfig(self, user: str, token: str, path: Path) -> Path:
+        """A kubeconfig at ``path`` for this cluster that authenticates with a bearer ``token``."""
+        return tokens.token_kubeconfig(self.paths.kubeconfig, user, token, path)
 
     def install_vm_crd(self, rbac: bool = False) -> None:
-        """Apply the VirtualMachine CRD (and, with ``rbac``, the controller's RBAC); wait until served."""
+        """Apply the VirtualMachine CRD (and, with ``rbac``, the RBAC and the admission policies, as
+        ``kubectl apply -k deploy/`` does); wait until served."""
         self.kubectl("apply", "-f", str(REPO / "deploy/manifests/virtualmachine-crd.yaml"))
         if rbac:
             self.kubectl("apply", "-f", str(REPO / "deploy/manifests/vmcrd-rbac.yaml"))
+            self.kubectl("apply", "-f", str(REPO / "deploy/manifests/admission-policies.yaml"))
         self.kubectl(
             "wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s"
         )

@@ -22,10 +22,10 @@ sources = st.sampled_from(
     [
         {"emptyDisk": {"capacity": "64Mi"}},
         {"image": "127.0.0.1:5000/vm/data:1"},
-        {"hostDisk": {"path": "/var/lib/edgevirt/hostdisks/d.img"}},
+        {"hostDisk": {"path": "d.img"}},
         {
             "hostDisk": {
-                "path": "/var/lib/edgevirt/hostdisks/n.img",
+                "path": "team/n.img",
                 "type": "DiskOrCreate",
                 "capacity": "1Gi",
             }
@@ -90,9 +90,17 @@ def test_running_with_run_strategy_is_always_refused(cluster, ns, spec, strategy
     assert r.returncode != 0 and "mutually exclusive" in r.stderr
 
 
+escaping_paths = st.one_of(
+    st.from_regex(r"/(etc|root|var/lib/edgevirt/hostdisks/other|tmp)/[a-z]{1,8}", fullmatch=True),
+    st.from_regex(r"([a-z]{1,4}/){0,2}\.\.(/[a-z.]{1,8}){0,2}", fullmatch=True),
+)
+
+
 @SETTINGS
-@given(spec=valid_specs, path=st.from_regex(r"/(etc|root|var/lib/other|tmp)/[a-z]{1,8}", fullmatch=True))
-def test_host_disks_outside_the_root_are_always_refused(cluster, ns, spec, path):
+@given(spec=valid_specs, path=escaping_paths)
+def test_host_disks_leaving_the_namespace_folder_are_always_refused(cluster, ns, spec, path):
+    """hostDisk.path is relative to the VM namespace's folder: an absolute path or a '..' segment
+    would name a file outside it."""
     spec = {**spec, "volumes": [{"name": "h", "hostDisk": {"path": path}}]}
     r = dry_run(cluster, ns, spec)
     assert r.returncode != 0 and "spec.volumes[0].hostDisk.path" in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,11 @@ def test_explain_shows_descriptions(crd):
         ),
         (
             "image: x\nvolumes:\n- {name: h, hostDisk: {path: /etc/shadow}}",
-            ["spec.volumes[0].hostDisk.path", "/var/lib/edgevirt/hostdisks/"],
+            ["spec.volumes[0].hostDisk.path", "drop the leading '/'"],
         ),
         (
-            "image: x\nvolumes:\n- {name: h, hostDisk: {path: /var/lib/edgevirt/hostdisks/../../etc/shadow}}",
-            ["spec.volumes[0].hostDisk.path", "without '..'"],
+            "image: x\nvolumes:\n- {name: h, hostDisk: {path: ../../etc/shadow}}",
+            ["spec.volumes[0].hostDisk.path", "'..' segment"],
         ),
         ("image: x\nmemory: lots", ["spec.memory", "quantity"]),
         ("image: x\nmemory: 1Ki", ["spec.memory", "between 32Mi and 1Ti"]),
@@ -134,7 +135,7 @@ networks: [{name: default, mac: "02:00:00:00:00:01"}]
 volumes:
 - {name: data, hotpluggable: true, emptyDisk: {capacity: 1Gi}}
 - name: host
-  hostDisk: {path: /var/lib/edgevirt/hostdisks/a.img, type: DiskOrCreate, capacity: 1Gi}
+  hostDisk: {path: a.img, type: DiskOrCreate, capacity: 1Gi}
   bus: sata
 """
     apply_vm(crd, ns, spec, name="web", check=True)
@@ -154,3 +155,128 @@ volumes:
     crd.patch("vm", "web", status, namespace=ns, subresource="status")
     row = crd.kubectl("get", "vm", "web", "-n", ns, "--no-headers").stdout.split()
     assert row[:4] == ["web", "Running", "n1", "10.0.0.9"]
+
+
+# ------------------------------------------------------------------ limits (server-side dry runs)
+def dry_run(cluster, ns: str, spec: dict, name: str = "t"):
+    body = {
+        "apiVersion": "edgevirt.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    return cluster.kubectl(
+        "create", "-n", ns, "--dry-run=server", "-f", "-", input=json.dumps(body), check=False
+    )
+
+
+def with_volume(**source) -> dict:
+    return {"image": "x", "volumes": [{"name": "v", **source}]}
+
+
+HEX = "0123456789abcdef" * 4
+IMAGE_FIX = "must be a registry reference"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "needle"),
+    [
+        # spec.image and volumes[].image: a registry reference, file:///..., https://...#sha256=
+        ({"image": "oci:/var/lib/layout:disk"}, "spec.image", IMAGE_FIX),
+        ({"image": "oci-archive:/tmp/disk.tar"}, "spec.image", IMAGE_FIX),
+        ({"image": "dir:/etc"}, "spec.image", IMAGE_FIX),
+        ({"image": "docker-archive:/tmp/d.tar"}, "spec.image", IMAGE_FIX),
+        ({"image": f"http://example.com/d.img#sha256={HEX}"}, "spec.image", IMAGE_FIX),
+        ({"image": "https://example.com/d.img"}, "spec.image", IMAGE_FIX),
+        ({"image": "https://example.com/d.img#sha256=abc"}, "spec.image", IMAGE_FIX),
+        ({"image": "file://host/d.img"}, "spec.image", IMAGE_FIX),
+        ({"image": "file:///var/lib/images/../../etc/shadow"}, "spec.image", "'..' segment"),
+        ({"image": "registry/Upper Case:1"}, "spec.image", IMAGE_FIX),
+        (with_volume(image="oci:/layout"), "spec.volumes[0].image", IMAGE_FIX),
+        (with_volume(image="file:///a/../b"), "spec.volumes[0].image", "'..' segment"),
+        # at most 16 volumes
+        (
+            {
+                "image": "x",
+                "volumes": [{"name": f"v{i}", "emptyDisk": {"capacity": "1Mi"}} for i in range(17)],
+            },
+            "spec.volumes",
+            "must have at most 16 items",
+        ),
+        # capacities up to 1Ti
+        (
+            with_volume(emptyDisk={"capacity": "1025Gi"}),
+            "spec.volumes[0].emptyDisk.capacity",
+            "from 1Mi to 1Ti",
+        ),
+        (
+            with_volume(hostDisk={"path": "a.img", "type": "DiskOrCreate", "capacity": "2Ti"}),
+            "spec.volumes[0].hostDisk.capacity",
+            "from 1Mi to 1Ti",
+        ),
+        # hostDisk.path relative to the namespace's folder
+        (
+            with_volume(hostDisk={"path": "/var/lib/edgevirt/hostdisks/a.img"}),
+            "spec.volumes[0].hostDisk.path",
+            "leading '/'",
+        ),
+        (
+            with_volume(hostDisk={"path": "data/../../other-ns/a.img"}),
+            "spec.volumes[0].hostDisk.path",
+            "'..' segment",
+        ),
+        (with_volume(hostDisk={"path": ".."}), "spec.volumes[0].hostDisk.path", "'..' segment"),
+        (with_volume(hostDisk={"path": "data//a.img"}), "spec.volumes[0].hostDisk.path", "'//'"),
+        (with_volume(hostDisk={"path": "a\nb.img"}), "spec.volumes[0].hostDisk.path", "printable ASCII"),
+        # names: DNS labels
+        ({"image": "x", "networks": [{"name": "Pod_Net"}]}, "spec.networks[0].name", "DNS label"),
+        # cloud-init: a Secret, or inline non-secret data, never both
+        (
+            {"image": "x", "cloudInit": {"userData": "#cloud-config", "userDataSecretRef": {"name": "s"}}},
+            "spec.cloudInit.userDataSecretRef",
+            "mutually exclusive",
+        ),
+        (
+            {"image": "x", "cloudInit": {"userDataSecretRef": {"name": "Not_A_Name"}}},
+            "spec.cloudInit.userDataSecretRef.name",
+            "Secret name",
+        ),
+        (
+            {"image": "x", "cloudInit": {"userDataSecretRef": {}}},
+            "spec.cloudInit.userDataSecretRef.name",
+            "Required value",
+        ),
+    ],
+)
+def test_limits_are_refused_naming_the_field_and_the_fix(crd, ns, spec, field, needle):
+    r = dry_run(crd, ns, spec)
+    assert r.returncode != 0, f"accepted: {spec}"
+    assert field in r.stderr and needle in r.stderr, r.stderr
+
+
+def test_a_vm_name_must_be_a_dns_label(crd, ns):
+    r = dry_run(crd, ns, {"image": "x"}, name="web.example")
+    assert r.returncode != 0 and "metadata.name must be a DNS label" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"image": "127.0.0.1:5000/vm/test-disk:1"},
+        {"image": "docker://127.0.0.1:5000/vm/test-disk:1"},
+        {"image": f"quay.io/containerdisks/fedora@sha256:{HEX}"},
+        {"image": "localhost/disk"},
+        {"image": "file:///var/lib/edgevirt/images/a.qcow2"},
+        {"image": f"https://example.com:8443/images/a.img?x=1#sha256={HEX.upper()}"},
+        with_volume(image=f"https://example.com/b.img#sha256={HEX}"),
+        with_volume(emptyDisk={"capacity": "1Ti"}),
+        with_volume(hostDisk={"path": "a.img"}),
+        with_volume(hostDisk={"path": "team data/v1/a.img", "type": "DiskOrCreate", "capacity": "1Ti"}),
+        {"image": "x", "volumes": [{"name": f"v{i}", "emptyDisk": {"capacity": "1Mi"}} for i in range(16)]},
+        {"image": "x", "networks": [{"name": "default"}]},
+        {"image": "x", "cloudInit": {"userDataSecretRef": {"name": "web-init.v2"}}},
+    ],
+)
+def test_what_the_limits_allow_is_accepted(crd, ns, spec):
+    r = dry_run(crd, ns, spec)
+    assert r.returncode == 0, r.stderr

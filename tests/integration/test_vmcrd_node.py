@@ -1,12 +1,13 @@
 """Node mode of edgevirt-controller with a real libvirt domain and the real API server.
 
-The kvm handler (edgevirt-cri) does not run VM pods on this node yet, so the two things it will
-do are done here by hand, as it will do them: the domain is created through the libvirt layer
-(``cri_shim.vm.DomainManager``) with the VM's UID in its metadata, and the VM pod is stood in
-for by a runc pod named ``<vm>-vm`` on this node with the VM pod's label and volumes annotation
-(node mode only reads the pod's phase, node and annotations). Everything node mode does is real:
-status from the domain, suspend/resume from ``spec.paused``, live attach/detach of hotpluggable
-volumes seen by the guest, and the finalizer's cleanup of domain and disks.
+Node mode reads no pods: it acts on what cluster mode reports in the VM's status (Running,
+``nodeName``, ``podName``) and on the domain libvirt has. Neither cluster mode nor kubelet runs
+here, so what they would do is done by hand, as they do it: the domain is created through the
+libvirt layer (``cri_shim.vm.DomainManager``) with the VM's UID in its metadata (the kvm handler),
+and the status fields are written as cluster mode writes them. Everything node mode does is real,
+with the node account's Node-bound token under the RBAC and admission policies of deploy/: status
+from the domain, suspend/resume from ``spec.paused``, live attach/detach of hotpluggable volumes
+seen by the guest, and the finalizer's cleanup of domain and disks.
 """
 
 from __future__ import annotations
@@ -24,19 +25,6 @@ from vmcrd.kube import api_client
 from vmcrd.node import NodeController
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.timeout(400)]
-
-STANDIN_POD = """apiVersion: v1
-kind: Pod
-metadata:
-  name: web-vm
-  labels: {{edgevirt.io/vm: web}}
-  annotations: {{edgevirt.io/vm-uid: "{uid}", edgevirt.io/volumes: "[]"}}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 1
-  containers:
-  - {{name: compute, image: "busybox:latest", command: [sleep, "3600"]}}
-"""
 
 
 @pytest.fixture
@@ -79,8 +67,9 @@ def test_node_mode_pause_hotplug_status_and_cleanup(cluster, ns, vm_env, vm_disk
     )
     wait_console(console, "EDGEVIRT-GUEST: blocks")
     mark = console_size(console)
-    k.kubectl("apply", "-n", ns, "-f", "-", input=STANDIN_POD.format(uid=uid, node=k.node))
-    k.kubectl("wait", "--for=condition=Ready", "pod/web-vm", "-n", ns, "--timeout=120s")
+    # what cluster mode reports once the VM pod runs on this node
+    running = {"printableStatus": "Running", "nodeName": k.node, "podName": "web-vm"}
+    k.patch("vm", "web", {"status": running}, namespace=ns, subresource="status")
 
     ctl = NodeController(
         api_client(str(k.service_account_kubeconfig("edgevirt-node", tmp_path / "node.kubeconfig", "1h"))),
@@ -138,7 +127,11 @@ def test_node_mode_pause_hotplug_status_and_cleanup(cluster, ns, vm_env, vm_disk
         assert disk_dir.exists()
         k.kubectl("delete", "vm", "web", "-n", ns, "--wait=false")
         assert vm(k, ns)["metadata"]["finalizers"] == [api.FINALIZER]  # the pod still exists
-        k.kubectl("delete", "pod", "web-vm", "-n", ns, "--wait=false")  # cluster mode's job
+        # cluster mode deletes the pod: kubelet has the kvm handler stop the VM, then cluster mode
+        # reports the pod gone
+        mgr.destroy(dom)
+        gone = {"printableStatus": "Stopped", "podName": None}
+        k.patch("vm", "web", {"status": gone}, namespace=ns, subresource="status")
         wait_for("the VM gone", lambda: k.kubectl("get", "vm", "web", "-n", ns, check=False).returncode != 0)
         assert not mgr.exists(dom)
         assert not disk_dir.exists()

@@ -16,7 +16,7 @@ from cri_shim.kvm.contract import (
     ANN_VM_NAME,
     ANN_VM_UID,
     ANN_VOLUMES,
-    CLOUD_INIT_MOUNT_PATH,
+    CLOUD_INIT_SECRET_PATH,
     ContractError,
     parse_pod_contract,
     to_volume_spec,
@@ -139,7 +139,7 @@ def test_a_well_formed_contract_is_read_as_written():
     assert c.vm is not None and c.vm.volumes == tuple(volumes) and c.vm.vm_name == "web"
     assert c.vm.kernel_boot == {"kernel": "/k", "cmdline": "console=ttyS0"}
     assert [to_volume_spec(v).name for v in volumes] == ["data", "cd", "h"]
-    assert CLOUD_INIT_MOUNT_PATH == "/run/edgevirt/cloud-init"
+    assert CLOUD_INIT_SECRET_PATH == "/run/edgevirt/cloud-init"
 
 
 @given(

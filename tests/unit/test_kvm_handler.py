@@ -19,7 +19,7 @@ import yaml
 from cri_shim import protos
 from cri_shim.errors import BackendError
 from cri_shim.kvm import factory, translate
-from cri_shim.kvm.contract import CLOUD_INIT_MOUNT_PATH
+from cri_shim.kvm.contract import CLOUD_INIT_SECRET_PATH
 from cri_shim.vm.errors import DomainNotFound, ImageError, VMError
 from cri_shim.vm.model import DomainState, DomainStats, VMSpec
 
@@ -391,14 +391,14 @@ def test_secret_user_data_comes_from_this_pods_volume_only(env):
     vol.mkdir(parents=True)
     (vol / "userdata").write_text("#cloud-config\npassword: s3cr3t\n")
     sid = run_pod(b, tmp, VM_A, "team-a", "pod-a")
-    cid = create(b, sid, mounts=[(CLOUD_INIT_MOUNT_PATH, str(vol))])
+    cid = create(b, sid, mounts=[(CLOUD_INIT_SECRET_PATH, str(vol))])
     assert mgr.specs[f"edgevirt-{cid[:20]}"].cloud_init.user_data == "#cloud-config\npassword: s3cr3t\n"
     assert "s3cr3t" not in "".join(p.read_text() for p in (tmp / "state").rglob("*.json"))  # in no record
     other = run_pod(b, tmp, VM_A, "team-b", "pod-b")  # another pod mounting pod-a's volume by host path
     with pytest.raises(BackendError) as e:
-        create(b, other, mounts=[(CLOUD_INIT_MOUNT_PATH, str(vol))])
+        create(b, other, mounts=[(CLOUD_INIT_SECRET_PATH, str(vol))])
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.message.startswith(f"config.mounts[{CLOUD_INIT_MOUNT_PATH}]: is not a volume of this pod")
+    assert e.value.message.startswith(f"config.mounts[{CLOUD_INIT_SECRET_PATH}]: is not a volume of this pod")
     assert str(tmp) not in e.value.message
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cri_shim.kvm.contract import CLOUD_INIT_MOUNT_PATH
+from cri_shim.kvm.contract import CLOUD_INIT_SECRET_PATH
 from cri_shim.kvm.userdata import Mount, cloud_init_mount, read_user_data
 from cri_shim.vm.errors import ValidationError
 
@@ -32,7 +32,7 @@ def secret_volume(
 
 
 def mount(host: Path | str) -> Mount:
-    return Mount(CLOUD_INIT_MOUNT_PATH, str(host), readonly=True)
+    return Mount(CLOUD_INIT_SECRET_PATH, str(host), readonly=True)
 
 
 def test_the_secret_of_this_pod_is_read(tmp_path):
@@ -66,7 +66,7 @@ def test_a_mount_that_is_not_a_volume_of_this_pod_is_refused(tmp_path, where):
         read_user_data(mount(host), tmp_path, UID)
     msg = str(ei.value)
     assert msg.startswith(
-        f"config.mounts[{CLOUD_INIT_MOUNT_PATH}]: is not a volume of this pod; mount a Secret"
+        f"config.mounts[{CLOUD_INIT_SECRET_PATH}]: is not a volume of this pod; mount a Secret"
     )
     assert str(tmp_path) not in msg and str(host) in ei.value.detail
 

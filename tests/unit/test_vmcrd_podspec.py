@@ -22,7 +22,7 @@ volume = st.builds(
         [
             {"emptyDisk": {"capacity": "1Gi"}},
             {"image": "127.0.0.1:5000/vm/data:1"},
-            {"hostDisk": {"path": "/var/lib/edgevirt/hostdisks/a.img", "type": "Disk"}},
+            {"hostDisk": {"path": "disks/a.img", "type": "Disk"}},
         ]
     ),
     st.sampled_from(["virtio", "scsi"]),
@@ -43,7 +43,10 @@ specs = st.fixed_dictionaries(
         "running": st.booleans(),
         "nodeName": names,
         "networks": st.lists(st.fixed_dictionaries({"name": st.just("default"), "mac": macs}), max_size=1),
-        "cloudInit": st.fixed_dictionaries({"userData": st.text(max_size=200)}),
+        "cloudInit": st.one_of(
+            st.fixed_dictionaries({"userData": st.text(max_size=200)}),
+            st.fixed_dictionaries({"userDataSecretRef": st.fixed_dictionaries({"name": names})}),
+        ),
         "kernelBoot": st.fixed_dictionaries(
             {"kernel": st.just("/boot/vmlinuz"), "cmdline": st.text(max_size=30)}
         ),
@@ -90,6 +93,8 @@ def test_pod_carries_the_contract(spec, name, node):
         assert podspec.ANN_CLOUD_INIT_USER_DATA not in ann
     if spec.get("kernelBoot"):
         assert json.loads(ann[podspec.ANN_KERNEL_BOOT]) == spec["kernelBoot"]
+    assert_cloud_init_secret(spec, ps)
+    assert_admissible(pod, name)
     terms = (
         (ps.get("affinity") or {})
         .get("nodeAffinity", {})
@@ -101,6 +106,52 @@ def test_pod_carries_the_contract(spec, name, node):
         assert terms is None
     assert all(v is None or isinstance(v, str) for v in ann.values())
     assert podspec.build_pod(vm, node) == pod  # deterministic: a restarted controller builds the same pod
+
+
+def assert_cloud_init_secret(spec: dict, ps: dict) -> None:
+    """A userDataSecretRef is a Secret volume mounted read-only at the contract's path, never copied."""
+    (c,) = ps["containers"]
+    ref = (spec.get("cloudInit") or {}).get("userDataSecretRef")
+    if not ref:
+        assert "volumes" not in ps and "volumeMounts" not in c
+        return
+    (vol,) = ps["volumes"]
+    assert vol == {
+        "name": "cloud-init",
+        "secret": {
+            "secretName": ref["name"],
+            "items": [{"key": "userdata", "path": "userdata"}],
+            "defaultMode": 0o400,
+        },
+    }
+    assert c["volumeMounts"] == [
+        {"name": "cloud-init", "mountPath": contract.CLOUD_INIT_SECRET_PATH, "readOnly": True}
+    ]
+    assert contract.CLOUD_INIT_SECRET_PATH == "/run/edgevirt/cloud-init"
+    assert contract.CLOUD_INIT_SECRET_KEY == "userdata"
+
+
+def assert_admissible(pod: dict, name: str) -> None:
+    """What the admission policy edgevirt-controller-vm-pods-only lets the controller create (the
+    policy itself is exercised in tests/integration/test_vmcrd_policies.py)."""
+    m, ps = pod["metadata"], pod["spec"]
+    (ref,) = [r for r in m["ownerReferences"] if r.get("controller")]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("edgevirt.io/v1alpha1", "VirtualMachine", name)
+    assert m["labels"][podspec.LABEL_VM] == name and ps["runtimeClassName"] == "kvm"
+    assert ps["automountServiceAccountToken"] is False
+    assert not any(ps.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all("secret" in v for v in ps.get("volumes", []))
+    assert all("securityContext" not in c for c in ps["containers"])
+
+
+def test_a_changed_secret_reference_changes_the_spec_hash():
+    spec = {"image": "x", "cloudInit": {"userDataSecretRef": {"name": "a"}}}
+    other = {"image": "x", "cloudInit": {"userDataSecretRef": {"name": "b"}}}
+    assert podspec.spec_hash(spec) != podspec.spec_hash(other)
+    assert podspec.spec_hash(spec) != podspec.spec_hash({"image": "x"})
+    # the Secret's name only: the pod has no annotation with user data in it
+    ann = podspec.build_pod(make_vm(spec), None)["metadata"]["annotations"]
+    assert podspec.ANN_CLOUD_INIT_USER_DATA not in ann
 
 
 @given(specs, st.booleans(), st.booleans())
