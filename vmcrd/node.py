@@ -16,8 +16,10 @@ persistent definition (the kvm handler defines the non-hotpluggable volumes; hot
 only). Only VMs on this node are its own: ``status.nodeName``, else the pin ``spec.nodeName`` (the
 admission policy ``edgevirt-node-own-vms-only`` refuses writes to any other).
 
-The VM's domain is found through the libvirt layer (``cri_shim.vm``) by the ``uid`` in its
-edgevirt metadata, which the CRI kvm handler sets from the pod annotation ``edgevirt.io/vm-uid``.
+The VM's domains and disks are found through the libvirt layer (``cri_shim.vm``) by the VM's
+namespace and UID (the kvm handler keys them by the pod's namespace, as kubelet gives it, and the
+``edgevirt.io/vm-uid`` annotation); disks a VM still has in the layout of before namespaces are moved
+to its namespace on reconcile. Disks no VirtualMachine owns are collected by :mod:`vmcrd.diskgc`.
 The loop around the reconcile (informer, resync, retries) is :mod:`vmcrd.runner`.
 """
 
@@ -36,6 +38,7 @@ from cri_shim.vm import attached_volumes
 
 from . import api
 from .api import KubeObject
+from .diskgc import DiskCollector
 from .kube import EventRecorder, Informer, WorkQueue
 from .resources import VirtualMachines
 from .runner import RetryDelays, Runner
@@ -128,6 +131,7 @@ class NodeController:
         return self._manager
 
     def run(self, stop: threading.Event) -> None:
+        DiskCollector(lambda: self.manager, self.vms, self.namespace).start(stop)
         self.runner.run(stop)
 
     def mine(self, vm: KubeObject) -> bool:
@@ -143,50 +147,50 @@ class NodeController:
         if meta.get("deletionTimestamp"):
             if api.FINALIZER not in (meta.get("finalizers") or []):
                 return None
-            if st.get("podName") or self._runs_here(meta["uid"]):
+            if st.get("podName") or self._runs_here(meta["namespace"], meta["uid"]):
                 return POD_GONE_RECHECK  # cluster mode is deleting the pod; the domain goes with it
-            self.cleanup(meta["uid"])
+            self.cleanup(meta["namespace"], meta["uid"])
             self.vm_api.remove_finalizer(vm)
             self.events.emit(
                 vm, "Normal", "NodeStateRemoved", f"removed the VM's disks and state on {self.node}"
             )
             return None
+        if self.manager.adopt_legacy_vm_disks(meta["namespace"], meta["uid"]):
+            log.info("moved the disks of %s/%s to their namespace's folder", meta["namespace"], meta["uid"])
         if st.get("printableStatus") not in RUNNING_STATES:
             return None  # cluster mode's next status write (from the pod) wakes us
         return self.reconcile_domain(vm)
 
-    def _domains_of(self, uid: str) -> Iterator[str]:
-        """The managed domains whose edgevirt metadata names this VM's UID (looked up lazily)."""
-        mgr = self.manager
-        return (dom for dom in mgr.list_managed() if mgr.metadata(dom).get("uid") == uid)
+    def _domains_of(self, namespace: str, uid: str) -> Iterator[str]:
+        """The managed domains of this VM (its namespace and UID in their edgevirt metadata)."""
+        return iter(self.manager.vm_domains(namespace, uid))
 
-    def cleanup(self, uid: str) -> None:
-        """Remove every domain of this VM and its VM-scoped disks. Idempotent."""
-        from cri_shim.vm import DiskManager
-
+    def cleanup(self, namespace: str, uid: str) -> None:
+        """Remove every domain of this VM and its disks. Idempotent; the disks go even when libvirt
+        does not answer (a stale domain is then reported in the log)."""
         try:
-            for dom in self._domains_of(uid):
-                self.manager.remove(dom, delete_disks=True)
-        except Exception as e:  # libvirt away: the disks can still go; a stale domain is reported
-            log.warning("cleanup of %s: libvirt: %s", uid, e)
-        DiskManager(self.state_dir).remove("vm", uid)
+            self.manager.remove_vm(namespace, uid)
+        except Exception as e:
+            log.warning("cleanup of %s/%s: libvirt: %s", namespace, uid, e)
 
-    def find_domain(self, uid: str) -> str | None:
-        return next(self._domains_of(uid), None)
+    def find_domain(self, namespace: str, uid: str) -> str | None:
+        return next(self._domains_of(namespace, uid), None)
 
-    def _runs_here(self, uid: str) -> bool:
+    def _runs_here(self, namespace: str, uid: str) -> bool:
         """A domain of this VM runs (or is paused) on this node: its pod is not gone yet, whatever
         the VM's status says (e.g. cluster mode's write lags)."""
         try:
-            return any(self.manager.state(d).phase in ("running", "paused") for d in self._domains_of(uid))
+            return any(
+                self.manager.state(d).phase in ("running", "paused") for d in self._domains_of(namespace, uid)
+            )
         except Exception as e:  # libvirt away: nothing can be checked or removed; cleanup reports it
-            log.warning("is %s running here? libvirt: %s", uid, e)
+            log.warning("is %s/%s running here? libvirt: %s", namespace, uid, e)
             return False
 
     def reconcile_domain(self, vm: KubeObject) -> float | None:
         """Pause state, hot-plugged volumes and the domain's facts of a VM whose pod runs."""
         mgr = self.manager
-        dom = self.find_domain(vm["metadata"]["uid"])
+        dom = self.find_domain(vm["metadata"]["namespace"], vm["metadata"]["uid"])
         if dom is None or mgr.state(dom).phase not in ("running", "paused"):
             return NO_DOMAIN_RECHECK  # the kvm handler has not made or started it yet
         facts = self._apply_paused(vm, dom)

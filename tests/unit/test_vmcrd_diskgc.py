@@ -1,0 +1,82 @@
+"""Node mode's collection of VM disks no VirtualMachine owns (vmcrd.diskgc), with a real disk folder
+layout (cri_shim.vm.DiskManager) and a stand-in for libvirt."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cri_shim.vm import DiskManager, DiskOwner
+from vmcrd.diskgc import DiskCollector, orphans
+
+
+def vm(ns: str, uid: str) -> dict:
+    return {"metadata": {"namespace": ns, "name": f"vm-{uid}", "uid": uid}}
+
+
+def test_orphans_are_owners_without_a_vm_and_only_in_the_watched_namespace():
+    owners = [("a", "u1"), ("a", "u2"), ("b", "u1"), ("b", "u3")]
+    vms = [vm("a", "u1"), vm("b", "u3")]
+    # u1 of namespace b is not a's u1: the pair is the identity
+    assert orphans(owners, vms) == [("a", "u2"), ("b", "u1")]
+    assert orphans(owners, vms, namespace="a") == [("a", "u2")]
+
+
+@dataclass
+class State:
+    phase: str
+
+
+class FakeManager:
+    """The part of DomainManager the collector uses: real disks, domains as a dict."""
+
+    def __init__(self, disks: DiskManager, running: dict[tuple[str, str], str]) -> None:
+        self.disks = disks
+        self.running = running
+        self.removed: list[tuple[str, str]] = []
+
+    def vm_domains(self, ns: str, uid: str) -> list[str]:
+        return [f"dom-{uid}"] if (ns, uid) in self.running else []
+
+    def state(self, name: str) -> State:
+        return State(next(p for (_, u), p in self.running.items() if f"dom-{u}" == name))
+
+    def remove_vm(self, ns: str, uid: str) -> None:
+        self.removed.append((ns, uid))
+        self.disks.remove_vm_disks(ns, uid)
+
+
+class FakeInformer:
+    def __init__(self, vms: list[dict]) -> None:
+        self.synced = threading.Event()
+        self._vms = vms
+
+    def values(self) -> list[dict]:
+        return list(self._vms)
+
+
+def test_collects_old_unowned_disks_that_no_running_domain_uses(tmp_path: Path):
+    disks = DiskManager(tmp_path / "state")
+    for ns, uid in (("a", "owned"), ("a", "gone"), ("a", "young"), ("a", "busy"), ("b", "gone")):
+        disks.empty_disk(DiskOwner("vm", uid, ns), "d", "1Mi")
+    disks.empty_disk(DiskOwner("pod", "p1", "a"), "d", "1Mi")  # a plain pod's: never judged here
+    old = 1_000_000.0
+    for ns, uid in (("a", "owned"), ("a", "gone"), ("a", "busy"), ("b", "gone")):
+        os.utime(disks.dir_for("vm", uid, ns), (old, old))
+    mgr = FakeManager(disks, running={("a", "busy"): "running"})
+    informer = FakeInformer([vm("a", "owned")])
+    gc = DiskCollector(lambda: mgr, informer, namespace=None, grace=600)  # type: ignore[arg-type]
+    assert gc.collect_once(now=old + 10_000) == []  # not synced yet: judges nothing
+    informer.synced.set()
+    assert gc.collect_once(now=old + 10_000) == [("a", "gone"), ("b", "gone")]
+    left = set(disks.vm_disk_owners())
+    assert left == {("a", "owned"), ("a", "young"), ("a", "busy")}
+    assert disks.dir_for("pod", "p1", "a").is_dir()
+    # watching one namespace only: the other namespace's disks are not its to judge
+    disks.empty_disk(DiskOwner("vm", "gone2", "b"), "d", "1Mi")
+    os.utime(disks.dir_for("vm", "gone2", "b"), (old, old))
+    gc_a = DiskCollector(lambda: mgr, informer, namespace="a", grace=600)  # type: ignore[arg-type]
+    assert gc_a.collect_once(now=old + 10_000) == []
+    assert ("b", "gone2") in disks.vm_disk_owners()
