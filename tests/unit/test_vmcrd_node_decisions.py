@@ -35,11 +35,12 @@ class FakeManager:
         self.phase, self.persistent, self.live = phase, persistent, live
         self.calls: list[tuple[str, ...]] = []
 
-    def list_managed(self) -> list[str]:
-        return [] if self.phase is None else ["dom"]
+    def vm_domains(self, namespace: str, uid: str) -> list[str]:
+        """The VM's domains by namespace + UID, as the libvirt layer keys them."""
+        return ["dom"] if self.phase is not None and (namespace, uid) == ("ns", UID) else []
 
-    def metadata(self, dom: str) -> dict[str, str]:
-        return {"uid": UID}
+    def adopt_legacy_vm_disks(self, namespace: str, uid: str) -> bool:
+        return False
 
     def state(self, dom: str) -> FakeState:
         assert self.phase is not None
@@ -64,8 +65,10 @@ class FakeManager:
     def detach_volume(self, dom: str, name: str) -> None:
         self.calls.append(("detach", name))
 
-    def remove(self, dom: str, delete_disks: bool = False) -> None:
-        self.calls.append(("remove", dom))
+    def remove_vm(self, namespace: str, uid: str) -> None:
+        """Domains and disks of the VM (namespace, uid); the disks go even without a domain."""
+        self.calls.extend(("remove", d) for d in self.vm_domains(namespace, uid))
+        self.calls.append(("remove-disks", namespace, uid))
 
 
 class FakeVMs:
@@ -207,5 +210,6 @@ def test_cleanup_removes_the_domain_and_then_the_finalizer(tmp_path, phase):
     mgr = FakeManager(phase)
     ctl = controller(vm, mgr, tmp_path)
     assert ctl.reconcile("ns/web") is None
-    assert mgr.calls == ([] if phase is None else [("remove", "dom")])
+    disks = ("remove-disks", "ns", UID)
+    assert mgr.calls == ([disks] if phase is None else [("remove", "dom"), disks])
     assert ctl.vm_api.finalizer_removed == 1 and ctl.events.reasons == ["NodeStateRemoved"]
