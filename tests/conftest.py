@@ -27,13 +27,19 @@ from localcluster.paths import Paths, node_name
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """The local single-node cluster: reuses a running one, else brings one up (deploy/local/up) and
-    takes it down again at the end of the session."""
+    takes it down again at the end of the session. ``up`` runs either way (it only starts what is
+    missing or out of date); with ``EDGEVIRT_NO_UP=1`` a Ready cluster is used exactly as it is (to
+    test a branch's code against a cluster another checkout runs)."""
     require_root("the local cluster runs containerd, kubelet and network namespaces")
     paths = Paths.default()
     was_running = localcluster.node_ready(paths) if paths.kubeconfig.exists() else False
     c = Cluster(paths=paths, node=node_name(), started_here=not was_running)
-    res = c.up()
-    assert res.returncode == 0, f"deploy/local/up failed:\n{res.stdout}\n{res.stderr}"
+    if os.environ.get("EDGEVIRT_NO_UP"):
+        assert was_running, "EDGEVIRT_NO_UP=1, but the local cluster is not Ready: run deploy/local/up"
+        c.started_here = False
+    else:
+        res = c.up()
+        assert res.returncode == 0, f"deploy/local/up failed:\n{res.stdout}\n{res.stderr}"
     yield c
     if c.started_here and not os.environ.get("EDGEVIRT_KEEP_CLUSTER"):
         res = c.down()
