@@ -155,11 +155,22 @@ class NodeController:
                 vm, "Normal", "NodeStateRemoved", f"removed the VM's disks and state on {self.node}"
             )
             return None
-        if self.manager.adopt_legacy_vm_disks(meta["namespace"], meta["uid"]):
-            log.info("moved the disks of %s/%s to their namespace's folder", meta["namespace"], meta["uid"])
+        self._adopt_legacy_disks(meta["namespace"], meta["uid"])
         if st.get("printableStatus") not in RUNNING_STATES:
             return None  # cluster mode's next status write (from the pod) wakes us
         return self.reconcile_domain(vm)
+
+    def _adopt_legacy_disks(self, namespace: str, uid: str) -> None:
+        """Move the VM's disks of the layout of before namespaces into its namespace's folder, while no
+        domain of it exists (a defined domain names its disk files by path: they stay where they are
+        until the domain is gone)."""
+        mgr = self.manager
+        try:
+            unused = mgr.has_legacy_vm_disks(uid) and not mgr.vm_domains(namespace, uid)
+            if unused and mgr.adopt_legacy_vm_disks(namespace, uid):
+                log.info("moved the disks of %s/%s to their namespace's folder", namespace, uid)
+        except Exception as e:  # libvirt away: try again on the next reconcile
+            log.warning("moving the disks of %s/%s: %s", namespace, uid, e)
 
     def _domains_of(self, namespace: str, uid: str) -> Iterator[str]:
         """The managed domains of this VM (its namespace and UID in their edgevirt metadata)."""

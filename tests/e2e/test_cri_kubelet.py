@@ -64,8 +64,10 @@ def runc_pod(cluster):
 def test_the_node_runs_on_edgevirt_cri(cluster):
     node = cluster.kubectl_json("get", "node", cluster.node)
     assert node["status"]["nodeInfo"]["containerRuntimeVersion"] == "edgevirt://0.1.0"
+    # kubelet's own config names containerd; the node installer's drop-in points it at edgevirt-cri
     cfg = (cluster.paths.etc / "kubelet.yaml").read_text()
-    assert f"containerRuntimeEndpoint: unix://{cluster.paths.cri_sock}" in cfg
+    assert f"containerRuntimeEndpoint: unix://{cluster.paths.containerd_sock}" in cfg
+    assert cluster.kubelet_runtime_endpoint() == f"unix://{cluster.paths.cri_sock}"
     rcs = {i["metadata"]["name"]: i["handler"] for i in cluster.kubectl_json("get", "runtimeclass")["items"]}
     assert {k: rcs.get(k) for k in ("runc", "kata", "kvm")} == {"runc": "runc", "kata": "kata", "kvm": "kvm"}
 

@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 from helpers.netns import sh
 from helpers.waiting import wait_for
 from localcluster.components import cri_enabled
@@ -47,10 +46,10 @@ def test_node_is_ready(cluster):
     # kubelet's CRI endpoint is edgevirt-cri (runtime_name "edgevirt") unless the cluster was brought
     # up with EDGEVIRT_LOCAL_CRI=containerd (straight to containerd). A reused cluster may have been
     # started under the other setting, so the kubelet config in effect decides.
-    kubelet_cfg = yaml.safe_load((cluster.paths.etc / "kubelet.yaml").read_text())
-    via_cri = kubelet_cfg["containerRuntimeEndpoint"] == f"unix://{cluster.paths.cri_sock}"
+    endpoint = cluster.kubelet_runtime_endpoint()
+    via_cri = endpoint == f"unix://{cluster.paths.cri_sock}"
     if cluster.started_here:
-        assert via_cri == cri_enabled(), kubelet_cfg["containerRuntimeEndpoint"]
+        assert via_cri == cri_enabled(), endpoint
     runtime = node["status"]["nodeInfo"]["containerRuntimeVersion"]
     assert runtime.startswith("edgevirt://" if via_cri else "containerd://"), runtime
 

@@ -81,6 +81,19 @@ class Cluster:
         """A kubeconfig at ``path`` for this cluster that authenticates with a bearer ``token``."""
         return tokens.token_kubeconfig(self.paths.kubeconfig, user, token, path)
 
+    def kubelet_runtime_endpoint(self) -> str:
+        """kubelet's CRI endpoint in effect: its config file's, overridden by the drop-ins of its
+        ``--config-dir`` (the node installer's, which points it at edgevirt-cri), as kubelet merges them."""
+        import yaml
+
+        endpoint = yaml.safe_load((self.paths.etc / "kubelet.yaml").read_text())["containerRuntimeEndpoint"]
+        argv = json.loads((self.paths.pids / "kubelet.pid").read_text())["argv"]
+        dirs = [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
+        for d in dirs:
+            for f in sorted(Path(d).glob("*.conf")):
+                endpoint = (yaml.safe_load(f.read_text()) or {}).get("containerRuntimeEndpoint", endpoint)
+        return endpoint
+
     def install_vm_crd(self, rbac: bool = False) -> None:
         """Apply the VirtualMachine CRD (and, with ``rbac``, the RBAC and the admission policies, as
         ``kubectl apply -k deploy/`` does); wait until served."""

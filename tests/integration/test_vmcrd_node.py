@@ -63,7 +63,14 @@ def test_node_mode_pause_hotplug_status_and_cleanup(cluster, ns, vm_env, vm_disk
     console = tmp_path / "console.log"
     dom = vm_env.name("web")
     mgr.create(
-        VMSpec(name=dom, uid=uid, memory_mib=256, image=f"file://{vm_disk.qcow2}", console_log=console)
+        VMSpec(
+            name=dom,
+            uid=uid,
+            namespace=ns,
+            memory_mib=256,
+            image=f"file://{vm_disk.qcow2}",
+            console_log=console,
+        )
     )
     wait_console(console, "EDGEVIRT-GUEST: blocks")
     mark = console_size(console)
@@ -123,7 +130,7 @@ def test_node_mode_pause_hotplug_status_and_cleanup(cluster, ns, vm_env, vm_disk
         reasons = {e["reason"] for e in k.kubectl_json("get", "events", "-n", ns)["items"]}
         assert {"VolumeMounted", "VolumeUnmounted", "Suspended", "Resumed"} <= reasons
         # deletion: the finalizer waits for the pod, then node mode removes domain and disks
-        disk_dir = DiskManager(vm_env.state_dir).dir_for("vm", uid)
+        disk_dir = DiskManager(vm_env.state_dir).dir_for("vm", uid, namespace=ns)
         assert disk_dir.exists()
         k.kubectl("delete", "vm", "web", "-n", ns, "--wait=false")
         assert vm(k, ns)["metadata"]["finalizers"] == [api.FINALIZER]  # the pod still exists

@@ -39,6 +39,9 @@ class FakeManager:
         """The VM's domains by namespace + UID, as the libvirt layer keys them."""
         return ["dom"] if self.phase is not None and (namespace, uid) == ("ns", UID) else []
 
+    def has_legacy_vm_disks(self, uid: str) -> bool:
+        return False
+
     def adopt_legacy_vm_disks(self, namespace: str, uid: str) -> bool:
         return False
 
