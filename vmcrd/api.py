@@ -58,6 +58,18 @@ def run_strategy(spec: dict[str, Any]) -> str:
     return "Halted"
 
 
+#: What kubelet does on its own when a VM's guest ends (the VM pod's ``restartPolicy``): the part of
+#: a runStrategy that holds without the API server (an edge node's uplink may be down for hours).
+#: Always: every end (a guest power-off too); RerunOnFailure: a crash or a destroy, not a power-off
+#: (exit 0); the others: nothing, the controller decides once it is back.
+RESTART_POLICIES = {"Always": "Always", "RerunOnFailure": "OnFailure"}
+
+
+def restart_policy(spec: dict[str, Any]) -> str:
+    """The VM pod's ``restartPolicy`` for the VM's effective runStrategy (see RESTART_POLICIES)."""
+    return RESTART_POLICIES.get(run_strategy(spec), "Never")
+
+
 def parse_request(value: str | None) -> tuple[str, str]:
     """``"restart:abc"`` -> ("restart", "restart:abc"); ``"stop"`` -> ("stop", "stop"); None -> ("", "")."""
     if not value:

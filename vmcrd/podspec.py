@@ -20,8 +20,9 @@ named ``compute``; its image is the VM image when that is an OCI reference (so k
 the real pull) and :data:`PLACEHOLDER_IMAGE` otherwise (kubelet cannot parse ``file://`` or
 ``https://`` references). Limits are ``spec.cpu``/``spec.memory`` (the shim gets them in the CRI
 ``LinuxContainerResources``); requests are the memory and ``spec.cpu`` / :data:`CPU_ALLOCATION_RATIO`.
-``restartPolicy: Never``: the controller, not
-kubelet, decides whether a VM that ended runs again (runStrategy).
+``restartPolicy`` follows the runStrategy (:data:`vmcrd.api.RESTART_POLICIES`): Always -> Always,
+RerunOnFailure -> OnFailure, the others -> Never; so kubelet brings a VM back in the same sandbox (same
+disks, MAC, IP) without the API server, and the controller acts on what kubelet does not.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def build_pod(
     name, uid = meta["name"], meta["uid"]
     pod_spec: dict[str, Any] = {
         "runtimeClassName": runtime_class,
-        "restartPolicy": "Never",
+        "restartPolicy": api.restart_policy(spec),
         "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,

@@ -27,6 +27,14 @@ RESTART_MESSAGE = (
     "cpu, memory, image, kernelBoot, cloudInit, networks, nodeName or a non-hotpluggable volume "
     "changed while the VM runs; restart it to apply (kubectl vm restart NAME)"
 )
+#: RestartRequired's reason -> its message.
+RESTART_MESSAGES = {
+    "BootSpecChanged": RESTART_MESSAGE,
+    "RunStrategyChanged": (
+        "runStrategy changed while the VM runs: its pod restarts the guest by the old strategy "
+        "(a pod's restartPolicy cannot change); restart the VM to apply (kubectl vm restart NAME)"
+    ),
+}
 #: printableStatus -> (Event type, Event reason) of a transition into it.
 PRINTABLE_EVENTS = {
     api.STOPPED: ("Normal", "Stopped"),
@@ -126,13 +134,37 @@ def printable(
     return api.STARTING, "waiting for the VM pod to run"
 
 
-def restart_required(vm: KubeObject, pod: KubeObject | None) -> bool:
-    """The running pod was built from a different boot spec than the VM's current one."""
+def restart_required(vm: KubeObject, pod: KubeObject | None) -> str:
+    """Why the running pod must be made again to follow the VM's spec ("" when it need not): it was
+    built from another boot spec (BootSpecChanged), or kubelet restarts it by another policy than the
+    runStrategy now says (RunStrategyChanged: a pod's restartPolicy cannot change)."""
     if pod_state(pod) is not PodState.ACTIVE:
-        return False
+        return ""
     assert pod is not None
+    spec = vm.get("spec") or {}
     have = (pod["metadata"].get("annotations") or {}).get(podspec.ANN_SPEC_HASH)
-    return have is not None and have != podspec.spec_hash(vm.get("spec") or {})
+    if have is not None and have != podspec.spec_hash(spec):
+        return "BootSpecChanged"
+    policy = (pod.get("spec") or {}).get("restartPolicy")
+    if policy is not None and policy != api.restart_policy(spec):
+        return "RunStrategyChanged"
+    return ""
+
+
+def restarts(pod: KubeObject | None) -> tuple[int, dict[str, Any] | None]:
+    """(how often kubelet restarted the VM in its pod, how the guest last ended: reason, exitCode,
+    finishedAt, message of the container's last termination)."""
+    for cs in ((pod or {}).get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") != podspec.CONTAINER_NAME:
+            continue
+        last = (cs.get("lastState") or {}).get("terminated")
+        ended = None
+        if last:
+            ended = {
+                k: last[k] for k in ("reason", "exitCode", "finishedAt", "message") if last.get(k) is not None
+            }
+        return int(cs.get("restartCount") or 0), ended
+    return 0, None
 
 
 def set_condition(
@@ -187,9 +219,9 @@ def compute(
     set_condition(
         conds,
         api.COND_RESTART_REQUIRED,
-        rr,
-        "BootSpecChanged" if rr else "UpToDate",
-        RESTART_MESSAGE if rr else "",
+        bool(rr),
+        rr or "UpToDate",
+        RESTART_MESSAGES.get(rr, ""),
         gen,
     )
     failed = pstatus in FAILURE_STATES
@@ -197,6 +229,7 @@ def compute(
     if sandbox_error and pstatus == api.STARTING:
         failed, reason = True, "FailedCreatePodSandBox"
     set_condition(conds, api.COND_FAILURE, failed, reason, message if failed else "", gen)
+    count, ended = restarts(pod)
     out: dict[str, Any] = {
         "printableStatus": pstatus,
         "podName": pod["metadata"]["name"] if pod else None,
@@ -204,6 +237,10 @@ def compute(
         "ipAddresses": ips,
         "conditions": conds,
         "observedGeneration": gen,
+        # kubelet's restarts of the VM in its current pod (a new pod starts again at 0), and how the
+        # guest last ended; kept from the last pod while there is none (what happened stays visible)
+        "restartCount": count if pod else old.get("restartCount", 0),
+        "lastTermination": ended if pod else old.get("lastTermination"),
     }
     return out
 
@@ -254,13 +291,28 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
         )
         change = f"{old.get('printableStatus') or 'New'} -> {new['printableStatus']}"
         out.append((etype, reason, change + (f": {msg}" if msg else "")))
+    before, after = int(old.get("restartCount") or 0), int(new.get("restartCount") or 0)
+    if new.get("podName") and new.get("podName") == old.get("podName") and after > before:
+        ended = new.get("lastTermination") or {}
+        how = f"{ended.get('reason', 'ended')}, exit code {ended.get('exitCode', '?')}"
+        out.append(
+            (
+                "Warning" if ended.get("exitCode") not in (0, None) else "Normal",
+                "Restarted",
+                f"the guest ended ({how}) and kubelet started it again on its node "
+                f"(restart {after} of this pod; {after - before} since the last report)",
+            )
+        )
     old_rr = condition_status(old, api.COND_RESTART_REQUIRED)
     if condition_status(new, api.COND_RESTART_REQUIRED) == "True" and old_rr != "True":
         out.append(
             (
                 "Warning",
                 "RestartRequired",
-                "boot settings changed while running: restart the VM to apply them",
+                next(
+                    (c.get("message") for c in new["conditions"] if c["type"] == api.COND_RESTART_REQUIRED),
+                    RESTART_MESSAGE,
+                ),
             )
         )
     return out

@@ -73,7 +73,7 @@ def test_pod_carries_the_contract(spec, name, node):
     assert m["name"] == f"{name}-vm" and m["namespace"] == "ns1"
     (ref,) = m["ownerReferences"]
     assert ref["uid"] == vm["metadata"]["uid"] and ref["controller"] and ref["kind"] == "VirtualMachine"
-    assert ps["runtimeClassName"] == "kvm" and ps["restartPolicy"] == "Never"
+    assert ps["runtimeClassName"] == "kvm" and ps["restartPolicy"] == api.restart_policy(spec)
     (c,) = ps["containers"]
     assert c["resources"]["limits"] == {"cpu": str(spec["cpu"]), "memory": spec["memory"]}
     want_cpu = f"{max(1, int(float(spec['cpu']) * 1000) // podspec.CPU_ALLOCATION_RATIO)}m"
@@ -303,3 +303,51 @@ def test_contract_reader_refuses_malformed_annotations_naming_them():
     with pytest.raises(contract.ContractError, match=re.escape("edgevirt.io/kernel-boot")):
         contract.parse_pod_annotations({**base, contract.ANN_KERNEL_BOOT: '{"cmdline": "x"}'})
     assert contract.parse_pod_annotations(base).volumes == ()
+
+
+@pytest.mark.parametrize(
+    ("spec", "policy"),
+    [
+        ({"running": True}, "Always"),
+        ({"running": False}, "Never"),
+        ({"runStrategy": "Always"}, "Always"),
+        ({"runStrategy": "RerunOnFailure"}, "OnFailure"),
+        ({"runStrategy": "Manual"}, "Never"),
+        ({"runStrategy": "Once"}, "Never"),
+        ({"runStrategy": "Halted"}, "Never"),
+    ],
+)
+def test_kubelet_restarts_what_the_run_strategy_promises_without_the_api_server(spec, policy):
+    vm = make_vm({"image": "127.0.0.1:5000/vm/d:1", **spec}, "web")
+    assert podspec.build_pod(vm, None)["spec"]["restartPolicy"] == policy
+
+
+def test_a_run_strategy_change_while_running_asks_for_a_restart_and_restarts_are_reported():
+    vm = make_vm({"image": "127.0.0.1:5000/vm/d:1", "runStrategy": "Always"}, "web")
+    p = podspec.build_pod(vm, None)
+    p["spec"]["nodeName"] = "n1"
+    p["status"] = {
+        "phase": "Running",
+        "containerStatuses": [
+            {
+                "name": podspec.CONTAINER_NAME,
+                "state": {"running": {}},
+                "restartCount": 3,
+                "lastState": {"terminated": {"reason": "Error", "exitCode": 137, "finishedAt": "t"}},
+            }
+        ],
+    }
+    out = status.compute(vm, p)
+    assert out["restartCount"] == 3 and out["lastTermination"] == {
+        "reason": "Error",
+        "exitCode": 137,
+        "finishedAt": "t",
+    }
+    assert status.restart_required(vm, p) == ""
+    vm["spec"]["runStrategy"] = "Manual"  # the pod still restarts by Always
+    assert status.restart_required(vm, p) == "RunStrategyChanged"
+    assert cond(status.compute(vm, p), "RestartRequired")["reason"] == "RunStrategyChanged"
+    # with no pod the last figures stay visible
+    vm["status"] = status.compute(vm, p)
+    gone = status.compute(vm, None)
+    assert gone["restartCount"] == 3 and gone["lastTermination"]["exitCode"] == 137

@@ -48,3 +48,21 @@ def test_pod_events_map_to_their_vm():
     assert vm_key_of_pod("ns/web-vm", pod) == "ns/web"
     assert vm_key_of_pod("ns/db-vm", None) == "ns/db"  # deleted: no longer cached, the name tells
     assert vm_key_of_pod("ns/other", {"metadata": {"name": "other", "labels": {}}}) is None
+
+
+def test_restarts_by_kubelet_are_told_once_with_how_the_guest_ended():
+    def running(count, ended=None, pod="web-vm"):
+        return {**st(api.RUNNING), "podName": pod, "restartCount": count, "lastTermination": ended}
+
+    crash = {"reason": "Error", "exitCode": 139, "finishedAt": "2026-12-02T08:00:00Z"}
+    ((etype, reason, msg),) = transition_events(running(0), running(2, crash))
+    assert (etype, reason) == ("Warning", "Restarted")
+    assert "Error, exit code 139" in msg and "restart 2" in msg and "2 since the last report" in msg
+    assert transition_events(running(2, crash), running(2, crash)) == []
+    poweroff = {"reason": "Completed", "exitCode": 0}
+    assert [e[:2] for e in transition_events(running(2, crash), running(3, poweroff))] == [
+        ("Normal", "Restarted")
+    ]
+    # a new pod starts counting again: that is no restart by kubelet
+    assert transition_events(running(3, poweroff), running(0, None, pod="web-vm")) == []
+    assert transition_events(running(3, poweroff, pod=None), running(1, crash)) == []
