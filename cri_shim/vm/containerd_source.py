@@ -39,6 +39,7 @@ log = logging.getLogger("edgevirt.vm.images")
 DEFAULT_ROOT = Path("/var/lib/containerd")
 CONTENT_BLOBS = Path("io.containerd.content.v1.content/blobs/sha256")
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_SCANNED_BYTES = 64 << 10  # manifests looked through for an image known by tag only
 LOG_EVERY_BYTES = 256 << 20
 INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -99,6 +100,28 @@ class ContentStore:
             raise ImageError(f"{what}: the image's manifest is not a JSON object")
         return doc
 
+    def manifest_of_config(self, config: str) -> str | None:
+        """The digest of a manifest in the store whose config is ``config`` (an image ID), for an
+        image containerd holds by tag only (``ctr images import``: no repository digest); a scan
+        of the store's small blobs."""
+        try:
+            entries = list(os.scandir(self.blobs))
+        except OSError:
+            return None
+        for e in entries:
+            try:
+                if not e.is_file() or e.stat().st_size > MAX_SCANNED_BYTES:
+                    continue
+                with open(e.path, "rb") as f:
+                    data = f.read(MAX_SCANNED_BYTES)
+                doc = json.loads(data) if data[:1] == b"{" else None
+            except (OSError, ValueError):
+                continue
+            cfg = doc.get("config") if isinstance(doc, dict) else None
+            if isinstance(cfg, dict) and cfg.get("digest") == config and SHA256_RE.fullmatch(e.name):
+                return f"sha256:{e.name}"  # (verified when read: the name is the content's digest)
+        return None
+
     def image_manifest(self, digest: str, what: str) -> dict[str, Any]:
         """The image manifest ``digest`` names: itself, or an index's linux/amd64 manifest."""
         doc = self.read_json(digest, what)
@@ -154,11 +177,15 @@ class ContainerdSource:
             self.images.pull(ref, timeout)
             log.info("containerd pulled %s in %.1fs", ref, time.monotonic() - t0)
             image = self.images.status(str(ref))
-        digest = image.digest_of(ref) if image is not None else None
+        if image is None:
+            raise ImageError(f"containerd pulled {ref} but does not show it; try again")
+        # by the repository's digest; an image imported by tag only has none: by its config
+        digest = image.digest_of(ref) or self.store.manifest_of_config(image.id)
         if digest is None:
             raise ImageError(
-                f"containerd holds {ref}, but under another repository name; pull it as {ref.name}",
-                detail=f"containerd's record: {image}",
+                f"containerd holds {ref}, but its manifest is not in containerd's content store "
+                "(is the kvm option containerd_root containerd's root?)",
+                detail=f"containerd's record: {image}; content store {self.store.blobs}",
             )
         layers = layers_of(self.store.image_manifest(digest, str(ref)))
         return Manifest(digest, sum(layer.size for layer in layers))

@@ -72,6 +72,8 @@ class FakeContainerd:
         self.socket = self.dir / "c.sock"
         self.registry: dict[str, tuple[str, dict[str, bytes]]] = {}
         self.images: dict[str, str] = {}
+        self.configs: dict[str, str] = {}  # name -> config digest (the image ID)
+        self.tag_only: set[str] = set()  # imported by tag (ctr images import): no repo digest
         self.pulls: list[str] = []
         self.statuses: list[str] = []
         self.pull_error = "failed to resolve reference: not found"
@@ -113,6 +115,7 @@ class FakeContainerd:
             "layers": [{"mediaType": LAYER, "digest": blob(x), "size": len(x)} for x in layers],
         }).encode()  # fmt: skip
         top = blob(man)
+        self.configs[name] = f"sha256:{hashlib.sha256(cfg).hexdigest()}"
         if index:
             other = b'{"schemaVersion":2,"layers":[]}'  # arm64: containerd does not fetch its blobs
             idx = json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": [
@@ -140,9 +143,9 @@ class FakeContainerd:
             hit = next((n for n in self.images if parse_reference(n).name == ref.name), None)
             if hit is None or (ref.digest and self.images[hit] != ref.digest):
                 return api.ImageStatusResponse()  # what containerd answers for an unknown image
-            digests = [f"{ref.name}@{self.images[hit]}"]
+            digests = [] if hit in self.tag_only else [f"{ref.name}@{self.images[hit]}"]
             return api.ImageStatusResponse(
-                image=api.Image(id="sha256:" + "c" * 64, repo_tags=[hit], repo_digests=digests)
+                image=api.Image(id=self.configs[hit], repo_tags=[hit], repo_digests=digests)
             )
 
     def _pull(self, req, ctx):
@@ -195,6 +198,14 @@ def test_a_tag_is_found_in_containerds_store_and_the_disk_cached_by_manifest_dig
     # by digest: from the cache, containerd not even asked
     asked = len(ctd.statuses)
     assert st.resolve(f"127.0.0.1:5000/vm/d@{top}").path == img.path and len(ctd.statuses) == asked
+
+
+def test_an_image_imported_by_tag_only_is_found_by_its_config(ctd, disk, tmp_path):
+    ctd.image("edge.invalid/vm/imported:1", [tar_gz({"disk/d.qcow2": disk})])
+    ctd.tag_only.add("edge.invalid/vm/imported:1")
+    (ctd.blobs / ("f" * 64)).write_bytes(b"{not json")  # other small blobs are passed over
+    assert store_of(ctd, tmp_path).resolve("edge.invalid/vm/imported:1").path.read_bytes() == disk
+    assert ctd.pulls == []
 
 
 def test_an_index_resolves_to_its_amd64_manifest(ctd, disk, tmp_path):
