@@ -64,15 +64,19 @@ class LocalImage:
     repo_tags: tuple[str, ...] = ()
 
     def digest_of(self, ref: OciRef) -> str | None:
-        """What the repository of ``ref`` points at in this image (``sha256:<hex>``), if recorded."""
+        """What the repository of ``ref`` points at in this image (``sha256:<hex>``), if recorded
+        (the digest ``ref`` names, when it names one and containerd has it)."""
+        found = []
         for entry in self.repo_digests:
             name, _, digest = entry.partition("@")
             try:
                 if parse_reference(name).name == ref.name and digest.startswith("sha256:"):
-                    return digest
+                    found.append(digest)
             except ValueError:
                 continue
-        return None
+        if ref.digest in found:
+            return ref.digest
+        return found[0] if found else None
 
 
 def why_pull_failed(message: str) -> str:

@@ -363,3 +363,21 @@ def test_edgevirt_cri_serves_the_image_store_metrics_of_its_kvm_backend(tmp_path
         readiness.close()
     for name in ("extracted_bytes_total", "extract_seconds", "resolutions_total"):
         assert f"# HELP edgevirt_vm_image_{name} " in text, text[:2000]
+
+
+def test_the_repository_digest_is_the_references_own_and_never_another_repositorys():
+    from cri_shim.vm.containerd_images import LocalImage
+
+    a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    img = LocalImage(
+        "sha256:" + "c" * 64, (f"other.example/x/d@{a}", f"reg.example/x/d@{a}", f"reg.example/x/d@{b}")
+    )
+    assert img.digest_of(parse_reference("reg.example/x/d:1")) == a
+    assert img.digest_of(parse_reference(f"reg.example/x/d@{b}")) == b
+    assert img.digest_of(parse_reference("third.example/x/d:1")) is None
+    assert (
+        LocalImage("sha256:" + "c" * 64, ("docker.io/library/alpine@" + a,)).digest_of(
+            parse_reference("alpine:3")
+        )
+        == a
+    )  # containerd's names are normalised as kubelet's
