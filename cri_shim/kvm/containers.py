@@ -8,7 +8,8 @@
   records the end once (exit code, reason: :func:`container_end`), so a container's state never flips
   back; reading the state (:attr:`~.records.ContainerRecord.state`) never asks libvirt.
 
-Only the guest's own power-off is a success (exit 0, ``Completed``); QEMU killed (libvirt: shut off,
+Only the guest's own power-off is a success (exit 0, ``Completed``; libvirt reports a SIGTERM to
+QEMU the same way, shut off with reason ``shutdown``); QEMU killed with kill -9 (libvirt: shut off,
 reason ``crashed``), destroyed, failed or gone is an error, so kubelet's ``restartPolicy: OnFailure``
 restarts it, and ``Always`` restarts either. kubelet restarts a VM in the same sandbox: a new
 container (CreateContainer, attempt + 1) whose new domain boots the same disks (they are the VM's

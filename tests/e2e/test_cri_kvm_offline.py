@@ -157,6 +157,7 @@ def test_a_killed_vm_comes_back_in_the_same_sandbox_on_its_disks_with_its_ip(cri
     assert all(Path(f).exists() for f in vm_disk_files(dom1)) and pings(ip)
     assert inspect(cri, second)["state"] == "CONTAINER_RUNNING"
     cri("stop", "--timeout", "60", second)
+    cri("stopp", sid)
     cri("rmp", sid)
     made.remove(sid)
     assert leftovers(cri.options, sid, second, ("e2e", cfg["metadata"]["uid"])) == []
