@@ -112,6 +112,9 @@ def _observability(
     cri_metrics = metrics.CriMetrics(registry)
     vm_backends = {n: b for n, b in backends.items() if cfg.backends[n].type != "containerd"}
     registry.register(metrics.VmCollector(vm_backends))
+    for backend in vm_backends.values():  # a backend's own metrics (the kvm handler's image store)
+        for collector in getattr(backend, "collectors", list)():
+            registry.register(collector)
     registry.register(metrics.HandlerCollector(cfg.handlers, handlers))
     readiness = CriReadiness(cfg.socket, backends[handlers[""]])
     return _ops(address, explicit, registry, readiness), readiness, cri_metrics

@@ -5,8 +5,17 @@
   killed halfway) is undone by :meth:`ContainerLifecycle.recover`.
 * start, stop (ACPI shutdown, destroy after the timeout), remove.
 * :meth:`ContainerLifecycle.observe` asks libvirt whether a started container's domain has ended and
-  records the end once (exit code, reason), so a container's state never flips back; reading the
-  state (:attr:`~.records.ContainerRecord.state`) never asks libvirt.
+  records the end once (exit code, reason: :func:`container_end`), so a container's state never flips
+  back; reading the state (:attr:`~.records.ContainerRecord.state`) never asks libvirt.
+
+Only the guest's own power-off is a success (exit 0, ``Completed``; libvirt reports a SIGTERM to
+QEMU the same way, shut off with reason ``shutdown``); QEMU killed with kill -9 (libvirt: shut off,
+reason ``crashed``), destroyed, failed or gone is an error, so kubelet's ``restartPolicy: OnFailure``
+restarts it, and ``Always`` restarts either. kubelet restarts a VM in the same sandbox: a new
+container (CreateContainer, attempt + 1) whose new domain boots the same disks (they are the VM's
+or the pod's, not the container's) and the same NIC (the sandbox's CNI result and tap device node);
+the ended container's domain stays, shut off, until kubelet removes it, and removing it leaves the
+shared disks alone.
 
 Locking is the caller's (the handler holds the container's lock). Errors of the libvirt layer
 (:class:`~cri_shim.vm.errors.VMError`) propagate.
@@ -65,6 +74,24 @@ class Domains(Protocol):
 
 def now() -> int:
     return time.time_ns()
+
+
+#: libvirt's reason for a domain that ended -> (exit code, what happened); an unlisted reason is 1
+ENDS = {
+    ("shutoff", "shutdown"): (0, "the guest powered off"),
+    ("shutoff", "crashed"): (139, "QEMU ended without the guest powering off (killed or crashed)"),
+    ("shutoff", "destroyed"): (137, "the VM was stopped hard (destroyed)"),
+    ("shutoff", "daemon"): (137, "libvirt stopped the VM"),
+    ("shutoff", "failed"): (1, "QEMU failed"),
+    ("crashed", "panicked"): (139, "the guest kernel panicked"),
+}
+
+
+def container_end(st: DomainState) -> tuple[int, str, str]:
+    """(exit code, CRI reason, message) of a started container whose domain is in state ``st``
+    (not running): ``Completed`` only for the guest's own power-off, ``Error`` for anything else."""
+    code, what = ENDS.get((st.phase, st.reason), (1, "the VM ended"))
+    return code, "Completed" if code == 0 else "Error", f"{what}: domain {st.phase} ({st.reason})"
 
 
 class AlreadyRan(Exception):
@@ -150,9 +177,7 @@ class ContainerLifecycle:
             return c  # libvirt away: the last known state (VMs run on without libvirtd)
         if st.running:
             return c
-        code = st.exit_code if st.exit_code is not None else 1
-        reason = "Completed" if code == 0 else "Error"
-        msg = f"domain {st.phase} ({st.reason})"
+        code, reason, msg = container_end(st)
         c = self.store.update(c.id, lambda r: r.ended(now(), code, reason, msg))
         self.consoles.stop(c.id)
         return c

@@ -9,7 +9,12 @@ option                   default   meaning
 ``cni_bin_dirs``         ``/opt/cni/bin``, ``/usr/lib/cni``  where the CNI plugins are
 ``libvirt_uri``          ``qemu:///system``
 ``image_roots``          none      where ``file://`` images and kernel-boot files may lie
-``insecure_registries``  none      registries pulled from without TLS verification
+``containerd_socket``    ``/run/containerd/containerd.sock``  containerd's socket: OCI images
+                                   (containerDisks) come from its image store (CRI ImageService)
+``containerd_root``      ``/var/lib/containerd``  containerd's ``root``: the layers are read from its
+                                   content store (``io.containerd.content.v1.content``)
+``insecure_registries``  none      ignored (containerd's ``hosts.toml`` decides how its registries
+                                   are reached); kept so older configs still load
 ``domain_type``          probed    ``kvm`` or ``qemu`` (TCG)
 ``default_memory_mib``   256       a VM's memory when its container has no memory limit
 ``streaming_address``    ``127.0.0.1:0``  where Attach's streaming server listens
@@ -21,7 +26,8 @@ option                   default   meaning
 ``min_free_bytes``       2Gi       no new disk or download while less is free on ``vm_state_dir``
 ``max_volumes``          32        data volumes of one VM
 ``max_image_bytes``      20Gi      the largest image download (https, OCI layers, the disk in it)
-``image_fetch_timeout_s``  1800    deadline of one image download
+``image_fetch_timeout_s``  1800    deadline of one image download, a pull through containerd,
+                                   taking a disk out of an image
 =======================  ========  ==============================================================
 
 Sizes are Kubernetes quantities (``256Gi``) or byte counts.
@@ -33,17 +39,20 @@ A handler whose network or libvirt is not usable on this node is still made: it 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..vm.containerd_images import DEFAULT_SOCKET as DEFAULT_CONTAINERD_SOCKET
+from ..vm.containerd_source import DEFAULT_ROOT as DEFAULT_CONTAINERD_ROOT
+from ..vm.containerd_source import ContainerdSource
 from ..vm.disks import DiskManager
 from ..vm.errors import ValidationError, VMError
 from ..vm.images import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, ImageStore
 from ..vm.lifecycle import DomainManager
 from ..vm.nics import DEFAULT_DEVICE_DIR
-from ..vm.oci import SkopeoSource
 from ..vm.sizes import DiskLimits, parse_quantity
 from . import cni_exec
 from .containers import Domains
@@ -53,6 +62,7 @@ from .translate import Limits
 from .userdata import DEFAULT_KUBELET_ROOT
 
 REQUIRED = ("state_dir", "cni_conflist")
+log = logging.getLogger("edgevirt-cri.kvm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +75,9 @@ class KvmOptions:
     cni_bin_dirs: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
     libvirt_uri: str = "qemu:///system"
     image_roots: tuple[Path, ...] = ()
-    insecure_registries: tuple[str, ...] = ()
+    containerd_socket: Path = DEFAULT_CONTAINERD_SOCKET
+    containerd_root: Path = DEFAULT_CONTAINERD_ROOT
+    insecure_registries: tuple[str, ...] = ()  # ignored: containerd's hosts.toml decides
     domain_type: str | None = None
     default_memory_mib: int = 256
     streaming_address: str = "127.0.0.1:0"
@@ -134,6 +146,8 @@ def parse_options(name: str, options: Mapping[str, Any]) -> KvmOptions:
         cni_bin_dirs=tuple(Path(p) for p in options.get("cni_bin_dirs") or d.cni_bin_dirs),
         libvirt_uri=str(options.get("libvirt_uri") or d.libvirt_uri),
         image_roots=tuple(Path(r) for r in options.get("image_roots") or ()),
+        containerd_socket=Path(options.get("containerd_socket") or d.containerd_socket),
+        containerd_root=Path(options.get("containerd_root") or d.containerd_root),
         insecure_registries=tuple(str(r) for r in options.get("insecure_registries") or ()),
         domain_type=options.get("domain_type"),
         default_memory_mib=int(options.get("default_memory_mib") or d.default_memory_mib),
@@ -148,8 +162,8 @@ def create(name: str, options: dict[str, Any]) -> KvmHandler:
 
 
 def domain_manager(opts: KvmOptions) -> DomainManager:
-    """The libvirt layer as the handler uses it (images under ``vm_state_dir``, file:// roots,
-    hostDisks under ``host_disk_root``, the node's size limits)."""
+    """The libvirt layer as the handler uses it (images under ``vm_state_dir``, file:// roots, OCI
+    images from containerd's store, hostDisks under ``host_disk_root``, the node's size limits)."""
     limits = opts.disk_limits
     return DomainManager(
         opts.vm_state_dir,
@@ -158,7 +172,7 @@ def domain_manager(opts: KvmOptions) -> DomainManager:
         images=ImageStore(
             opts.vm_state_dir,
             file_roots=opts.image_roots,
-            container_disks=SkopeoSource(opts.insecure_registries),
+            container_disks=ContainerdSource(opts.containerd_socket, opts.containerd_root),
             max_image_bytes=opts.max_image_bytes,
             fetch_timeout=opts.image_fetch_timeout_s,
             limits=limits,
@@ -178,6 +192,12 @@ def build_handler(
     ``ip netns`` (tests)."""
     reason: str | None = None
     network: SandboxNetwork | None = None
+    if opts.insecure_registries:
+        log.info(
+            "kvm option insecure_registries (%s) is ignored: OCI images come from containerd's image "
+            "store, and containerd's hosts.toml decides how a registry is reached",
+            ", ".join(opts.insecure_registries),
+        )
     try:
         network = SandboxNetwork.load(opts.cni_conflist, list(opts.cni_bin_dirs), netns or IpNetns())
         missing = network.missing_plugins()

@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client.registry import Collector
 
 from .. import protos
 from ..backends.base import TypedBackend
 from ..errors import BackendError, invalid, unimplemented
+from ..vm import image_metrics
 from ..vm.errors import ValidationError, VMError
 from . import pod_disks, replies, translate, userdata
 from .cni_exec import CNIError
@@ -123,6 +125,11 @@ class KvmHandler(TypedBackend):
             return bool(self.domains.lib_version())
         except Exception:
             return False
+
+    def collectors(self) -> list[Collector]:
+        """This backend's Prometheus collectors, for edgevirt-cri's registry: the image store's
+        (:mod:`cri_shim.vm.image_metrics`: disks taken out of images, bytes and seconds)."""
+        return image_metrics.collectors()
 
     def close(self) -> None:
         self.consoles.close()

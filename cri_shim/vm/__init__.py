@@ -15,7 +15,9 @@ per job:
 * :mod:`.domain_xml` - domain XML via ElementTree (accel type, disks, console log, tap-fd NICs)
 * :mod:`.tapwrap` / :mod:`.wrapper_install` - the QEMU wrapper that opens macvtap tap devices
 * :mod:`.images` - image references -> verified base disks in a content-addressed cache;
-  :mod:`.oci` (registry references, skopeo) and :mod:`.https_fetch` (https downloads) fetch them
+  :mod:`.oci` (registry references), :mod:`.containerd_source` (containerDisks from containerd's
+  image store, :mod:`.containerd_images`, :mod:`.disk_layers`) and :mod:`.https_fetch` (https
+  downloads) fetch them; :mod:`.image_metrics` counts what they took out of images
 * :mod:`.disks` - qcow2 overlays and emptyDisks, per namespace and VM or pod; :mod:`.hostdisks`
   confines hostDisk files to their namespace's folder; :mod:`.sizes` holds the node's size limits
 * :mod:`.private` - files 0600 in folders 0700
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .cloudinit import CloudInit, network_config_from_cni
     from .console_log import ConsoleLogConverter
+    from .containerd_source import ContainerdSource
     from .disks import DiskManager, DiskOwner
     from .domain_xml import RESERVED_DISK_NAMES, attached_volumes
     from .errors import DomainExists, DomainNotFound, ImageError, ValidationError, VMError
@@ -43,7 +46,6 @@ if TYPE_CHECKING:
     from .lifecycle import DomainManager
     from .model import DomainState, DomainStats, HostDisk, VMSpec, VolumeSpec
     from .nics import nics_from_cni_result
-    from .oci import SkopeoSource
     from .sizes import DiskLimits
     from .spec import DiskSpec, DomainSpec, KernelBoot, NicSpec
 
@@ -53,6 +55,7 @@ _HOME = {
     "BaseImage": ".images",
     "CloudInit": ".cloudinit",
     "ConsoleLogConverter": ".console_log",
+    "ContainerdSource": ".containerd_source",
     "DiskLimits": ".sizes",
     "DiskManager": ".disks",
     "DiskOwner": ".disks",
@@ -68,7 +71,6 @@ _HOME = {
     "ImageStore": ".images",
     "KernelBoot": ".spec",
     "NicSpec": ".spec",
-    "SkopeoSource": ".oci",
     "VMError": ".errors",
     "VMSpec": ".model",
     "ValidationError": ".errors",
@@ -83,6 +85,7 @@ __all__ = [
     "BaseImage",
     "CloudInit",
     "ConsoleLogConverter",
+    "ContainerdSource",
     "DiskLimits",
     "DiskManager",
     "DiskOwner",
@@ -98,7 +101,6 @@ __all__ = [
     "ImageStore",
     "KernelBoot",
     "NicSpec",
-    "SkopeoSource",
     "VMError",
     "VMSpec",
     "ValidationError",

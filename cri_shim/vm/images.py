@@ -7,15 +7,18 @@ Reference forms (the ``image`` field of a VirtualMachine or a kvm pod):
 * ``https://host/path.img#sha256=<64 hex>`` - downloaded (:mod:`.https_fetch`: https only, also
   after redirects; a size cap and a deadline), hashed while streaming, kept only if the digest
   matches. Plain ``http://`` only when the store was built with ``allow_http=True`` (tests).
-* a registry reference (:mod:`.oci`): an OCI containerDisk, fetched with skopeo; no other skopeo
-  transport. The cache is keyed by the repository and the manifest digest the reference resolves
-  to (``skopeo inspect``), so a tag is re-fetched only when it moved; a reference by digest is
-  served from the cache without asking the registry.
+* a registry reference (:mod:`.oci`): an OCI containerDisk, from containerd's image store
+  (:mod:`.containerd_source`: kubelet pulled it already, or containerd pulls it); no other transport.
+  The cache is keyed by the repository and the manifest digest the reference resolves to in
+  containerd's store, so a tag is taken out of an image again only when it moved, and a cached disk
+  is found without the registry; a reference by digest is served from the cache without asking
+  containerd at all.
 
 A cached disk answers only the reference that brought it: the same https URL with the same digest,
 the same repository with the same manifest digest, the same file. Knowing a digest is not enough
 to get another user's image out of the cache (``refs/`` records which reference gave which blob).
-A known URL and digest, or a known repository digest, never download again (offline boots work).
+A known URL and digest, a known repository digest, or a tag containerd holds whose digest is cached,
+never download again: VMs boot with the network gone.
 
 Every base disk is checked with ``qemu-img info``: format raw or qcow2 and no backing file (a qcow2
 that names a backing file could make QEMU read any host file). Blobs live at
@@ -34,14 +37,16 @@ import re
 import ssl
 import subprocess
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from . import https_fetch
-from .errors import ImageError, ValidationError
-from .oci import ContainerDiskSource, SkopeoSource, parse_reference
+from . import https_fetch, image_metrics
+from .containerd_source import ContainerdSource
+from .errors import ImageError, ValidationError, VMError
+from .oci import ContainerDiskSource, parse_reference
 from .private import private_dir
 from .sizes import DiskLimits, format_bytes
 
@@ -130,13 +135,14 @@ class ImageStore:
         for d in (self.blobs, self.refs, self.tmp):
             private_dir(d)
         self.file_roots = [Path(os.path.realpath(r)) for r in file_roots]
-        self.container_disks = container_disks if container_disks is not None else SkopeoSource()
+        self.container_disks = container_disks if container_disks is not None else ContainerdSource()
         self.opener = https_fetch.opener(ssl_context, allow_http)
         self.allow_http = allow_http
         self.timeout = timeout  # per read
         self.max_image_bytes = max_image_bytes
         self.fetch_timeout = fetch_timeout
         self.limits = limits if limits is not None else DiskLimits()
+        self._local = threading.local()  # whether this thread's resolve() fetched (for the metrics)
 
     # -- public
     def resolve(self, ref: str, field: str = "image", progress: Progress | None = None) -> BaseImage:
@@ -145,17 +151,28 @@ class ImageStore:
             raise ValidationError(
                 field, "is empty or has control characters", "give file://, https:// or an OCI ref"
             )
-        if ref.startswith("file:"):
-            return self._resolve_file(ref, field)
-        if ref.startswith(("https://", "http://")):
-            return self._resolve_url(ref, field, progress)
-        if "://" in ref and not ref.startswith("docker://"):
+        if "://" in ref and not ref.startswith(("file:", "https://", "http://", "docker://")):
             raise ValidationError(
                 field,
                 f"unsupported scheme in {ref!r}",
                 "use file://, https://...#sha256=, or an OCI image reference",
             )
-        return self._resolve_container_disk(ref, field)
+        kind = "file" if ref.startswith("file:") else "oci"
+        if ref.startswith(("https://", "http://")):
+            kind = "https"
+        self._local.fetched = False
+        try:
+            if kind == "file":
+                img = self._resolve_file(ref, field)
+            elif kind == "https":
+                img = self._resolve_url(ref, field, progress)
+            else:
+                img = self._resolve_container_disk(ref, field)
+        except VMError:
+            image_metrics.RESOLUTIONS.labels(kind, "failed").inc()
+            raise
+        image_metrics.RESOLUTIONS.labels(kind, "fetched" if self._local.fetched else "cached").inc()
+        return img
 
     def blob_path(self, digest: str) -> Path:
         return self.blobs / digest.removeprefix("sha256:")
@@ -230,10 +247,10 @@ class ImageStore:
         oref = parse_reference(ref, field)
         pinned = f"oci:{oref.name}@{oref.digest}" if oref.digest else None
         cached = self._lookup_ref(pinned) if pinned else None
-        if cached:  # a digest reference fetched before: no need to ask the registry
+        if cached:  # a digest reference taken out before: no need to ask containerd
             return dataclasses.replace(cached, ref=ref)
         # a tag can move: the cache key is the manifest digest the reference points at right now
-        manifest = self.container_disks.inspect(oref, min(self.timeout, self.fetch_timeout))
+        manifest = self.container_disks.inspect(oref, self.fetch_timeout)
         key = f"oci:{oref.name}@{manifest.digest}" if manifest else None
         cached = self._lookup_ref(key) if key else None
         if cached:
@@ -248,13 +265,17 @@ class ImageStore:
         os.close(fd)
         tmp = Path(tmpname)
         try:
-            self.container_disks.fetch_disk(oref, tmp, self.max_image_bytes, self.fetch_timeout)
+            at = dataclasses.replace(oref, digest=manifest.digest) if manifest else oref
+            sha = self.container_disks.fetch_disk(at, tmp, self.max_image_bytes, self.fetch_timeout)
             keys = [k for k in (key, pinned) if k]
-            with open(tmp, "rb") as src:
-                size = tmp.stat().st_size
-                img = self._ingest(
-                    lambda dst: _hash_copy(src, dst), keys[0] if keys else None, ref, field, None, size
-                )
+            if sha is not None:  # hashed while written: moved into the cache as it is
+                img = self._adopt(tmp, sha, keys[0] if keys else None, ref, field)
+            else:
+                with open(tmp, "rb") as src:
+                    size = tmp.stat().st_size
+                    img = self._ingest(
+                        lambda dst: _hash_copy(src, dst), keys[0] if keys else None, ref, field, None, size
+                    )
             for k in keys[1:]:
                 self._record(k, ref, img.digest.removeprefix("sha256:"), field)
             return img
@@ -283,11 +304,16 @@ class ImageStore:
                     f"{field}: the downloaded image does not match the sha256 digest in its reference",
                     detail=f"{ref}: got sha256 {digest}",
                 )
-            check_disk_file(tmp, field)
-            tmp.chmod(0o444)
-            os.replace(tmp, self.blobs / digest)
+            return self._adopt(tmp, digest, key, ref, field)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _adopt(self, tmp: Path, digest: str, key: str | None, ref: str, field: str) -> BaseImage:
+        """Move the verified disk ``tmp`` (sha256 ``digest``) into the cache and record ``key``."""
+        check_disk_file(tmp, field)
+        tmp.chmod(0o444)
+        os.replace(tmp, self.blobs / digest)
+        self._local.fetched = True  # (per thread: resolutions run at once)
         return self._record(key, ref, digest, field)
 
     def _ref_file(self, key: str) -> Path:

@@ -1,40 +1,33 @@
-"""OCI containerDisks: registry references only, fetched with skopeo, the disk taken from the layers.
+"""OCI containerDisks: registry references only; the disk taken from the image's layers.
 
 A containerDisk is an OCI image holding one regular file under ``/disk/`` (KubeVirt's convention).
 Its reference must be a registry reference (:func:`parse_reference`, the grammar of
 distribution/reference): ``host[:port]/repo[:tag][@sha256:<hex>]``, a Docker Hub short name
 (``alpine:3.20`` is ``docker.io/library/alpine:3.20``, as kubelet reads it), or the same behind
-``docker://``. Every other skopeo transport (``oci:``, ``oci-archive:``, ``docker-archive:``,
-``dir:``, ``containers-storage:``, ``docker-daemon:``, ...) would read the node's own files or
-daemons, so it is refused before anything runs; skopeo only ever sees ``docker://<canonical ref>``.
+``docker://``. Every other transport of skopeo's and containers/image's (``oci:``, ``oci-archive:``,
+``docker-archive:``, ``dir:``, ``containers-storage:``, ``docker-daemon:``, ...) would read the node's
+own files or daemons, so it is refused by name before anything runs.
 
-:class:`SkopeoSource` asks the registry what a reference points at (``skopeo inspect``: the manifest
-digest and the layers' sizes, refused over the size cap before any layer is fetched), copies it into
-an OCI layout in a temporary folder of the image store (also skopeo's ``TMPDIR``, so a failed copy
-leaves nothing in ``/var/tmp``) and extracts the disk (:func:`extract_disk_from_oci_layout`); every
-skopeo run has a deadline.
+Where the image comes from is a :class:`ContainerDiskSource`: on a node, containerd's image store
+(:mod:`.containerd_source`; kubelet pulled the image already, and an image it did not pull is pulled
+through containerd). :func:`extract_disk_from_oci_layout` takes the disk out of an OCI layout (tests,
+and what built the image), every blob verified (:mod:`.disk_layers`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
-import tarfile
-import tempfile
-import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from .disk_layers import Layer, extract_disk
 from .errors import ImageError, ValidationError
-from .sizes import format_bytes
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-CHUNK = 1 << 20
 #: skopeo transports other than docker://: all refused (they name files or daemons of the node)
 OTHER_TRANSPORTS = (
     "oci",
@@ -128,30 +121,36 @@ class Manifest:
 
 
 class ContainerDiskSource(Protocol):
-    """Gets the disk of a containerDisk: what a reference points at (None: cannot tell now), and the
-    disk file into ``dest`` (a new file) within ``max_bytes`` and ``timeout`` seconds."""
+    """Gets the disk of a containerDisk.
+
+    * ``inspect``: what a reference points at now (None: cannot tell now);
+    * ``fetch_disk``: the disk file into ``dest`` (a new file) within ``max_bytes`` and ``timeout``
+      seconds; the image store passes the reference pinned to the digest ``inspect`` answered. It
+      returns the sha256 (hex) of what it wrote when it hashed it on the way (the store then need not
+      read the disk again), else None."""
 
     def inspect(self, ref: OciRef, timeout: float) -> Manifest | None: ...
 
-    def fetch_disk(self, ref: OciRef, dest: Path, max_bytes: int, timeout: float) -> None: ...
+    def fetch_disk(self, ref: OciRef, dest: Path, max_bytes: int, timeout: float) -> str | None: ...
 
 
 # ---------------------------------------------------------------- OCI layouts
-def _layer_members(layer: Path, media_type: str) -> tarfile.TarFile:
-    if "zstd" in media_type:
-        raise ImageError("a layer of the containerDisk is zstd-compressed; rebuild it with gzip layers")
-    return tarfile.open(layer, "r:*")
+def _blob(layout: Path, digest: object) -> Path:
+    algo, _, hexd = str(digest).partition(":")
+    if algo != "sha256" or not SHA256_RE.fullmatch(hexd):
+        raise ImageError("the image names a digest that is not sha256")
+    return layout / "blobs" / "sha256" / hexd
 
 
-def _disk_member_name(name: str) -> str | None:
-    """'disk/x.qcow2' or './disk/x.qcow2' -> 'x.qcow2'; anything else -> None."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if len(parts) == 2 and parts[0] == "disk" and parts[1] not in ("..",):
-        return parts[1]
-    return None
+def _json_blob(layout: Path, digest: object) -> dict[str, Any]:
+    data = _blob(layout, digest).read_bytes()
+    if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+        raise ImageError("a manifest of the image does not match its digest", detail=f"{layout}: {digest}")
+    out: dict[str, Any] = json.loads(data)
+    return out
 
 
-def _pick_manifest(layout: Path, tag: str | None) -> tuple[dict[str, object], str]:
+def _pick_manifest(layout: Path, tag: str | None) -> tuple[dict[str, Any], str]:
     try:
         index = json.loads((layout / "index.json").read_text())
     except (OSError, ValueError) as e:
@@ -166,58 +165,43 @@ def _pick_manifest(layout: Path, tag: str | None) -> tuple[dict[str, object], st
     if not manifests:
         raise ImageError("the image holds no manifest")
     mdesc = manifests[0]
-    manifest = json.loads(_blob(layout, mdesc["digest"]).read_text())
+    manifest = _json_blob(layout, mdesc["digest"])
     if "manifests" in manifest:  # an index: take the linux/amd64 (or first) entry
         cands = manifest["manifests"]
         pick = next((m for m in cands if m.get("platform", {}).get("architecture") == "amd64"), cands[0])
-        manifest = json.loads(_blob(layout, pick["digest"]).read_text())
+        manifest = _json_blob(layout, pick["digest"])
     return manifest, str(mdesc["digest"])
 
 
-def _blob(layout: Path, digest: str) -> Path:
-    algo, _, hexd = str(digest).partition(":")
-    if algo != "sha256" or not SHA256_RE.fullmatch(hexd):
-        raise ImageError("the image names a digest that is not sha256")
-    return layout / "blobs" / "sha256" / hexd
+def layers_of(manifest: dict[str, Any]) -> list[Layer]:
+    """The layer descriptors of an image manifest (sha256 digests only)."""
+    out = []
+    layers = manifest.get("layers")
+    for d in layers if isinstance(layers, list) else []:
+        if not isinstance(d, dict):
+            raise ImageError("the image's manifest has a malformed layer descriptor")
+        digest, size = str(d.get("digest", "")), d.get("size")
+        if not (digest.startswith("sha256:") and SHA256_RE.fullmatch(digest[7:])):
+            raise ImageError("the image names a digest that is not sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ImageError("the image's manifest has a layer without a size")
+        out.append(Layer(digest, size, str(d.get("mediaType", ""))))
+    return out
 
 
 def extract_disk_from_oci_layout(
     layout: Path, dest: Path, tag: str | None = None, max_bytes: int | None = None
 ) -> str:
     """Write the single regular file under /disk/ of the image in an OCI layout to ``dest`` (at most
-    ``max_bytes``). Returns the manifest digest. Layers are applied in order (whiteouts honoured)."""
+    ``max_bytes``; every blob verified). Returns the manifest digest (:func:`.disk_layers.extract_disk`)."""
     manifest, digest = _pick_manifest(layout, tag)
-    owner: dict[str, tuple[Path, str, str, int]] = {}  # disk file -> the layer holding its last version
-    layers = manifest.get("layers", [])
-    for layer in layers if isinstance(layers, list) else []:
-        path = _blob(layout, layer["digest"])
-        with _layer_members(path, layer.get("mediaType", "")) as tf:
-            for m in tf:
-                base = _disk_member_name(m.name)
-                if base is None:
-                    continue
-                if base == ".wh..wh..opq":
-                    owner.clear()
-                elif base.startswith(".wh."):
-                    owner.pop(base[4:], None)
-                elif m.isreg():
-                    owner[base] = (path, layer.get("mediaType", ""), m.name, m.size)
-                else:
-                    owner.pop(base, None)
-    if len(owner) != 1:
-        raise ImageError(
-            f"containerDisk must hold exactly one regular file under /disk/, found {sorted(owner) or 'none'}"
-        )
-    (path, media, member, size) = next(iter(owner.values()))
-    if max_bytes is not None and size > max_bytes:
-        raise ImageError(f"the disk in the image is {format_bytes(size)}, over this node's limit of "
-                         f"{format_bytes(max_bytes)} per image (kvm option max_image_bytes)")  # fmt: skip
-    with _layer_members(path, media) as tf:
-        src = tf.extractfile(member)
-        if src is None:
-            raise ImageError(f"cannot read /disk/{Path(member).name} from the image")
-        with open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, CHUNK)
+    extract_disk(
+        layers_of(manifest),
+        lambda layer: open(_blob(layout, layer.digest), "rb"),  # noqa: SIM115 (extract_disk closes it)
+        dest,
+        what="the image",
+        max_bytes=max_bytes,
+    )
     return digest
 
 
@@ -231,61 +215,3 @@ def extract_disk_from_rootfs(rootfs: Path, dest: Path) -> None:
     if len(files) != 1:
         raise ImageError(f"containerDisk must hold exactly one regular file under /disk/, found {len(files)}")
     shutil.copyfile(files[0], dest)
-
-
-# ---------------------------------------------------------------- skopeo
-class SkopeoSource:
-    """containerDisk fetcher: ``skopeo inspect`` / ``skopeo copy docker://<ref> oci:<tmp>:disk``."""
-
-    def __init__(self, insecure_registries: Iterable[str] = ("127.0.0.1:5000", "localhost:5000")) -> None:
-        self.insecure = set(insecure_registries)
-
-    def _run(self, argv: list[str], tmp: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "TMPDIR": str(tmp)}  # skopeo's big temporary files: /var/tmp otherwise
-        cmd = ["skopeo", "--command-timeout", f"{max(1, int(timeout))}s", *argv]
-        try:
-            return subprocess.run(
-                cmd, capture_output=True, text=True, check=False, timeout=timeout + 5, env=env
-            )
-        except subprocess.TimeoutExpired:
-            raise ImageError(
-                f"fetching the image took over {int(timeout)}s (kvm option image_fetch_timeout_s)"
-            ) from None
-
-    def _tls(self, ref: OciRef, flag: str) -> list[str]:
-        return [f"{flag}=false"] if ref.registry in self.insecure else []
-
-    def inspect(self, ref: OciRef, timeout: float = 60.0) -> Manifest | None:
-        """What ``ref`` points at now (None when the registry does not say)."""
-        with tempfile.TemporaryDirectory(prefix="edgevirt-skopeo-") as tmp:
-            r = self._run(
-                ["inspect", *self._tls(ref, "--tls-verify"), "--", f"docker://{ref}"], Path(tmp), timeout
-            )
-        if r.returncode != 0:
-            return None
-        try:
-            out = json.loads(r.stdout)
-            digest = str(out["Digest"])
-            sizes = [int(layer.get("Size") or 0) for layer in out.get("LayersData") or []]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-        if not (digest.startswith("sha256:") and SHA256_RE.fullmatch(digest[7:])):
-            return None
-        return Manifest(digest, sum(sizes))
-
-    def fetch_disk(self, ref: OciRef, dest: Path, max_bytes: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with tempfile.TemporaryDirectory(prefix=".oci-", dir=dest.parent) as tmp:
-            argv = ["copy", "--quiet", *self._tls(ref, "--src-tls-verify"), "--", f"docker://{ref}",
-                    f"oci:{tmp}/layout:disk"]  # fmt: skip
-            r = self._run(argv, Path(tmp), timeout)
-            if r.returncode != 0:
-                raise ImageError(
-                    f"cannot fetch {ref} from its registry (missing, not allowed, or the registry is down)",
-                    detail=f"skopeo copy docker://{ref}: {r.stderr.strip()[-1000:]}",
-                )
-            if time.monotonic() > deadline:
-                raise ImageError(
-                    f"fetching the image took over {int(timeout)}s (kvm option image_fetch_timeout_s)"
-                )
-            extract_disk_from_oci_layout(Path(tmp) / "layout", dest, tag="disk", max_bytes=max_bytes)

@@ -89,13 +89,16 @@ class PrivateKvmShim:
     pods made here are not kubelet's, and kubelet would stop a sandbox it does not know on its own
     endpoint. Shares libvirtd, the VM network and the VM disk dir with the cluster."""
 
-    def __init__(self, cluster) -> None:
-        self.options = {**kvm_options(cluster)}
+    def __init__(self, cluster, **options: str) -> None:
+        self.options = {**kvm_options(cluster), **options}
         # a containerd of its own too, so a test may stop it without touching the cluster's
         self.containerd = PrivateContainerd.create()
         self.cluster_containerd = cluster.paths.containerd_sock
         self.shim = Shim.create(self.containerd.socket)
         self.options["state_dir"] = str(self.shim.root / "kvm")
+        # VM disks of OCI images come from that containerd's image store (it pulls what it lacks)
+        self.options["containerd_socket"] = str(self.containerd.socket)
+        self.options["containerd_root"] = str(self.containerd.paths.data / "containerd")
         # hostDisks and kubelet's pod volumes of this shim's own (the node's are the cluster's)
         self.host_disk_root = self.shim.root / "hostdisks"
         self.kubelet_root = self.shim.root / "kubelet"

@@ -172,7 +172,6 @@ def test_components_run_in_the_rootfs(rootfs: Path, image: dict) -> None:
         (["kubectl-vm", "--help"], "usage: kubectl vm"),
         (["edgevirt-cri", "--help"], "usage: edgevirt-cri"),
         (["qemu-img", "--version"], "qemu-img version"),
-        (["skopeo", "--version"], "skopeo version"),
         (["ip", "-V"], "ip utility"),
         (["qemu-system-x86_64", "--version"], "QEMU emulator"),
     ]:

@@ -1,15 +1,15 @@
 """Image store against real servers on 127.0.0.1: https download with sha256 verification (self-signed
 certificate made here), no downgrade to http behind a redirect, the size cap; containerDisks from a
-local registry via skopeo, every other skopeo transport refused before skopeo runs, and nothing
-left in /var/tmp by a failed fetch."""
+real containerd's image store (a private containerd pulling from a private registry): taken out of
+containerd's content store, found again by tag with the registry stopped, an image name that
+resolves only through containerd's hosts.toml mirror, a missing image naming the registry; every
+other skopeo transport refused before any source is asked."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import http.server
-import os
-import re
 import shutil
 import socket
 import ssl
@@ -21,17 +21,10 @@ from pathlib import Path
 import pytest
 from helpers.waiting import wait_for
 
-from cri_shim.vm import ImageError, ImageStore, SkopeoSource, ValidationError
-from cri_shim.vm.oci import parse_reference
+from cri_shim.vm import ContainerdSource, ImageError, ImageStore, ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.timeout(180)]
-#: temporary folders containers/image (skopeo) makes in /var/tmp when TMPDIR does not say otherwise
-SKOPEO_TMP = re.compile(r"^(oci|docker-tarfile-blob|container_images_|storage|docker-archive|dir)")
-
-
-def skopeo_tmp() -> set[str]:
-    return {n for n in os.listdir("/var/tmp") if SKOPEO_TMP.match(n)}
 
 
 def free_port() -> int:
@@ -167,31 +160,28 @@ def vm_disk_oci():
     return build_vm_disk, build_vm_disk.build_vm_disk()
 
 
-class Counting(SkopeoSource):
-    """skopeo, counting what reaches it."""
+class Counting:
+    """A containerDisk source, counting what reaches it."""
 
-    def __init__(self, insecure_registries=()):
-        super().__init__(insecure_registries)
+    def __init__(self, inner) -> None:
+        self.inner = inner
         self.inspected: list[str] = []
         self.fetched: list[str] = []
 
-    def inspect(self, ref, timeout=60.0):
+    def inspect(self, ref, timeout):
         self.inspected.append(str(ref))
-        return super().inspect(ref, timeout)
+        return self.inner.inspect(ref, timeout)
 
     def fetch_disk(self, ref, dest, max_bytes, timeout):
         self.fetched.append(str(ref))
-        super().fetch_disk(ref, dest, max_bytes, timeout)
+        return self.inner.fetch_disk(ref, dest, max_bytes, timeout)
 
 
-def test_local_skopeo_transports_are_refused_before_skopeo_runs(tmp_path, vm_disk_oci):
+def test_local_skopeo_transports_are_refused_before_any_source_is_asked(tmp_path, vm_disk_oci):
     """Finding 4: an oci: layout outside the image roots booted; oci-archive:/etc/shadow was opened."""
-    if shutil.which("skopeo") is None:
-        pytest.skip("needs skopeo")
     _, d = vm_disk_oci
-    src = Counting()
+    src = Counting(ContainerdSource(tmp_path / "no-containerd.sock", tmp_path))
     store = ImageStore(tmp_path / "state", container_disks=src)
-    before = skopeo_tmp()
     for ref in (
         f"oci:{d.oci_layout}:{d.tag}",
         "oci-archive:/etc/shadow",
@@ -206,16 +196,15 @@ def test_local_skopeo_transports_are_refused_before_skopeo_runs(tmp_path, vm_dis
             store.resolve(ref)
     assert src.inspected == [] and src.fetched == []
     assert list(store.tmp.iterdir()) == [] and list(store.blobs.iterdir()) == []
-    assert skopeo_tmp() <= before
 
 
 @contextlib.contextmanager
-def private_registry(tmp_path):
-    """A private docker-registry (distribution) on 127.0.0.1:<free port>, storage in tmp_path."""
+def private_registry(tmp_path, port: int | None = None):
+    """A private docker-registry (distribution) on 127.0.0.1:<port> (a free one), storage in tmp_path."""
     exe = shutil.which("docker-registry")
     if exe is None:
         pytest.skip("needs docker-registry (Debian package docker-registry)")
-    port = free_port()
+    port = port or free_port()
     cfg = tmp_path / "registry.yml"
     cfg.write_text(
         "version: 0.1\nlog: {level: error}\n"
@@ -237,40 +226,59 @@ def private_registry(tmp_path):
         proc.wait(10)
 
 
+def hosts_toml(ctd, name: str, registry: str) -> None:
+    """containerd's registry config for ``name``: pulled over plain http from ``registry``."""
+    d = ctd.paths.etc / "containerd" / "certs.d" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "hosts.toml").write_text(
+        f'server = "http://{registry}"\n\n[host."http://{registry}"]\n'
+        '  capabilities = ["pull", "resolve"]\n  skip_verify = true\n'
+    )
+
+
 @pytest.fixture
-def registry(tmp_path):
-    with private_registry(tmp_path) as reg:
-        yield reg
+def containerd():
+    """A private containerd (its own root, socket and content store), removed afterwards."""
+    from helpers.containerd import PrivateContainerd
+    from helpers.root import require_root
+
+    require_root("runs a private containerd")
+    if shutil.which("containerd") is None:
+        pytest.skip("needs containerd")
+    ctd = PrivateContainerd.create()
+    try:
+        yield ctd.start()
+    finally:
+        ctd.close()
 
 
-def test_container_disk_pushed_to_local_registry_and_pulled(tmp_path, vm_disk_oci, registry):
-    if shutil.which("skopeo") is None:
-        pytest.skip("needs skopeo")
-    build_vm_disk, d = vm_disk_oci
-    ref = f"{registry}/vm/test-disk:1"
-    build_vm_disk.push(d, ref)
-    src = Counting(insecure_registries=[registry])
-    store = ImageStore(tmp_path / "state", container_disks=src)
-    img = store.resolve(ref)
-    assert img.digest == "sha256:" + hashlib.sha256(d.qcow2.read_bytes()).hexdigest()
-    assert store.resolve(ref).path == img.path and len(src.fetched) == 1  # the tag did not move
-    assert list(store.tmp.iterdir()) == []
-    before = skopeo_tmp()
-    with pytest.raises(ImageError, match=r"cannot fetch .*/vm/missing:1 from its registry") as ei:
-        store.resolve(f"{registry}/vm/missing:1")
-    assert "/var/tmp" not in str(ei.value)
-    assert list(store.tmp.iterdir()) == [] and skopeo_tmp() <= before  # skopeo's TMPDIR was ours
-
-
-def test_a_pinned_container_disk_boots_with_the_registry_gone(tmp_path, vm_disk_oci):
-    if shutil.which("skopeo") is None or shutil.which("docker-registry") is None:
-        pytest.skip("needs skopeo and docker-registry")
+def test_container_disks_come_from_containerds_store_and_boot_with_the_registry_gone(
+    tmp_path, vm_disk_oci, containerd
+):
     build_vm_disk, d = vm_disk_oci
     with private_registry(tmp_path) as reg:
-        build_vm_disk.push(d, f"{reg}/vm/test-disk:1")
-        src = Counting(insecure_registries=[reg])
+        hosts_toml(containerd, reg, reg)
+        hosts_toml(containerd, "mirror.edgevirt.invalid", reg)  # a name only containerd's config resolves
+        ref = f"{reg}/vm/test-disk:1"
+        build_vm_disk.push(d, ref)
+        src = Counting(ContainerdSource(containerd.socket, containerd.paths.data / "containerd"))
         store = ImageStore(tmp_path / "state", container_disks=src)
-        pinned = f"{reg}/vm/test-disk@{src.inspect(parse_reference(f'{reg}/vm/test-disk:1')).digest}"
-        img = store.resolve(pinned)
-    asked = len(src.inspected)
-    assert store.resolve(pinned).path == img.path and len(src.inspected) == asked  # registry gone: cached
+        img = store.resolve(ref)  # not in containerd's store: containerd pulls it
+        assert img.digest == "sha256:" + hashlib.sha256(d.qcow2.read_bytes()).hexdigest()
+        assert len(src.fetched) == 1 and list(store.tmp.iterdir()) == []
+        mirrored = store.resolve("mirror.edgevirt.invalid/vm/test-disk:1")
+        assert mirrored.path == img.path  # the same disk, taken out again for that repository
+        with pytest.raises(ImageError) as ei:
+            store.resolve(f"{reg}/vm/missing:1")
+        assert f"could not pull it from registry {reg}: the registry has no such image" in str(ei.value)
+    # the registry is gone: the tag is found in containerd's store, the disk in the cache
+    fetched = len(src.fetched)
+    assert store.resolve(ref).path == img.path and len(src.fetched) == fetched
+    with pytest.raises(ImageError) as ei:
+        store.resolve(f"{reg}/vm/other:1")
+    assert f"registry {reg}: the registry cannot be reached from this node" in str(ei.value), str(ei.value)
+    # a containerd that lost the image (e.g. image GC) pulls it again once the registry is back;
+    # a disk already cached is not taken out again
+    assert containerd.ctr("images", "rm", ref).returncode == 0
+    with private_registry(tmp_path, int(reg.rsplit(":", 1)[1])):
+        assert store.resolve(ref).path == img.path and len(src.fetched) == fetched

@@ -1,7 +1,8 @@
 """Image store: file:// confinement, format/backing-file checks, reference errors, registry references
-only (every other skopeo transport refused before skopeo runs), the cache answering only the
-reference that filled it, OCI layout extraction within the size cap; error texts without host paths
-or digests."""
+only (every other skopeo/containers-image transport refused before any source is asked), the cache
+answering only the reference that filled it, OCI layout extraction within the size cap (every blob
+verified); error texts without host paths or digests. containerd's store as the source:
+test_vm_containerd_source.py."""
 
 from __future__ import annotations
 
@@ -193,8 +194,10 @@ class RecordingSource:
         return Manifest(self.digest, self.layer_bytes)
 
     def fetch_disk(self, ref, dest, max_bytes, timeout):
-        self.fetched.append(str(ref))
+        assert ref.digest == self.digest  # pinned to what inspect answered
+        self.fetched.append(f"{ref.name}:{ref.tag}")
         shutil.copyfile(self.disk, dest)
+        return None  # the store hashes the file itself
 
 
 @pytest.fixture
@@ -227,7 +230,7 @@ def oci_store(tmp_path):
         "-registry.example/x:1",
     ],
 )
-def test_only_registry_references_reach_skopeo(oci_store, ref):
+def test_only_registry_references_reach_the_source(oci_store, ref):
     st, src = oci_store
     with pytest.raises(ValidationError) as ei:
         st.resolve(ref, "spec.image")

@@ -1,0 +1,152 @@
+"""Benchmark of a VM's restart by kubelet alone: with the API server and the registry stopped, the time
+from QEMU's death (kill -9) to QEMU running again (a new QEMU pid of the pod's new domain), on the
+VM's first restart, against ``virsh start`` of the same (shut off) domain as the floor.
+
+Local cluster (`deploy/local/up`): kubelet -> edgevirt-cri's kvm handler -> libvirt, QEMU TCG, the
+bootable test disk, 256 MiB, 1 vCPU. Per round, a fresh plain kvm pod with restartPolicy Always (a
+fresh container: kubelet's crash-loop back-off grows per container, and the first restart has none):
+wait until its QEMU runs, stop kube-apiserver and the registry, kill -9 the QEMU, poll (every 5 ms)
+for a new QEMU process of a new domain of the pod; then the floor: destroy that new domain's QEMU and
+``virDomainCreate`` (what ``virsh start`` does) the first, shut-off domain, until it is active (kubelet
+waits out its 10 s back-off meanwhile); start the API server and the registry, delete the pod.
+
+Usage: .venv/bin/python bench/vm/bench_restart.py [--rounds 10] [--image REF]
+Prints a Markdown table for bench/RESULTS.md (section "## VM restart by kubelet, control plane away").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import libvirt
+
+REPO = Path(__file__).resolve().parents[2]
+for p in (REPO, REPO / "deploy/local", REPO / "tests", REPO / "bench"):
+    sys.path.insert(0, str(p))
+
+from benchkit import pct  # noqa: E402
+from helpers.cluster import Cluster  # noqa: E402
+from helpers.vm_env import VM_IMAGE, qemu_pid  # noqa: E402
+from helpers.waiting import wait_for  # noqa: E402
+from localcluster.components import BY_NAME  # noqa: E402
+from localcluster.paths import Paths, node_name  # noqa: E402
+
+POD = """apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default}}
+spec:
+  runtimeClassName: kvm
+  restartPolicy: Always
+  terminationGracePeriodSeconds: 5
+  containers:
+  - name: vm
+    image: {image}
+    imagePullPolicy: IfNotPresent
+    resources: {{limits: {{cpu: "1", memory: 256Mi}}, requests: {{cpu: 10m, memory: 256Mi}}}}
+"""
+QEMU_PIDS = Path("/run/libvirt/qemu")
+
+
+def edgevirt_pids() -> dict[str, int]:
+    """Domain name -> QEMU pid of every running edgevirt domain (libvirt's pid files)."""
+    out = {}
+    for f in QEMU_PIDS.glob("edgevirt-*.pid"):
+        pid = qemu_pid(f.stem)
+        if pid and Path(f"/proc/{pid}").exists():
+            out[f.stem] = pid
+    return out
+
+
+def up(cluster: Cluster, *names: str) -> None:
+    for name in names:
+        res = cluster.up(name)
+        if res.returncode != 0:
+            raise RuntimeError(f"deploy/local/up {name}: {res.stdout}{res.stderr}")
+    wait_for(
+        "the API server", lambda: cluster.kubectl("get", "--raw", "/readyz", check=False).returncode == 0, 120
+    )
+
+
+def one_round(cluster: Cluster, conn: libvirt.virConnect, image: str) -> tuple[float, float]:
+    name = f"bench-restart-{uuid.uuid4().hex[:6]}"
+    before = set(edgevirt_pids())
+    cluster.kubectl("apply", "-f", "-", input=POD.format(name=name, image=image))
+    try:
+        first = wait_for("the pod's QEMU", lambda: (set(edgevirt_pids()) - before) or None, 300, 0.1).pop()
+        pid0 = edgevirt_pids()[first]
+        time.sleep(2)  # let kubelet see it running
+        for c in ("kube-apiserver", "registry"):
+            BY_NAME[c].process(cluster.paths).stop()
+        try:
+            t0 = time.perf_counter()
+            os.kill(pid0, signal.SIGKILL)
+            second = wait_for(
+                "a new QEMU of the pod",
+                lambda: next((d for d in set(edgevirt_pids()) - before - {first}), None),
+                300,
+                0.005,
+            )
+            restart = time.perf_counter() - t0
+            # the floor: virsh start of the first (shut off) domain, once the new one is gone again
+            conn.lookupByName(second).destroy()
+            dom = conn.lookupByName(first)
+            t1 = time.perf_counter()
+            dom.create()
+            wait_for("the floor domain to be active", dom.isActive, 120, 0.001)
+            floor = time.perf_counter() - t1
+            dom.destroy()
+        finally:
+            up(cluster, "kube-apiserver", "registry")
+    finally:
+        cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
+    return restart, floor
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--image", default=VM_IMAGE)
+    args = ap.parse_args()
+    paths = Paths.default()
+    cluster = Cluster(paths=paths, node=node_name(), started_here=False)
+    if not BY_NAME["kubelet"].process(paths).pid():
+        sys.exit("kubelet of the local cluster is not running: deploy/local/up")
+    conn = libvirt.open("qemu:///system")
+    restarts: list[float] = []
+    floors: list[float] = []
+    try:
+        for _ in range(args.rounds):
+            r, f = one_round(cluster, conn, args.image)
+            restarts.append(r)
+            floors.append(f)
+    finally:
+        conn.close()
+    r50, f50, r95, f95 = (
+        statistics.median(restarts),
+        statistics.median(floors),
+        pct(restarts, 95),
+        pct(floors, 95),
+    )
+    ms = lambda x: f"{x * 1000:.0f} ms"  # noqa: E731
+    print(
+        "| measure | kubelet restarts the VM (API server, registry stopped) | virsh start (floor) | ratio |"
+    )
+    print("|---|---|---|---|")
+    for label, r, f in (("p50", r50, f50), ("p95", r95, f95)):
+        print(f"| kill -9 of QEMU -> new QEMU running, {label} | {ms(r)} | {ms(f)} | {r / f:.2f}x |")
+    print(f"\nrestart (s): {', '.join(f'{x:.3f}' for x in restarts)}")
+    print(f"floor (s): {', '.join(f'{x:.3f}' for x in floors)}")
+    print(json.dumps({"image": args.image, "rounds": args.rounds}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
