@@ -47,3 +47,7 @@ class AgentUnavailable(VMError):
 
 class AgentError(VMError):
     """The guest agent answered a command with an error (e.g. the program to run was not found)."""
+
+
+class ExecTimedOut(VMError):
+    """A program run through the guest agent did not end within its timeout (it was killed)."""
