@@ -203,6 +203,8 @@ class ExecSession(AttachSession):
         for t in pumps:
             t.start()
         code = proc.wait(self.done)
+        if self.done.is_set() or code is None:
+            proc.close()  # the client left: kill what runs, which ends the outputs
         for t in pumps:
             t.join(5)
         if self.done.is_set() or code is None:

@@ -37,10 +37,11 @@ from .public_errors import vm_error
 log = logging.getLogger("edgevirt-cri.kvm")
 
 AGENT_NEEDED = (
-    "the QEMU guest agent of this VM does not answer ({why}): exec, exec probes and port-forward "
-    "of VM pods run through it. Install and start it in the guest image (Debian/Ubuntu: "
-    "qemu-guest-agent; it talks on the virtio-serial port org.qemu.guest_agent.0, which every "
-    "edgevirt VM has), or use `kubectl attach -it` for the serial console"
+    "the QEMU guest agent of this VM cannot be reached ({why}): exec, exec probes and port-forward "
+    "of VM pods run through it. A paused VM must be resumed first; a guest without the agent needs "
+    "it installed and running (Debian/Ubuntu: qemu-guest-agent; it talks on the virtio-serial port "
+    "org.qemu.guest_agent.0, which every edgevirt VM has); `kubectl attach -it` reaches the serial "
+    "console without it"
 )
 
 
