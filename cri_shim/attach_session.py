@@ -35,10 +35,9 @@ Target = Callable[[], int]
 
 
 @dataclass
-class AttachRequest:
-    """What a one-time URL attaches to, and which streams the client was told to open."""
+class StreamRequest:
+    """What a one-time URL is for: which streams the client was told to open, until when."""
 
-    target: Target
     what: str
     stdin: bool
     stdout: bool
@@ -47,13 +46,20 @@ class AttachRequest:
     expires: float
 
 
+@dataclass
+class AttachRequest(StreamRequest):
+    """An attach to a console."""
+
+    target: Target
+
+
 class AttachSession:
     """One attach: collect the client's streams, then bridge them to the console."""
 
     def __init__(
         self,
         conn: spdy.Connection,
-        req: AttachRequest,
+        req: StreamRequest,
         protocol: str,
         limits: StreamingLimits,
         reader: DeadlineReader,
@@ -94,6 +100,11 @@ class AttachSession:
             lambda: max(self.reader.last_read, conn.last_sent) + lim.idle_timeout,
         )
         conn.sock.settimeout(lim.idle_timeout)  # a write that cannot go on for that long: gone
+        self._start(early_stdin)
+
+    def _start(self, early_stdin: list[bytes]) -> None:
+        """Open the console and bridge the streams to it (an exec session starts a process)."""
+        assert isinstance(self.req, AttachRequest)
         try:
             self.fd = self.req.target()
         except Exception as e:
@@ -237,21 +248,27 @@ class AttachSession:
     def finish(self, error: str, nowait: bool = False) -> None:
         """Report the end on the error stream (v4: a metav1.Status) and close the output streams;
         ``nowait``: only if the client's window has room (it may not be reading)."""
+        status: dict[str, object] = {"metadata": {}, "status": "Success"}
+        if error:
+            status = {
+                "metadata": {},
+                "status": "Failure",
+                "message": error,
+                "reason": "InternalError",
+                "code": 500,
+            }
+        self.send_status(status, nowait)
+
+    def send_status(self, status: dict[str, object], nowait: bool = False) -> None:
+        """End the session with ``status`` (a metav1.Status) on the error stream: as JSON (v4), as
+        its message when it is a failure (v3, v2), as kubelet's streaming server does; close the
+        output streams and the connection."""
         self.done.set()
         err = self.streams.get("error")
         if self.protocol == "v4.channel.k8s.io":
-            status: dict[str, object] = {"metadata": {}, "status": "Success"}
-            if error:
-                status = {
-                    "metadata": {},
-                    "status": "Failure",
-                    "message": error,
-                    "reason": "InternalError",
-                    "code": 500,
-                }
             payload = json.dumps(status).encode()
         else:
-            payload = error.encode()
+            payload = str(status.get("message", "")).encode() if status.get("status") != "Success" else b""
         frames = [
             spdy.data_frame(self.streams[k], b"", True) for k in ("stdout", "stderr") if k in self.streams
         ]

@@ -1,9 +1,10 @@
-"""What one client may cost the attach streaming server (``cri_shim.streaming``), and the parts
-that hold it to that: ``StreamingLimits`` (the options, each default with its reason),
-``DeadlineReader`` (reads that end at a phase's deadline and, for the request head, at a byte budget),
-``BoundedHTTPServer`` (counts connections: a new one beyond ``max_handshakes`` without a token closes
-the oldest; at most ``max_sessions`` attach sessions) and ``LimitLog`` (counts every hit, logs a
-warning at most every LIMIT_LOG_INTERVAL per limit). Frame and header-block limits are ``spdy``'s.
+"""What one client may cost the streaming server (``cri_shim.streaming``: attach, exec,
+port-forward), and the parts that hold it to that: ``StreamingLimits`` (the options, each default
+with its reason), ``DeadlineReader`` (reads that end at a phase's deadline and, for the request
+head, at a byte budget), ``BoundedHTTPServer`` (counts connections: a new one beyond
+``max_handshakes`` without a token closes the oldest; at most ``max_sessions`` sessions) and
+``LimitLog`` (counts every hit, logs a warning at most every LIMIT_LOG_INTERVAL per limit). Frame
+and header-block limits are ``spdy``'s.
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ IDLE_TIMEOUT = 4 * 3600.0
 MAX_REQUEST_HEAD_BYTES = 64 << 10
 #: connections that have not shown a token yet; a new one closes the oldest
 MAX_HANDSHAKES = 32
-#: attach sessions at once (each holds two threads and at most a frame and the early stdin)
+#: sessions (attach, exec, port-forward) at once (each holds a few threads and at most a frame and
+#: the early stdin)
 MAX_SESSIONS = 64
 #: SYN_STREAMs per connection (a remote-command client opens at most 5)
 MAX_STREAMS = 8
+#: connections one port-forward session forwards at once (each is a pair of streams and, for a VM,
+#: a process and two virtio-serial channels in the guest)
+MAX_FORWARDS = 16
 #: stdin kept from before the streams are complete (SPDY/3.1's initial stream window: 64 KiB)
 MAX_PENDING_STREAM_BYTES = 64 << 10
 #: all frames read before the streams are complete, SYN_STREAMs aside (a frame header counts 8)
@@ -64,6 +69,7 @@ class StreamingLimits:
     max_handshakes: int = MAX_HANDSHAKES
     max_sessions: int = MAX_SESSIONS
     max_streams: int = MAX_STREAMS
+    max_forwards: int = MAX_FORWARDS
     max_pending_stream: int = MAX_PENDING_STREAM_BYTES
     max_pending: int = MAX_PENDING_BYTES
     frames: spdy.FrameLimits = field(default_factory=spdy.FrameLimits)
@@ -152,7 +158,7 @@ class DeadlineReader(io.RawIOBase):
 
 class BoundedHTTPServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that knows its connections: at most ``max_handshakes`` without a token
-    (a new one closes the oldest) and at most ``max_sessions`` that are attach sessions."""
+    (a new one closes the oldest) and at most ``max_sessions`` that are sessions."""
 
     daemon_threads = True
     request_queue_size = 128

@@ -1,4 +1,5 @@
-"""The shim's own CRI streaming server: ``Attach`` of VM pods to their serial console.
+"""The shim's own CRI streaming server: ``Attach`` of VM pods to their serial console, ``Exec`` in
+their guest and ``PortForward`` to it.
 
 CRI ``Attach`` answers a URL; kubelet (for ``kubectl attach``) or crictl then connects to it and
 upgrades the connection to SPDY/3.1, speaking Kubernetes' remote-command protocol
@@ -13,6 +14,10 @@ URLs carry a one-time random token valid for a minute, like kubelet's streaming 
 listens on loopback only (kubelet runs on the same node). A target is a callable that opens the
 console and returns a file descriptor (the VM's pty); the server owns and closes it. This module is
 the HTTP side (tokens, the upgrade); ``cri_shim.attach_session`` runs the session after it.
+``Exec`` URLs (``/exec/<token>``) run ``cri_shim.exec_session`` (the same remote-command protocol,
+with a process the runtime starts for the session), ``PortForward`` URLs (``/portforward/<token>``,
+protocol ``portforward.k8s.io``) run ``cri_shim.portforward_session``; a token is good for its own
+kind of URL only.
 
 No client can make the server hold much (``StreamingLimits``; each hit is counted in ``limit_hits``
 and logged, at most every LIMIT_LOG_INTERVAL per limit): each phase of a connection has a deadline
@@ -39,6 +44,9 @@ from http.server import BaseHTTPRequestHandler
 
 from . import spdy
 from .attach_session import AttachRequest, AttachSession, Target
+from .exec_session import ExecRequest, ExecSession, Launcher
+from .portforward_session import PROTOCOL as PORTFORWARD_PROTOCOL
+from .portforward_session import Dialer, PortForwardRequest, PortForwardSession
 from .stream_limits import (
     BoundedHTTPServer,
     ConnectionLimit,
@@ -51,6 +59,10 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io")
 TOKEN_TTL = 60.0
+
+Request = AttachRequest | ExecRequest | PortForwardRequest
+#: the URL path of each kind of request
+KINDS: dict[type, str] = {AttachRequest: "attach", ExecRequest: "exec", PortForwardRequest: "portforward"}
 
 
 def open_pty(path: str) -> int:
@@ -69,7 +81,7 @@ class StreamingServer:
         self, host: str = "127.0.0.1", port: int = 0, *, limits: StreamingLimits | None = None
     ) -> None:
         self.limits = limits or StreamingLimits()
-        self._pending: dict[str, AttachRequest] = {}
+        self._pending: dict[str, Request] = {}
         self._lock = threading.Lock()
         self._limit_log = LimitLog()
         server = self
@@ -90,20 +102,37 @@ class StreamingServer:
     def attach_url(
         self, target: Target, what: str, *, stdin: bool, stdout: bool, stderr: bool, tty: bool
     ) -> str:
+        """A one-time URL bridging the client to the console ``target`` opens."""
+        expires = time.monotonic() + TOKEN_TTL
+        return self._url(AttachRequest(what, stdin, stdout, stderr and not tty, tty, expires, target=target))
+
+    def exec_url(
+        self, launch: Launcher, what: str, *, stdin: bool, stdout: bool, stderr: bool, tty: bool
+    ) -> str:
+        """A one-time URL running the process ``launch`` starts, with the client's streams."""
+        expires = time.monotonic() + TOKEN_TTL
+        return self._url(ExecRequest(what, stdin, stdout, stderr and not tty, tty, expires, launch=launch))
+
+    def portforward_url(self, dial: Dialer, what: str) -> str:
+        """A one-time URL forwarding the client's connections to the ports ``dial`` connects to."""
+        return self._url(PortForwardRequest(dial, what, time.monotonic() + TOKEN_TTL))
+
+    def _url(self, req: Request) -> str:
         token = secrets.token_urlsafe(12)
         now = time.monotonic()
         with self._lock:
             for t in [t for t, r in self._pending.items() if r.expires < now]:
                 del self._pending[t]
-            self._pending[token] = AttachRequest(
-                target, what, stdin, stdout, stderr and not tty, tty, now + TOKEN_TTL
-            )
-        return f"{self.base_url}/attach/{token}"
+            self._pending[token] = req
+        return f"{self.base_url}/{KINDS[type(req)]}/{token}"
 
-    def take(self, token: str) -> AttachRequest | None:
+    def take(self, token: str, kind: str = "attach") -> Request | None:
+        """The request of a token shown on a URL of ``kind`` (used up either way)."""
         with self._lock:
             req = self._pending.pop(token, None)
-        return req if req and req.expires >= time.monotonic() else None
+        if req is None or req.expires < time.monotonic() or KINDS[type(req)] != kind:
+            return None
+        return req
 
     @property
     def limit_hits(self) -> collections.Counter[str]:
@@ -173,17 +202,18 @@ class _AttachHandler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         parts = self.path.split("?", 1)[0].strip("/").split("/")
-        if len(parts) != 2 or parts[0] != "attach":
+        if len(parts) != 2 or parts[0] not in KINDS.values():
             return self._fail(404, f"no such streaming endpoint: {self.path}")
+        kind = parts[0]
         if not self.server.claim_session(self.connection):
             cap = self.streaming.limits.max_sessions
             self.streaming.limit_hit(
-                "max_sessions", f"{cap} attach sessions already: refused one (max_sessions)"
+                "max_sessions", f"{cap} streaming sessions already: refused one (max_sessions)"
             )
-            return self._fail(503, f"{cap} attach sessions already (max_sessions): try again later")
-        req = self.streaming.take(parts[1])
+            return self._fail(503, f"{cap} streaming sessions already (max_sessions): try again later")
+        req = self.streaming.take(parts[1], kind)
         if req is None:
-            return self._fail(404, "unknown or expired attach token: ask the runtime for a new URL (Attach)")
+            return self._fail(404, f"unknown or expired {kind} token: ask the runtime for a new URL")
         if "spdy/3.1" not in (self.headers.get("Upgrade") or "").lower():
             return self._fail(
                 400, "this endpoint serves SPDY/3.1 upgrades (Upgrade: SPDY/3.1); WebSocket is not supported"
@@ -191,12 +221,13 @@ class _AttachHandler(BaseHTTPRequestHandler):
         offered = [
             p.strip() for v in self.headers.get_all("X-Stream-Protocol-Version") or [] for p in v.split(",")
         ]
-        protocol = next((p for p in offered if p in PROTOCOLS), None)
+        supported = (PORTFORWARD_PROTOCOL,) if kind == "portforward" else PROTOCOLS
+        protocol = next((p for p in offered if p in supported), None)
         if protocol is None:
             return self._fail(
                 403,
                 f"unable to negotiate a stream protocol: client offers {offered}, "
-                f"server supports {list(PROTOCOLS)}",
+                f"server supports {list(supported)}",
             )
         self.send_response(101, "Switching Protocols")
         self.send_header("Connection", "Upgrade")
@@ -206,9 +237,12 @@ class _AttachHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
         conn = spdy.Connection(self.connection, rfile=self.rfile, limits=self.streaming.limits.frames)
+        limits, on_limit = self.streaming.limits, self.streaming.limit_hit
         try:
-            AttachSession(
-                conn, req, protocol, self.streaming.limits, self.reader, self.streaming.limit_hit
-            ).run()
+            if isinstance(req, PortForwardRequest):
+                PortForwardSession(conn, req, limits, self.reader, on_limit).run()
+            else:
+                session = ExecSession if isinstance(req, ExecRequest) else AttachSession
+                session(conn, req, protocol, limits, self.reader, on_limit).run()
         finally:
             conn.close()

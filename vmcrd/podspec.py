@@ -23,6 +23,15 @@ the real pull) and :data:`PLACEHOLDER_IMAGE` otherwise (kubelet cannot parse ``f
 ``restartPolicy`` follows the runStrategy (:data:`vmcrd.api.RESTART_POLICIES`): Always -> Always,
 RerunOnFailure -> OnFailure, the others -> Never; so kubelet brings a VM back in the same sandbox (same
 disks, MAC, IP) without the API server, and the controller acts on what kubelet does not.
+
+``spec.readinessProbe`` / ``spec.livenessProbe`` (as KubeVirt's, ``exec`` or ``tcpSocket``) become
+the ``compute`` container's probes: kubelet runs an exec probe through CRI ExecSync, which the kvm
+handler runs in the guest through its QEMU guest agent; a tcpSocket probe is kubelet's own
+connection to the pod IP from the node (docs/verbs.md says what that reaches). A failed liveness
+probe makes kubelet end the VM container; whether it runs again follows the pod's restartPolicy
+(above), so a VM with runStrategy Always is restarted by kubelet in the same sandbox. Probes are boot
+fields: a pod's probes cannot change, so a changed probe takes a restart (and only a VM that has
+probes hashes them, so the spec hash of one without stays as it was).
 """
 
 from __future__ import annotations
@@ -70,6 +79,18 @@ GRACE_PERIOD_SECONDS = 30
 #: runStrategy). Hotpluggable volumes are mounted live by node mode. ``cloudInit`` includes
 #: ``userDataSecretRef``: another Secret means another seed, made at boot.
 BOOT_FIELDS = ("cpu", "memory", "image", "kernelBoot", "cloudInit", "networks", "nodeName")
+#: The VM's probes, carried onto the compute container; boot fields too, hashed only when present.
+PROBES = ("readinessProbe", "livenessProbe")
+#: What of a probe is carried (the CRD allows no more): one handler and kubelet's timing knobs.
+PROBE_KEYS = (
+    "exec",
+    "tcpSocket",
+    "initialDelaySeconds",
+    "periodSeconds",
+    "timeoutSeconds",
+    "successThreshold",
+    "failureThreshold",
+)
 
 _OCI_SCHEMES = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
@@ -83,7 +104,17 @@ def boot_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """The part of a VM spec that is fixed at boot: all of BOOT_FIELDS and the non-hotpluggable volumes."""
     out = {k: spec.get(k) for k in BOOT_FIELDS}
     out["volumes"] = [v for v in spec.get("volumes") or [] if not v.get("hotpluggable")]
+    out.update(probes(spec))
     return out
+
+
+def probes(spec: dict[str, Any]) -> dict[str, Any]:
+    """The VM's probes as the compute container's (only the fields of :data:`PROBE_KEYS`)."""
+    return {
+        name: {k: spec[name][k] for k in PROBE_KEYS if k in spec[name]}
+        for name in PROBES
+        if isinstance(spec.get(name), dict)
+    }
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -188,6 +219,7 @@ def _container(spec: dict[str, Any]) -> dict[str, Any]:
         # the serial console is an interactive terminal: `kubectl attach -it` (CRI Attach)
         "stdin": True,
         "tty": True,
+        **probes(spec),
     }
 
 

@@ -50,6 +50,7 @@ from ..vm.containerd_source import DEFAULT_ROOT as DEFAULT_CONTAINERD_ROOT
 from ..vm.containerd_source import ContainerdSource
 from ..vm.disks import DiskManager
 from ..vm.errors import ValidationError, VMError
+from ..vm.guest_session import Guests
 from ..vm.images import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, ImageStore
 from ..vm.lifecycle import DomainManager
 from ..vm.nics import DEFAULT_DEVICE_DIR
@@ -186,10 +187,15 @@ def domain_manager(opts: KvmOptions) -> DomainManager:
 
 
 def build_handler(
-    name: str, opts: KvmOptions, *, domains: Domains | None = None, netns: Netns | None = None
+    name: str,
+    opts: KvmOptions,
+    *,
+    domains: Domains | None = None,
+    netns: Netns | None = None,
+    guests: Guests | None = None,
 ) -> KvmHandler:
-    """The handler for ``opts``; ``domains`` and ``netns`` replace the real libvirt layer and
-    ``ip netns`` (tests)."""
+    """The handler for ``opts``; ``domains``, ``netns`` and ``guests`` replace the real libvirt
+    layer, ``ip netns`` and the guests' agents and channels (tests)."""
     reason: str | None = None
     network: SandboxNetwork | None = None
     if opts.insecure_registries:
@@ -209,6 +215,8 @@ def build_handler(
     except cni_exec.CNIError as e:
         reason = str(e)
     domains = domains if domains is not None else domain_manager(opts)
+    if guests is None and isinstance(domains, DomainManager):
+        guests = domains
     if reason is None:
         try:
             domains.connect()  # now: a node without libvirt has no kvm handler
@@ -231,4 +239,5 @@ def build_handler(
         limits=limits,
         streaming_address=opts.streaming_address,
         unavailable=reason,
+        guests=guests,
     )

@@ -9,7 +9,8 @@ Each method is thin: find the record, take its lock, delegate, answer.
   (:mod:`.translate`); :mod:`.containers` defines the domain (not started) through the libvirt layer.
 * Start/Stop/Remove/Status/Stats map to the domain; StopContainer is ACPI shutdown, destroy after
   the timeout. The serial console goes into the container's CRI log and Attach bridges to it
-  (:mod:`.console`); Exec and PortForward answer UNIMPLEMENTED naming what to use instead.
+  (:mod:`.console`); ExecSync, Exec and PortForward go through the guest's QEMU guest agent
+  (:mod:`.exec`, :mod:`.portforward`).
 
 Everything the handler makes is recorded on disk (:mod:`.records`) before it is made, so a
 restarted shim reports the same IDs and states and a failure halfway is rolled back (also one left
@@ -37,10 +38,13 @@ from ..backends.base import TypedBackend
 from ..errors import BackendError, invalid, unimplemented
 from ..vm import image_metrics
 from ..vm.errors import ValidationError, VMError
+from ..vm.guest_session import Guests
 from . import pod_disks, replies, translate, userdata
 from .cni_exec import CNIError
 from .console import ConsoleAttach, ConsoleLogs
 from .containers import AlreadyRan, ContainerLifecycle, Domains, now
+from .exec import GuestExec
+from .portforward import portforward_url
 from .public_errors import Redactor, vm_error
 from .records import ContainerRecord, SandboxRecord, container_store, sandbox_store
 from .sandbox_net import SandboxNetwork
@@ -49,11 +53,6 @@ from .sandboxes import SandboxLifecycle
 log = logging.getLogger("edgevirt-cri.kvm")
 
 HANDLER = replies.HANDLER
-NOT_SUPPORTED = (
-    "{what} is not supported for VM pods (runtime handler kvm): the guest runs its own OS with no "
-    "agent; use `kubectl logs` for the serial console output, `kubectl attach -it POD` (or "
-    "`kubectl vm console NAME`) for an interactive console, and the VM's IP for its services"
-)
 
 
 class KeyedLocks:
@@ -83,6 +82,7 @@ class KvmHandler(TypedBackend):
         private_roots: tuple[Path, ...] = (),
         streaming_address: str = "127.0.0.1:0",
         unavailable: str | None = None,
+        guests: Guests | None = None,
     ) -> None:
         self.name = name
         self.kubelet_root = kubelet_root
@@ -97,6 +97,7 @@ class KvmHandler(TypedBackend):
         self.consoles = ConsoleLogs(store.dir)
         self.containers = ContainerLifecycle(store, domains, self.consoles)
         self.attach_urls = ConsoleAttach(streaming_address, domains.console_pty)
+        self.guest = GuestExec(guests, lambda: self.attach_urls.server)
         self.api = protos.api()
         if unavailable is None:
             self.sandboxes.recover()
@@ -378,18 +379,32 @@ class KvmHandler(TypedBackend):
         )
         return self.api.AttachResponse(url=url)
 
-    # ------------------------------------------------------------ not for VMs
+    # ------------------------------------------------------------ in the guest, through its agent
+    def _running(self, id_: str) -> ContainerRecord:
+        c = self.containers.observe(self._container(id_))
+        if c.state != "RUNNING":
+            raise BackendError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"container {c.id} is not running ({c.state.lower()})"
+            )
+        return c
+
     def exec_sync(self, req: Any) -> Any:
-        self._container(req.container_id)
-        raise unimplemented(NOT_SUPPORTED.format(what="ExecSync (kubectl exec)"))
+        return self.guest.exec_sync_reply(self.api, self._running(req.container_id).domain, req)
 
     def exec(self, req: Any) -> Any:
-        self._container(req.container_id)
-        raise unimplemented(NOT_SUPPORTED.format(what="Exec (kubectl exec)"))
+        return self.guest.exec_reply(self.api, self._running(req.container_id).domain, req)
 
     def port_forward(self, req: Any) -> Any:
-        self._sandbox(req.pod_sandbox_id)
-        raise unimplemented(NOT_SUPPORTED.format(what="PortForward (kubectl port-forward)"))
+        sb = self._sandbox(req.pod_sandbox_id)
+
+        def domain_of() -> str:  # at each connection: a VM that restarted is a new domain
+            for c in self.containers.of_sandbox(sb.id):
+                if self.containers.observe(c).state == "RUNNING":
+                    return c.domain
+            raise BackendError(grpc.StatusCode.FAILED_PRECONDITION, f"pod sandbox {sb.id[:12]} runs no VM")
+
+        url = portforward_url(self.guest, domain_of, f"{sb.metadata.namespace}/{sb.metadata.name}")
+        return self.api.PortForwardResponse(url=url)
 
     def update_container_resources(self, req: Any) -> Any:
         self._container(req.container_id)

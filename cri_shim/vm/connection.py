@@ -2,8 +2,11 @@
 
 :class:`Connection` opens ``virConnect`` lazily, notices a dead one (a restarted libvirtd leaves it
 behind) and opens a new one, and offers the few connection-level calls the libvirt layer makes:
-lookup by name or UUID, define, list, the library version. Every libvirt error becomes a
-:class:`.errors.VMError` (:class:`.errors.DomainNotFound` for a missing domain) naming the domain.
+lookup by name or UUID, define, list, the library version, and one command to a domain's QEMU guest
+agent (``libvirt_qemu.qemuAgentCommand``). Every libvirt error becomes a :class:`.errors.VMError`
+(:class:`.errors.DomainNotFound` for a missing domain, :class:`.errors.AgentUnavailable` when the
+guest agent cannot be reached, :class:`.errors.AgentError` when it answered with an error) naming
+the domain.
 Nothing outside the libvirt layer talks to libvirt: the kvm handler and node mode go through
 :class:`.lifecycle.DomainManager`.
 """
@@ -14,8 +17,23 @@ import contextlib
 import threading
 
 import libvirt
+import libvirt_qemu
 
-from .errors import DomainNotFound, VMError
+from .errors import AgentError, AgentUnavailable, DomainNotFound, VMError
+
+#: libvirt's answers that mean "no agent to talk to": not connected or not answering in time
+#: (AGENT_UNRESPONSIVE), out of step (AGENT_UNSYNCED), no agent channel in the domain
+#: (ARGUMENT_UNSUPPORTED: "QEMU guest agent is not configured"), the domain is not running or is
+#: paused (OPERATION_INVALID), a timeout (OPERATION_TIMEOUT)
+AGENT_UNAVAILABLE = frozenset(
+    {
+        libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+        libvirt.VIR_ERR_AGENT_UNSYNCED,
+        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+        libvirt.VIR_ERR_OPERATION_INVALID,
+        libvirt.VIR_ERR_OPERATION_TIMEOUT,
+    }
+)
 
 
 def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
@@ -97,3 +115,14 @@ class Connection:
             return list(self.get().listAllDomains())
         except libvirt.libvirtError as e:
             raise VMError(f"listing the domains of {self.uri} failed: {e}") from None
+
+    def agent_command(self, name: str, command: str, timeout: int) -> str:
+        """Send one command (QGA JSON) to the guest agent of domain ``name``, waiting at most
+        ``timeout`` seconds for its answer; returns the agent's reply (JSON)."""
+        dom = self.lookup(name)
+        try:
+            return str(libvirt_qemu.qemuAgentCommand(dom, command, max(1, timeout), 0))
+        except libvirt.libvirtError as e:
+            if error_code(e) in AGENT_UNAVAILABLE:
+                raise AgentUnavailable(f"the guest agent of {name!r} cannot be reached: {e}") from None
+            raise AgentError(f"the guest agent of {name!r} answered with an error: {e}") from None

@@ -15,6 +15,10 @@ Choices worth knowing:
   slots libvirt hands out (from the bottom up) for disks, including hotplugged ones.
 * Edgevirt bookkeeping (VM uid, files this layer created) lives in ``<metadata>`` under
   :data:`METADATA_NS`, so cleanup works after a restart of the process that created the domain.
+* Every VM has a virtio-serial controller with :data:`VIRTIO_SERIAL_PORTS` ports and the QEMU guest
+  agent's channel (``org.qemu.guest_agent.0``, a unix socket whose path libvirt chooses and to which
+  libvirt itself connects): exec, exec probes and port-forward go through the guest agent, and
+  exec and port-forward sessions hot-plug channels of their own on that controller (:mod:`.channels`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ NIC_SLOT_BASE = 0x1F
 TAP_ENV = "EDGEVIRT_TAP_{index}"
 TAP_FD_PLACEHOLDER = "@EDGEVIRT_TAP_{index}_FD@"
 REAL_QEMU_ENV = "EDGEVIRT_QEMU"
+#: the name of the QEMU guest agent's virtio-serial port (what qemu-ga and libvirt look for)
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+#: ports of the virtio-serial controller: the agent's, plus the channels exec and port-forward
+#: sessions hot-plug (QEMU's default of 31 would allow ~10 sessions at once; each port costs the
+#: guest two small virtqueues)
+VIRTIO_SERIAL_PORTS = 64
 
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace("edgevirt", METADATA_NS)
@@ -137,12 +147,23 @@ def build_domain(spec: DomainSpec) -> ET.Element:
     _sub(serial, "target", port="0")
     con = _sub(devs, "console", type="pty")
     _sub(con, "target", type="serial", port="0")
+    _sub(devs, "controller", type="virtio-serial", index="0", ports=str(VIRTIO_SERIAL_PORTS))
+    devs.append(channel_element(AGENT_CHANNEL))
     bal = _sub(devs, "memballoon", model="virtio")
     _sub(bal, "stats", period="5")
     _sub(devs, "rng", model="virtio").append(_backend_random())
     if spec.nics:
         _add_nics(dom, spec)
     return dom
+
+
+def channel_element(port_name: str) -> ET.Element:
+    """A virtio-serial ``<channel>`` named ``port_name`` whose host side is a unix socket QEMU
+    listens on, at a path libvirt chooses (under its per-domain channel folder)."""
+    ch = ET.Element("channel", {"type": "unix"})
+    _sub(ch, "source", mode="bind")
+    _sub(ch, "target", type="virtio", name=port_name)
+    return ch
 
 
 def _backend_random() -> ET.Element:

@@ -37,3 +37,17 @@ class DomainNotFound(VMError):
 
 class DomainExists(VMError):
     """A domain with this name is already defined."""
+
+
+class AgentUnavailable(VMError):
+    """The VM's guest agent cannot be reached: the domain has no agent channel (defined before
+    edgevirt added one), the agent does not run in the guest (or has not started yet), the domain is
+    not running, or the agent did not answer in time."""
+
+
+class AgentError(VMError):
+    """The guest agent answered a command with an error (e.g. the program to run was not found)."""
+
+
+class ExecTimedOut(VMError):
+    """A program run through the guest agent did not end within its timeout (it was killed)."""

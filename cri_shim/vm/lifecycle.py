@@ -9,7 +9,8 @@ Operations on one domain are serialised by a per-name lock; libvirt is reached o
 domain and starts it. If any step fails, everything this call made is undone in reverse order
 (domain destroyed and undefined, files it created deleted) and the error is raised: nothing leaks.
 ``remove`` is idempotent and cleans up from the domain's own metadata, so it works in a process
-that did not create the domain. Hot-plug lives in :mod:`.hotplug`.
+that did not create the domain. Hot-plug lives in :mod:`.hotplug`; the guest agent and the
+virtio-serial channels of exec and port-forward sessions in :mod:`.agent` and :mod:`.channels`.
 
 Node mode finds a VM's domains by (namespace, uid) (:meth:`DomainManager.vm_domains`) and removes a
 deleted VM with :meth:`DomainManager.remove_vm`.
@@ -31,7 +32,8 @@ from typing import Any
 
 import libvirt
 
-from . import domain_xml, hotplug
+from . import channels, domain_xml, hotplug
+from .agent import GuestAgent
 from .build import BuildContext, Undo, build_domain_spec, run_dir, run_undo
 from .connection import Connection
 from .disks import DiskManager, DiskOwner
@@ -348,3 +350,24 @@ class DomainManager:
         definition when it was attached with ``persist``. False if it was not attached."""
         with self._lock(name):
             return hotplug.detach_volume(name, self._conn.lookup(name), volume_name, timeout)
+
+    # ------------------------------------------------------------ the guest (exec, port-forward)
+    def guest_agent(self, name: str) -> GuestAgent:
+        """The QEMU guest agent of domain ``name`` (:mod:`.agent`)."""
+        return GuestAgent(lambda cmd, timeout: self._conn.agent_command(name, cmd, timeout), name)
+
+    def plug_channel(self, name: str, port_name: str) -> str:
+        """Hot-plug virtio-serial channel ``port_name`` into the running domain; its host socket."""
+        return channels.plug(name, self._conn.lookup(name), port_name)
+
+    def unplug_channel(self, name: str, port_name: str) -> bool:
+        """Hot-unplug channel ``port_name``; False when it (or the domain) is gone already."""
+        try:
+            dom = self._conn.lookup(name)
+        except DomainNotFound:
+            return False
+        return channels.unplug(name, dom, port_name)
+
+    def session_channels(self, name: str) -> list[str]:
+        """The channels sessions plugged into the running domain (to sweep a crashed process's)."""
+        return channels.session_channels(self.xml(name))

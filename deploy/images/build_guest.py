@@ -2,8 +2,10 @@
 """Build a tiny test guest from Debian's installed kernel and busybox-static (stdlib only).
 
 The guest is the host's /boot/vmlinuz-<version> plus an initramfs holding busybox, the virtio
-modules (virtio_pci, virtio_net, virtio_blk), isofs and ext4 with their dependencies, and an /init
-that loads them, configures eth0 from the kernel command line and reports on the serial console.
+modules (virtio_pci, virtio_net, virtio_blk, virtio_console), isofs and ext4 with their
+dependencies, the QEMU guest agent (Debian's qemu-ga) and util-linux's script with the libraries
+they need, and an /init that loads the modules, configures eth0 from the kernel command line, starts
+the guest agent on its virtio-serial port and reports on the serial console.
 
 API (small on purpose; also used for VM disk images):
 
@@ -16,9 +18,12 @@ Kernel command line understood by /init:
     edgevirt.gw=ADDR          default gateway
     edgevirt.mac=MAC          pick the NIC with this MAC instead of the first non-loopback one
     edgevirt.poweroff=N       power off N seconds after "up" (default: stay up)
+    edgevirt.agent=off        do not start the guest agent (also: "# edgevirt.agent: off" in the
+                              NoCloud user-data), for tests of a VM without one
 Console markers (one line each, on ttyS0):
     EDGEVIRT-GUEST: modules <name>...     after loading modules
     EDGEVIRT-GUEST: ip <iface> <addr> mac <mac>
+    EDGEVIRT-GUEST: agent <dev>|off|none  qemu-ga started on <dev> / switched off / no agent port
     EDGEVIRT-GUEST: up                    network configured; ping should work now
     EDGEVIRT-GUEST: error <what>          something failed (the guest keeps running)
     EDGEVIRT-GUEST: blocks <dev>...       block devices after "up"; then, while running:
@@ -40,12 +45,17 @@ import io
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
+# Programs copied into the initramfs with the shared libraries they load (ldd): the QEMU guest agent
+# (exec, exec probes and port-forward of VM pods go through it) and util-linux's script (a pty for
+# `kubectl exec -t`; busybox has none). Debian packages: qemu-guest-agent, bsdutils.
+PROGRAMS = {Path("/usr/sbin/qemu-ga"): "qemu-guest-agent", Path("/usr/bin/script"): "bsdutils"}
 # Wanted modules; dependencies come from modules.dep (loaded first). For the NIC this yields the order
 # order the guest kernel needs: virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
 # failover, net_failover, virtio_net.
@@ -54,12 +64,16 @@ MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "cdrom", "isofs", "crc32c_g
 MODULES += ("button", "evdev", "virtio_scsi", "sd_mod")
 # the NoCloud seed (a sata cdrom labelled cidata): its network-config gives eth0 its address
 MODULES += ("ahci", "sr_mod")
+# virtio-serial: the guest agent's port and the ports edgevirt hot-plugs for exec and port-forward
+MODULES += ("virtio_console",)
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+/bin/busybox mkdir -p /dev/pts
+/bin/busybox mount -t devpts devpts /dev/pts 2>/dev/null
 /bin/busybox --install -s /bin
 export PATH=/bin
 say() { echo "EDGEVIRT-GUEST: $*" > /dev/ttyS0 2>/dev/null || echo "EDGEVIRT-GUEST: $*"; }
@@ -71,6 +85,7 @@ done
 say "modules$loaded"
 arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}";; esac; done; }
 ip_addr=$(arg edgevirt.ip); gw=$(arg edgevirt.gw); want_mac=$(arg edgevirt.mac); off=$(arg edgevirt.poweroff)
+agent=$(arg edgevirt.agent)
 # no address on the command line: read the first NIC's address, gateway and MAC from a NoCloud seed
 if [ -z "$ip_addr" ]; then
   for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/sr0 ] && break; sleep 0.5; done
@@ -82,6 +97,8 @@ if [ -z "$ip_addr" ]; then
     fi
     # tests only: "# edgevirt.poweroff: N" in the user-data powers the guest off N s after boot
     [ -n "$off" ] || off=$(awk '/^# *edgevirt.poweroff:/{print $3; exit}' /mnt/user-data 2>/dev/null)
+    # tests only: "# edgevirt.agent: off" boots the guest without its guest agent
+    [ -n "$agent" ] || agent=$(awk '/^# *edgevirt.agent:/{print $3; exit}' /mnt/user-data 2>/dev/null)
     say "cidata $(awk '/instance-id/{print $2}' /mnt/meta-data) ${ip_addr:-no-address}"
     umount /mnt
   fi
@@ -112,6 +129,23 @@ if [ -b /dev/vdb ]; then
   printf '%-63s\n' "$token" | dd of=/dev/vdb bs=64 count=1 conv=notrunc,fsync 2>/dev/null
   say "data vdb had ${had:-nothing} now $token"
 fi
+# the QEMU guest agent on its virtio-serial port, found by the port's name (no udev here)
+agent_dev=""
+if [ "$agent" != off ] && ls /sys/bus/virtio/drivers/virtio_console/ | grep -q virtio; then
+  for i in $(seq 1 30); do
+    for p in /sys/class/virtio-ports/*; do
+      [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && agent_dev=/dev/${p##*/}
+    done
+    [ -n "$agent_dev" ] && [ -c "$agent_dev" ] && break
+    agent_dev=""
+    sleep 0.1
+  done
+fi
+if [ "$agent" = off ]; then say "agent off"
+elif [ -n "$agent_dev" ]; then
+  qemu-ga -m virtio-serial -p "$agent_dev" -t /run -l /tmp/qemu-ga.log &
+  say "agent $agent_dev"
+else say "agent none"; fi
 say "up"
 if [ -n "$off" ]; then sleep "$off"; poweroff -f; fi
 # ACPI power button (libvirt shutdown) -> poweroff (any event of that input device);
@@ -201,7 +235,7 @@ def module_order(version: str, wanted: tuple[str, ...] = MODULES) -> list[str]:
 
 def _inputs_hash(version: str) -> str:
     h = hashlib.sha256(Path(__file__).read_bytes())
-    for p in (BUSYBOX, Path(f"/boot/vmlinuz-{version}")):
+    for p in (BUSYBOX, Path(f"/boot/vmlinuz-{version}"), *PROGRAMS):
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
@@ -237,6 +271,40 @@ class _Cpio:
         return self.buf.getvalue()
 
 
+def shared_libraries(program: Path) -> list[Path]:
+    """The shared libraries ``program`` loads, the dynamic loader included, as ldd names them."""
+    r = subprocess.run(["ldd", str(program)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"build_guest: ldd {program} failed: {r.stderr.strip() or r.stdout.strip()}")
+    out: list[Path] = []
+    for line in r.stdout.splitlines():
+        words = line.split()
+        path = words[2] if len(words) > 2 and words[1] == "=>" else words[0] if words else ""
+        if path.startswith("/") and Path(path) not in out:
+            out.append(Path(path))
+    return out
+
+
+def add_programs(cpio: _Cpio) -> None:
+    """PROGRAMS into bin/, their libraries at the paths ldd gave (the loader finds them there)."""
+    dirs: set[str] = set()
+    for program, package in PROGRAMS.items():
+        if not program.is_file():
+            raise SystemExit(f"build_guest: {program} missing: apt-get install {package}")
+        cpio.file(f"bin/{program.name}", program.read_bytes(), 0o755)
+        for lib in shared_libraries(program):
+            rel = str(lib).lstrip("/")
+            parent = ""
+            for part in Path(rel).parent.parts:
+                parent = f"{parent}/{part}" if parent else part
+                if parent not in dirs and parent not in ("lib", "bin"):
+                    dirs.add(parent)
+                    cpio.dir(parent)
+            if rel not in dirs:
+                dirs.add(rel)
+                cpio.file(rel, lib.read_bytes(), 0o755)
+
+
 def build_initrd(version: str) -> bytes:
     """The gzip-compressed newc initramfs for one kernel version."""
     mods = module_order(version)
@@ -246,6 +314,7 @@ def build_initrd(version: str) -> bytes:
     cpio.chardev("dev/console", 5, 1)
     cpio.chardev("dev/null", 1, 3)
     cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    add_programs(cpio)
     cpio.file("init", INIT.encode(), 0o755)
     names = []
     for rel in mods:

@@ -280,3 +280,35 @@ def test_a_vm_name_must_be_a_dns_label(crd, ns):
 def test_what_the_limits_allow_is_accepted(crd, ns, spec):
     r = dry_run(crd, ns, spec)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------ probes (carried onto the VM pod)
+EXEC_PROBE = {"exec": {"command": ["sh", "-c", "test -e /run/ready"]}, "periodSeconds": 5}
+
+
+@pytest.mark.parametrize(
+    ("probe", "kind", "needle"),
+    [
+        ({"periodSeconds": 5}, "readinessProbe", "needs exactly one handler: exec"),
+        ({**EXEC_PROBE, "tcpSocket": {"port": 22}}, "readinessProbe", "needs exactly one handler: exec"),
+        ({"exec": {"command": []}}, "livenessProbe", "spec.livenessProbe.exec.command"),
+        ({"tcpSocket": {"port": 0}}, "readinessProbe", "spec.readinessProbe.tcpSocket.port"),
+        ({**EXEC_PROBE, "successThreshold": 2}, "livenessProbe", "livenessProbe.successThreshold must be 1"),
+        ({**EXEC_PROBE, "timeoutSeconds": 0}, "livenessProbe", "spec.livenessProbe.timeoutSeconds"),
+    ],
+)
+def test_bad_probes_are_refused_naming_the_field(crd, ns, probe, kind, needle):
+    r = dry_run(crd, ns, {"image": "x", kind: probe})
+    assert r.returncode != 0 and needle in r.stderr, r.stderr
+
+
+def test_exec_and_tcp_probes_are_accepted_and_explained(crd, ns):
+    spec = {
+        "image": "x",
+        "readinessProbe": {**EXEC_PROBE, "successThreshold": 2, "initialDelaySeconds": 10},
+        "livenessProbe": {"tcpSocket": {"port": 22}, "failureThreshold": 5, "timeoutSeconds": 2},
+    }
+    r = dry_run(crd, ns, spec)
+    assert r.returncode == 0, r.stderr
+    out = " ".join(crd.kubectl("explain", "vm.spec.livenessProbe").stdout.split())
+    assert "guest agent" in out and "macvtap" in out

@@ -80,11 +80,16 @@ class Client:
         n = int(self.headers.get("content-length", "0"))
         return self.rfile.read(n).decode()
 
-    def create(self, stream_type: str) -> int:
+    def create(self, stream_type: str, **headers: str) -> int:
+        """Open a stream of ``stream_type`` (more headers: e.g. port-forward's port, requestID)."""
         sid, self.next_id = self.next_id, self.next_id + 2
-        self.sock.sendall(syn_stream_frame(sid, compressed_block(self.deflate, {"streamType": stream_type})))
+        block = compressed_block(self.deflate, {"streamType": stream_type, **headers})
+        self.sock.sendall(syn_stream_frame(sid, block))
         self.ids[stream_type] = sid
         return sid
+
+    def send_to(self, stream_id: int, data: bytes, fin: bool = False) -> None:
+        self.sock.sendall(data_frame(stream_id, data, fin))
 
     def send(self, stream_type: str, data: bytes, fin: bool = False) -> None:
         self.sock.sendall(data_frame(self.ids[stream_type], data, fin))

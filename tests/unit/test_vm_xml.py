@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from cri_shim.vm import DiskSpec, DomainSpec, KernelBoot, NicSpec, ValidationError
 from cri_shim.vm.domain_xml import (
+    AGENT_CHANNEL,
     METADATA_NS,
     QEMU_NS,
+    VIRTIO_SERIAL_PORTS,
     build_domain_xml,
     disk_targets,
     disk_xml,
@@ -227,3 +229,13 @@ def test_a_mac_with_a_newline_never_reaches_qemu(mac):
     with pytest.raises(ValidationError, match=r"is not a MAC address"):
         build_domain_xml(spec)
     assert check_mac("f", "02:00:00:00:00:0A") == "02:00:00:00:00:0a"
+
+
+def test_every_domain_has_the_guest_agent_channel_on_a_virtio_serial_controller():
+    root = ET.fromstring(build_domain_xml(base_spec()))
+    ctrl = root.findall("devices/controller[@type='virtio-serial']")
+    assert [(c.get("index"), c.get("ports")) for c in ctrl] == [("0", str(VIRTIO_SERIAL_PORTS))]
+    (agent,) = root.findall("devices/channel")
+    assert agent.get("type") == "unix"
+    assert agent.find("source").attrib == {"mode": "bind"}  # libvirt picks the socket's path
+    assert agent.find("target").attrib == {"type": "virtio", "name": AGENT_CHANNEL}

@@ -52,6 +52,8 @@ specs = st.fixed_dictionaries(
         ),
         "volumes": st.lists(volume, max_size=4, unique_by=lambda v: v["name"]),
         "paused": st.booleans(),
+        "readinessProbe": st.just({"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 2}),
+        "livenessProbe": st.just({"tcpSocket": {"port": 22}, "failureThreshold": 3, "timeoutSeconds": 1}),
     },
 )
 
@@ -95,6 +97,8 @@ def test_pod_carries_the_contract(spec, name, node):
         assert json.loads(ann[podspec.ANN_KERNEL_BOOT]) == spec["kernelBoot"]
     assert_cloud_init_secret(spec, ps)
     assert_admissible(pod, name)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c.get(probe) == spec.get(probe)  # carried as they are, absent when the VM has none
     terms = (
         (ps.get("affinity") or {})
         .get("nodeAffinity", {})
@@ -183,6 +187,32 @@ def test_spec_hash_changes_with_boot_fields(spec, field):
     else:
         changed["volumes"] = [*spec.get("volumes", []), {"name": "zz-cold", "emptyDisk": {"capacity": "1Gi"}}]
     assert podspec.spec_hash(changed) != podspec.spec_hash(spec)
+
+
+def test_probes_carry_only_a_handler_and_timing_and_are_boot_fields_when_present():
+    probe = {
+        "exec": {"command": ["sh", "-c", "test -e /run/ready"]},
+        "initialDelaySeconds": 5,
+        "periodSeconds": 3,
+        "timeoutSeconds": 2,
+        "successThreshold": 1,
+        "failureThreshold": 4,
+        "terminationGracePeriodSeconds": 1,  # not a VM probe field: dropped
+        "httpGet": {"port": 80},  # the CRD refuses it; never carried either
+    }
+    spec = {"image": "x", "readinessProbe": probe, "livenessProbe": {"tcpSocket": {"port": 22}}}
+    (c,) = podspec.build_pod(make_vm(spec), None)["spec"]["containers"]
+    assert c["readinessProbe"] == {k: v for k, v in probe.items() if k in podspec.PROBE_KEYS}
+    assert "httpGet" not in c["readinessProbe"] and c["livenessProbe"] == {"tcpSocket": {"port": 22}}
+    # a VM without probes hashes as before probes existed (no RestartRequired after an upgrade) ...
+    plain = {"image": "x", "cpu": 2}
+    assert not set(podspec.boot_spec(plain)) & set(podspec.PROBES)
+    # ... a probe added or changed needs a restart (a pod's probes cannot change)
+    h = podspec.spec_hash(plain)
+    with_probe = {**plain, "livenessProbe": {"exec": {"command": ["true"]}}}
+    assert podspec.spec_hash(with_probe) != h
+    changed = {**plain, "livenessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 9}}
+    assert podspec.spec_hash(changed) != podspec.spec_hash(with_probe)
 
 
 def test_oci_reference_detection():
