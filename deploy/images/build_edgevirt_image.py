@@ -249,8 +249,9 @@ def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_t
 
 
 def version_suffix(text: str) -> str:
-    """--version-suffix: what an image tag may hold after `<version>-` (letters, digits, . _ -)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
+    """--version-suffix: what an image tag may hold after `<version>-` (letters, digits, . _ -);
+    "" is none."""
+    if text and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
         raise argparse.ArgumentTypeError(
             f"{text!r}: use up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
