@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers.metrics import sample
 from kubernetes.client.exceptions import ApiException
 
 from vmcrd import cli, ops
@@ -45,20 +46,6 @@ def informer(name: str, objects: list[dict] | None = None, synced: bool = True) 
 def vm(name: str, status: str | None = None, node: str | None = None) -> dict:
     st = {k: v for k, v in (("printableStatus", status), ("nodeName", node)) if v}
     return {"metadata": {"namespace": "ns", "name": name}, "status": st}
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample in the text exposition, None when absent."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        series, value = line.rsplit(" ", 1)
-        metric, _, rest = series.partition("{")
-        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
-        if metric == name and got == want:
-            return float(value)
-    return None
 
 
 def exposition(registry) -> str:
