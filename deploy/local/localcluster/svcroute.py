@@ -110,8 +110,12 @@ def describe(paths: Paths | None = None) -> str | None:
 
 
 def remove(paths: Paths | None = None) -> list[str]:
-    """Remove the rules and chains (the bridge, with its setting, goes with the pod network)."""
+    """Remove the rules and chains, and route_localnet from the bridge (which goes with the pod
+    network)."""
     removed = []
+    if ROUTE_LOCALNET.exists() and ROUTE_LOCALNET.read_text().strip() != "0":
+        ROUTE_LOCALNET.write_text("0\n")
+        removed.append(f"route_localnet on {POD_BRIDGE}")
     for table, chain, rule in rules()[:3]:
         while _has_rule(table, chain, rule):
             _iptables(table, "-D", chain, *rule)
