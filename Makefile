@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV  := .venv/bin
 
-.PHONY: demo test install lint unit integration e2e up down status image
+.PHONY: demo test install lint unit integration e2e up down status image deploy undeploy
 
 ## demo: fresh machine -> everything installed, local cluster up, the demo workload shown
 demo: install
@@ -26,6 +26,13 @@ lint:
 ## `make image IMAGE_FLAGS=--push` also pushes it to the local cluster's registry (127.0.0.1:5000)
 image:
 	deploy/images/build-edgevirt-image $(IMAGE_FLAGS)
+
+## deploy: edgevirt's cluster side on the local cluster as an operator installs it (the image built
+## and pushed, kubectl apply -k deploy/ pinned to its digest, the rollouts); undeploy removes it
+deploy:
+	deploy/local/install-edgevirt
+undeploy:
+	deploy/local/install-edgevirt --uninstall
 
 unit:
 	$(VENV)/pytest tests/unit

@@ -17,9 +17,12 @@ import pytest
 from helpers import REPO, libvirt_daemon
 from helpers.cluster import Cluster
 from helpers.cni_env import Topology, topology
+from helpers.installed import Installed, paused
 from helpers.root import require_root
 from helpers.vm_env import VM_IMAGE, VMEnv, remove_domains
+from helpers.waiting import wait_for
 from localcluster import cluster as localcluster
+from localcluster import clusterside
 from localcluster.paths import Paths, node_name
 
 
@@ -44,6 +47,37 @@ def cluster() -> Iterator[Cluster]:
     if c.started_here and not os.environ.get("EDGEVIRT_KEEP_CLUSTER"):
         res = c.down()
         assert res.returncode == 0, f"deploy/local/down left things behind:\n{res.stdout}\n{res.stderr}"
+
+
+# --- edgevirt's cluster side, installed as an operator installs it ---
+@pytest.fixture(scope="session")
+def edgevirt_installed(cluster) -> Iterator[Installed]:
+    """edgevirt-controller (both modes) installed by deploy/local/install-edgevirt: this checkout's
+    image built (cached by its inputs: seconds when nothing changed) and pushed, `kubectl apply -k
+    deploy/` pinned to its digest, the rollouts waited for. Tests use these controllers, never their
+    own. Removed at the end of the session if the session installed it (after every VM is gone),
+    unless EDGEVIRT_KEEP_CLUSTER is set."""
+    was_installed = (
+        cluster.kubectl(
+            "get", "deployment", clusterside.DEPLOYMENT, "-n", clusterside.NAMESPACE, check=False
+        ).returncode
+        == 0
+    )
+    image = clusterside.install(cluster.paths, quiet=True)
+    yield Installed(cluster, image)
+    if was_installed or os.environ.get("EDGEVIRT_KEEP_CLUSTER"):
+        return
+    cluster.kubectl("delete", "vm", "--all", "-A", "--wait=false", check=False)
+    wait_for("every VirtualMachine gone", lambda: not clusterside.virtual_machines(cluster.paths), 300, 2)
+    clusterside.uninstall(cluster.paths)
+
+
+@pytest.fixture(scope="module")
+def installed_controllers_paused(cluster) -> Iterator[None]:
+    """For modules that run controllers of their own (or write what controllers write): the installed
+    ones stand aside for the module (helpers.installed.paused) and come back afterwards."""
+    with paused(cluster):
+        yield
 
 
 # --- macvtap CNI fixtures ---

@@ -4,6 +4,8 @@
 Lease (one replica acts, the others wait); ``--mode node --node NAME`` runs the per-node part.
 SIGTERM/SIGINT stop it cleanly (a leader releases its Lease so a standby takes over at once).
 A cluster-mode leader that loses its Lease exits with status 1 rather than act without it.
+``/healthz``, ``/readyz`` and ``/metrics`` are served on ``--ops-address`` (:mod:`vmcrd.ops`);
+logs go to stderr as text or JSON lines (``--log-format``, :mod:`cri_shim.logsetup`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kubernetes import client
-from prometheus_client import Gauge, start_http_server
 
+from cri_shim import logsetup
+from cri_shim.ops_http import AddressError, OpsServer, parse_address
+
+from . import ops
 from .kube import api_client
 
 if TYPE_CHECKING:
-    from .controller import ClusterController
+    from prometheus_client import CollectorRegistry
+
     from .leader import LeaderElector
 
 log = logging.getLogger("edgevirt-controller")
+
+#: Where /healthz, /readyz and /metrics are served unless --ops-address says otherwise. Cluster
+#: mode runs in a pod of its own: every address of the pod, so kubelet's probes and Prometheus
+#: reach it. Node mode shares the node's network (hostNetwork): loopback, like the node's daemons.
+DEFAULT_OPS_ADDRESS = {"cluster": "0.0.0.0:9643", "node": "127.0.0.1:9644"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,28 +63,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, default=None, help="node mode: the libvirt layer's state dir")
     p.add_argument("--libvirt-uri", default="qemu:///system")
     p.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)"
+        "--ops-address",
+        default=None,
+        help="HOST:PORT of /healthz, /readyz and /metrics (default: cluster mode "
+        f"{DEFAULT_OPS_ADDRESS['cluster']}, node mode {DEFAULT_OPS_ADDRESS['node']}; '' disables). "
+        "When the default address is taken the controller runs without it; an address given here must bind",
     )
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--log-level", default="info", choices=logsetup.LEVELS)
+    p.add_argument(
+        "--log-format", default="text", choices=logsetup.FORMATS, help="text or JSON lines (default text)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="the same as --log-level debug")
     return p.parse_args(argv)
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """Logs at --log-level in --log-format; the HTTP client's own debug lines only when they say more
+    than ours would (they name every request)."""
+    level = "debug" if args.verbose else args.log_level
+    logsetup.configure(level, args.log_format)
+    quiet = max(logging.INFO, logging.getLogger().level)
+    for noisy in ("urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("urllib3").setLevel(logging.INFO)
-    logging.getLogger("kubernetes").setLevel(logging.INFO)
+    configure_logging(args)
+    explicit = args.ops_address is not None
+    try:
+        args.ops = parse_address(args.ops_address if explicit else DEFAULT_OPS_ADDRESS[args.mode])
+    except AddressError as e:
+        print(f"edgevirt-controller: {e}", file=sys.stderr)
+        return 2
+    args.ops_explicit = explicit
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     ac = api_client(args.kubeconfig)
-    if args.mode == "node":
-        return run_node(args, ac, stop)
-    return run_cluster(args, ac, stop)
+    try:
+        if args.mode == "node":
+            return run_node(args, ac, stop)
+        return run_cluster(args, ac, stop)
+    except ops.OpsUnavailable as e:
+        print(f"edgevirt-controller: {e}", file=sys.stderr)
+        return 1
+
+
+def start_ops(
+    args: argparse.Namespace, registry: CollectorRegistry, readiness: ops.Readiness
+) -> OpsServer | None:
+    server = ops.serve(args.ops, args.ops_explicit, registry, readiness)
+    if server is not None:
+        log.info("ops endpoints (/healthz /readyz /metrics) on %s", server.url)
+    return server
+
+
+def stop_ops(server: OpsServer | None, readiness: ops.Readiness) -> None:
+    readiness.stopping = True
+    if server is not None:
+        server.stop()
 
 
 def run_cluster(args: argparse.Namespace, ac: client.ApiClient, stop: threading.Event) -> int:
@@ -95,27 +144,21 @@ def run_cluster(args: argparse.Namespace, ac: client.ApiClient, stop: threading.
         lease_duration=args.lease_duration,
         renew=args.renew,
     )
-    if args.metrics_port:
-        serve_metrics(args.metrics_port, elector, ctl)
+    registry, readiness = ops.instrument("cluster", ctl.runner, is_leader=elector.is_leader)
+    server = start_ops(args, registry, readiness)
     threading.Thread(target=elector.run, args=(stop,), name="leader", daemon=True).start()
     log.info("cluster mode: identity %s, lease %s/%s", args.identity, args.lease_namespace, args.lease_name)
     lost = threading.Event()
     threading.Thread(target=stop_on_lost_lease, args=(elector, stop, lost), daemon=True).start()
-    ctl.run(stop, leading=elector.is_leader, workers=max(1, args.workers))
+    try:
+        ctl.run(stop, leading=elector.is_leader, workers=max(1, args.workers))
+    finally:
+        stop_ops(server, readiness)
     if lost.is_set():
         log.error("lost leadership: exiting")
         return 1
     elector.release()
     return 0
-
-
-def serve_metrics(port: int, elector: LeaderElector, ctl: ClusterController) -> None:
-    """Prometheus metrics of cluster mode: leadership and the work queue's depth."""
-    start_http_server(port)
-    Gauge("edgevirt_controller_leader", "1 while this replica leads").set_function(
-        lambda: float(elector.is_leader.is_set())
-    )
-    Gauge("edgevirt_controller_queue_depth", "keys waiting").set_function(lambda: float(len(ctl.queue)))
 
 
 def stop_on_lost_lease(elector: LeaderElector, stop: threading.Event, lost: threading.Event) -> None:
@@ -144,8 +187,13 @@ def run_node(args: argparse.Namespace, ac: client.ApiClient, stop: threading.Eve
         libvirt_uri=args.libvirt_uri,
         resync=min(args.resync, 60.0),
     )
+    registry, readiness = ops.instrument("node", ctl.runner, vm_filter=ctl.mine)
+    server = start_ops(args, registry, readiness)
     log.info("node mode: node %s, state dir %s", node, ctl.state_dir)
-    ctl.run(stop)
+    try:
+        ctl.run(stop)
+    finally:
+        stop_ops(server, readiness)
     return 0
 
 

@@ -14,7 +14,9 @@ A mode supplies its informers (their handlers add keys to the :class:`~vmcrd.kub
   (409, somebody else wrote first) soon, another API error later, any other exception (logged with
   its traceback) later still;
 * with a ``leading`` Event (cluster mode's leader election) the workers take keys only while it is
-  set, so a standby does not churn its queue.
+  set, so a standby does not churn its queue;
+* ``observe(seconds, result)``, when set, is told how long each reconcile took and how it ended:
+  ``ok``, ``conflict``, ``api_error`` or ``error`` (the metrics of :mod:`vmcrd.ops`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from kubernetes.client.exceptions import ApiException
@@ -49,6 +52,8 @@ class RetryDelays:
 
 #: ``reconcile(key)``: seconds after which to look at the key again, or None.
 Reconcile = Callable[[str], float | None]
+#: ``observe(seconds, result)``: one reconcile's duration and outcome (ok|conflict|api_error|error).
+Observe = Callable[[float, str], None]
 
 
 class Runner:
@@ -70,6 +75,7 @@ class Runner:
         self.reconcile = reconcile
         self.resync = resync
         self.delays = delays
+        self.observe: Observe | None = None
 
     def run(self, stop: threading.Event, leading: threading.Event | None = None, workers: int = 1) -> None:
         """Until ``stop``: informers, resync and ``workers`` workers (one in the calling thread)."""
@@ -107,19 +113,25 @@ class Runner:
         if not self.synced():
             self.queue.add_after(key, NOT_SYNCED_DELAY)
             return
+        started = time.monotonic()
+        result = "ok"
         try:
             again = self.reconcile(key)
         except ApiException as e:
             conflict = e.status == 409
+            result = "conflict" if conflict else "api_error"
             level = logging.INFO if conflict else logging.WARNING
             log.log(level, "%s %s: API %s %s: retrying", self.name, key, e.status, e.reason)
             self.queue.add_after(key, self.delays.conflict if conflict else self.delays.api_error)
         except Exception:
+            result = "error"
             log.exception("%s %s failed: retrying", self.name, key)
             self.queue.add_after(key, self.delays.error)
         else:
             if again:
                 self.queue.add_after(key, again)
+        if self.observe is not None:
+            self.observe(time.monotonic() - started, result)
 
     def _resync_loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.resync):

@@ -16,7 +16,8 @@ org.opencontainers.image.{version,revision,source,created,...}. The layout is
 ~/.cache/edgevirt/image/oci-<key>/ tagged with the version; `--push [REGISTRY]` copies it with
 skopeo to REGISTRY/edgevirt/edgevirt:<version> (default 127.0.0.1:5000, the local cluster's).
 
-CLI: deploy/images/build-edgevirt-image [--push [REGISTRY]] [--no-cache] [--json] [--relock]
+CLI: deploy/images/build-edgevirt-image [--push [REGISTRY]] [--version-suffix S] [--no-cache] [--json]
+[--relock]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,9 +159,13 @@ def build_layers(repo: Path, icache: Path, rootfs: Path, spec: image_rootfs.Spec
 
 
 def write_image(repo: Path, icache: Path, layers: list[oci_layout.Layer], epoch: int, wheel: Path,
-                use_cache: bool) -> tuple[Path, str, str]:  # fmt: skip
-    """The OCI layout of `layers` with its config (cached by content): (layout, tag, manifest digest)."""
+                use_cache: bool, version_suffix: str = "") -> tuple[Path, str, str]:  # fmt: skip
+    """The OCI layout of `layers` with its config (cached by content): (layout, tag, manifest digest).
+    The tag is the wheel's version, plus `-<version_suffix>` when given (also in the version label,
+    so the image is another one: a test of an upgrade, a local build told apart)."""
     version, license_ = _wheel_meta(wheel)
+    if version_suffix:
+        version = f"{version}-{version_suffix}"
     created = oci_layout.iso_time(epoch)
     config = oci_layout.image_config(layers, epoch, USER, ENV, CMD, labels(repo, version, created, license_))
     labels_ = config["config"]["Labels"]
@@ -189,7 +195,7 @@ def prune(icache: Path, in_use: set[Path], keep_layouts: int = KEEP_LAYOUTS) -> 
 
 
 def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_to: str | None = None,
-          tls_verify: bool | None = None) -> dict:  # fmt: skip
+          tls_verify: bool | None = None, version_suffix: str = "") -> dict:  # fmt: skip
     """Build (or find) the image; optionally push it. Returns a summary (digest, layout, sizes, times)."""
     icache = cache / "image"
     p = Progress(6 if push_to else 5)
@@ -210,7 +216,7 @@ def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_t
     layers, epoch = build_layers(repo, icache, rootfs, spec, dep_wheels, wheel, use_cache, p.say)
     p.done()
     p.step("OCI image layout")
-    layout, tag, digest = write_image(repo, icache, layers, epoch, wheel, use_cache)
+    layout, tag, digest = write_image(repo, icache, layers, epoch, wheel, use_cache, version_suffix)
     p.say(f"{layout} tag {tag}: {digest}")
     if pruned := prune(icache, {layout, rootfs, pywheels}):
         p.say(f"cache: removed {pruned} old layouts, layers or rootfs")
@@ -242,6 +248,16 @@ def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_t
     return summary
 
 
+def version_suffix(text: str) -> str:
+    """--version-suffix: what an image tag may hold after `<version>-` (letters, digits, . _ -);
+    "" is none."""
+    if text and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="build-edgevirt-image", description=__doc__.splitlines()[0])
     push_help = f"also copy the image to REGISTRY/{NAME}:<version> (default {DEFAULT_REGISTRY})"
@@ -249,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-verify", choices=["true", "false"], help="for --push (default: false on loopback)")
     ap.add_argument("--no-cache", action="store_true", help="rebuild the wheel, the rootfs and the layers")
     ap.add_argument("--cache-dir", type=Path, default=CACHE, help=f"cache root (default {CACHE})")
+    ap.add_argument(
+        "--version-suffix",
+        type=version_suffix,
+        default="",
+        metavar="SUFFIX",
+        help="tag and version label <version>-SUFFIX (another image with the same layers)",
+    )
     ap.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     ap.add_argument(
         "--relock", action="store_true", help=f"re-resolve {image_pydeps.LOCK_FILE.name} and exit"
@@ -264,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"build-edgevirt-image: {n} pins written to {image_pydeps.LOCK_FILE}", file=sys.stderr)
             return 0
         tls = None if args.tls_verify is None else args.tls_verify == "true"
-        summary = build(REPO, args.cache_dir, not args.no_cache, args.push, tls)
+        summary = build(REPO, args.cache_dir, not args.no_cache, args.push, tls, args.version_suffix)
     except (image_pydeps.LockError, image_rootfs.RootfsError, RuntimeError) as e:
         print(f"build-edgevirt-image: error: {e}", file=sys.stderr)
         return 1

@@ -28,10 +28,14 @@ class Cluster:
 
     @property
     def env(self) -> dict[str, str]:
+        """kubectl's environment; PYTHONPATH starts at this checkout, so the kubectl plugin (a
+        console script of the virtualenv) runs this checkout's code."""
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         return {
             **os.environ,
             "KUBECONFIG": str(self.paths.kubeconfig),
             "PATH": f"{self.paths.bin}:{os.environ['PATH']}",
+            "PYTHONPATH": path,
         }
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120):

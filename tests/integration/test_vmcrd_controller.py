@@ -19,15 +19,19 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers.controller import ControllerProcess
+from helpers.metrics import sample
 from helpers.waiting import wait_for
 
-pytestmark = pytest.mark.cluster
+# the installed controllers stand aside: these tests run their own (conftest installed_controllers_paused)
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_controllers_paused")]
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -770,3 +774,45 @@ def test_controller_catches_up_after_the_link_to_the_api_server_drops(installed,
         assert c.p.poll() is None  # still running, still the leader
     finally:
         proxy.close()
+
+
+def _ops_url(output: str) -> str | None:
+    """The ops URL the controller logged (JSON lines)."""
+    for line in output.splitlines():
+        message = json.loads(line)["message"]
+        if message.startswith("ops endpoints (/healthz /readyz /metrics) on "):
+            return message.rsplit(" ", 1)[1]
+    return None
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_controller_process_serves_health_readiness_metrics_and_json_logs(installed, ns, controllers):
+    k = installed
+    c = controllers("cluster", "ctl-ops", "--ops-address", "127.0.0.1:0", "--log-format", "json")
+    url = wait_for("the ops URL in the log", lambda: _ops_url(c.output()))
+    wait_for("ready (informers synced)", lambda: _get(url + "/readyz") == (200, "ok\n"))
+    assert _get(url + "/healthz") == (200, "ok\n")
+    make_vm(k, ns)
+    wait_for("the VM pod", lambda: live_pod(k, ns))
+
+    def reconciled() -> str | None:
+        text = _get(url + "/metrics")[1]
+        ok = sample(text, "edgevirt_controller_reconciles_total", mode="cluster", result="ok") or 0
+        unreported = sample(text, "edgevirt_controller_vms", mode="cluster", status="None")
+        return text if ok >= 1 and unreported is None else None
+
+    text = wait_for("a reconcile counted and the VM's status in the gauge", reconciled)
+    assert sample(text, "edgevirt_controller_leader", mode="cluster") == 1
+    vms = [line for line in text.splitlines() if line.startswith("edgevirt_controller_vms{")]
+    assert len(vms) == 1 and vms[0].endswith(" 1.0"), vms  # the one VM, under the status it has
+    assert sample(text, "edgevirt_controller_reconcile_duration_seconds_count", mode="cluster") >= 1
+    assert all(json.loads(line)["logger"] for line in c.output().splitlines())  # every line is JSON
+    c.stop()
+    assert c.p.returncode == 0

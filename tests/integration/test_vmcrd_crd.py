@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.cluster
+# the installed controllers stand aside: status is written here by hand (installed_controllers_paused)
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_controllers_paused")]
 
 REPO = Path(__file__).resolve().parents[2]
 

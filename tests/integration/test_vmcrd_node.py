@@ -24,7 +24,14 @@ from vmcrd import api
 from vmcrd.kube import api_client
 from vmcrd.node import NodeController
 
-pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.timeout(400)]
+# the installed controllers stand aside: node mode runs here in process, cluster mode's writes are
+# made by hand (conftest installed_controllers_paused)
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.root,
+    pytest.mark.timeout(400),
+    pytest.mark.usefixtures("installed_controllers_paused"),
+]
 
 
 @pytest.fixture

@@ -27,7 +27,13 @@ from helpers.waiting import wait_for
 from cri_shim.kvm import contract
 from vmcrd import api, podspec
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+# the installed controllers stand aside: status and finalizers are written here as the controllers'
+# accounts would (conftest installed_controllers_paused)
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.timeout(600),
+    pytest.mark.usefixtures("installed_controllers_paused"),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import configs, health, nodeinstall, pki, vmnet
+from . import configs, health, nodeinstall, pki, svcroute, vmnet
 from .paths import (
     APISERVER_PORT,
     ETCD_CLIENT,
@@ -339,6 +339,8 @@ COMPONENTS: list[Component | Setup] = [
         lambda p: health.unix_ok(p.containerd_sock),
         prepare=_containerd_prepare,
     ),
+    # pods (edgevirt-controller's) reach the API server at the kubernetes Service: no kube-proxy here
+    Setup("service-route", svcroute.ensure, svcroute.describe, svcroute.remove, svcroute.leftovers),
     Setup("vm-network", _vmnet_ensure, lambda p: vmnet.describe(), _vmnet_remove, _vmnet_leftovers),
     # the node side as a real node gets it (the wheel + edgevirt-node install), before libvirtd reads
     # the qemu.conf settings it writes; needs containerd's socket and the VM network's conflist
