@@ -1,4 +1,9 @@
-"""``edgevirt-node install|uninstall|status``: the command line of the node installer.
+"""``edgevirt-node install|uninstall|status|install-cni-plugin|label``: the node tools' command line.
+
+``install``, ``uninstall`` and ``status`` are the node installer (host services). The other two
+run in the DaemonSets: ``install-cni-plugin`` (the edgevirt-node DaemonSet's init container copies
+the static macvtap plugin to the host, :mod:`.cni_plugin`) and ``label`` (the node labeller,
+:mod:`.labeller`); ``uninstall`` also removes what they left (:mod:`.node_cleanup`).
 
 Exit codes: 0 done (status: installed as recorded), 2 a flag is wrong or something the flags point
 at is missing (nothing was changed; the message names the flag), 1 an operation failed halfway
@@ -19,6 +24,7 @@ from typing import Any
 import yaml
 
 from .. import logsetup
+from .node_cleanup import DEFAULT_CNI_BIN_DIRS, DEFAULT_KUBECONFIG, NodeCleanup
 from .options import InstallError, NodeOptions
 from .outcome import Outcome
 from .record import RecordError
@@ -82,6 +88,13 @@ def _cri(p: argparse.ArgumentParser) -> None:
         type=_path,
         default=D.containerd_socket,
         help=f"containerd's socket, must exist ({D.containerd_socket})",
+    )
+    g.add_argument(
+        "--containerd-root",
+        type=_path,
+        default=D.containerd_root,
+        help=f"containerd's root (its config's `root`): the kvm handler reads OCI disk layers from its "
+        f"content store ({D.containerd_root})",
     )
     g.add_argument(
         "--no-socket-check",
@@ -159,12 +172,71 @@ def parser() -> argparse.ArgumentParser:
     install = sub.add_parser("install", help="write config, units and drop-ins (idempotent)")
     for add in (_common, _files, _cri, _kvm, _node):
         add(install)
-    uninstall = sub.add_parser("uninstall", help="remove what install wrote, put back what it changed")
+    uninstall = sub.add_parser(
+        "uninstall", help="remove what install wrote, put back what it changed, and what the DaemonSets left"
+    )
     _common(uninstall)
     uninstall.add_argument("--purge", action="store_true", help="also remove state directories with content")
+    _cleanup(uninstall)
     status = sub.add_parser("status", help="compare the node with the install record")
     _common(status)
+    _daemonset_commands(sub)
     return ap
+
+
+def _cleanup(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what the DaemonSets left (run after deleting them)")
+    g.add_argument(
+        "--cni-bin-dir",
+        type=_path,
+        action="append",
+        dest="cleanup_cni_bin_dir",
+        help=f"where the DaemonSet copied the macvtap plugin, repeatable ({DEFAULT_CNI_BIN_DIRS[0]}); "
+        "removed only when its marker says it is ours",
+    )
+    g.add_argument(
+        "--kubeconfig",
+        help=f"the kubelet's kubeconfig, to remove the Node's edgevirt.io/ labels ({DEFAULT_KUBECONFIG}; "
+        "'' leaves them)",
+    )
+    g.add_argument("--node-name", help="the Node (default: the one the kubeconfig's credentials belong to)")
+
+
+def _daemonset_commands(sub: Any) -> None:
+    plugin = sub.add_parser("install-cni-plugin", help="copy the static macvtap plugin into a CNI bin dir")
+    plugin.add_argument("--source", type=_path, required=True, help="the plugin binary (in the image)")
+    plugin.add_argument("--bin-dir", type=_path, required=True, help="the host's CNI bin dir, as mounted")
+    plugin.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    label = sub.add_parser("label", help="the node labeller: the probe's verdict and the CRI's handlers")
+    label.add_argument("--node", help="the Node (default $NODE_NAME, else the credentials' node)")
+    label.add_argument("--kubeconfig", help="default: the pod's service account token")
+    label.add_argument(
+        "--cri-socket", type=_path, default=D.socket, help=f"edgevirt-cri's socket ({D.socket})"
+    )
+    label.add_argument("--probe-cache", type=_path, help="the probe's cache file (default: none)")
+    label.add_argument(
+        "--kvm-timeout", type=float, default=15.0, help="seconds a KVM guest gets to boot (15)"
+    )
+    label.add_argument("--interval", type=float, default=600.0, help="seconds between passes (600)")
+    label.add_argument("--retry", type=float, default=30.0, help="seconds before retrying a failed pass (30)")
+    label.add_argument("--once", action="store_true", help="one pass, then exit (1 if it failed)")
+    label.add_argument("--log-level", default="info", choices=logsetup.LEVELS)
+    label.add_argument("--log-format", default="text", choices=logsetup.FORMATS)
+
+
+def cleanup(args: argparse.Namespace) -> NodeCleanup:
+    """What uninstall removes of the DaemonSets'. The kubelet's default kubeconfig is used only on
+    the node itself (--root /): a staged root's labels are another node's business."""
+    if args.kubeconfig is not None:
+        kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
+    else:
+        kubeconfig = DEFAULT_KUBECONFIG if args.root == Path("/") else None
+    return NodeCleanup(
+        cni_bin_dirs=tuple(args.cleanup_cni_bin_dir or DEFAULT_CNI_BIN_DIRS),
+        kubeconfig=kubeconfig,
+        kubeconfig_given=bool(args.kubeconfig),
+        node_name=args.node_name,
+    )
 
 
 def options(args: argparse.Namespace) -> NodeOptions:
@@ -183,6 +255,7 @@ def options(args: argparse.Namespace) -> NodeOptions:
         socket=args.socket,
         state_dir=args.state_dir,
         containerd_socket=args.containerd_socket,
+        containerd_root=args.containerd_root,
         check_sockets=args.check_sockets,
         ops_address=args.ops_address,
         log_level=args.log_level,
@@ -215,7 +288,7 @@ def run(args: argparse.Namespace) -> Outcome:
     if args.command == "install":
         return install(opts)
     if args.command == "uninstall":
-        return uninstall(opts, purge=args.purge)
+        return uninstall(opts, purge=args.purge, cleanup=cleanup(args))
     return status(opts)
 
 
@@ -226,8 +299,56 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     return code
 
 
+def install_cni_plugin(args: argparse.Namespace) -> int:
+    from .cni_plugin import install_plugin
+
+    try:
+        change = install_plugin(args.source, args.bin_dir)
+    except OSError as e:
+        return _fail(args, f"{e.strerror or e}: {e.filename or args.bin_dir}", 1)
+    outcome = Outcome("install", change.action != "unchanged", [change])
+    sys.stdout.write(
+        outcome.to_json() if args.json else f"edgevirt-node install-cni-plugin: {change.line()}\n"
+    )
+    return 0
+
+
+def label(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .kubeapi import KubeNodeApi, NodeApiError
+    from .labeller import Labeller, probe_function, resolve_node
+
+    logsetup.configure(args.log_level, args.log_format)
+    try:
+        api = KubeNodeApi(args.kubeconfig)
+        node = resolve_node(api, args.node)
+    except (NodeApiError, OSError) as e:
+        return _fail(args, str(e), 2)
+    except Exception as e:  # the kubernetes client's config errors have no common base
+        return _fail(args, f"no credentials: {e}", 2)
+    labeller = Labeller(api, node, args.cri_socket, probe_function(args.probe_cache, args.kvm_timeout))
+    if args.once:
+        try:
+            labeller.run_once()
+        except NodeApiError as e:
+            return _fail(args, str(e), 1)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    labeller.run(stop, args.interval, args.retry)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "install-cni-plugin":
+        return install_cni_plugin(args)
+    if args.command == "label":
+        args.json = False
+        return label(args)
     if not args.root.is_dir():
         return _fail(args, f"--root: {args.root} is not a directory", 2)
     try:
@@ -237,7 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         return _fail(args, f"{e} (the record lists what was done; run the command again)", 1)
     sys.stdout.write(outcome.to_json() if args.json else outcome.text())
-    return 0 if outcome.ok else 3
+    if outcome.ok:
+        return 0
+    return 1 if args.command == "uninstall" else 3
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ def kvm_options(opts: NodeOptions) -> dict[str, Any]:
         "cni_bin_dirs": [str(d) for d in opts.cni_bin_dirs],
         "libvirt_uri": opts.libvirt_uri,
         "image_roots": [str(d) for d in opts.image_roots],
+        # containerDisks come from the same containerd kubelet pulls through (CRI ImageService, its
+        # content store)
+        "containerd_socket": str(opts.containerd_socket),
+        "containerd_root": str(opts.containerd_root),
         "insecure_registries": list(opts.insecure_registries),
     }
     if opts.host_disk_root is not None:

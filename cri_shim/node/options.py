@@ -38,6 +38,8 @@ OWN_KVM_OPTIONS = {
     "insecure_registries": "--insecure-registry",
     "host_disk_root": "--host-disk-root",
     "kubelet_root_dir": "--kubelet-root-dir",
+    "containerd_socket": "--containerd-socket",
+    "containerd_root": "--containerd-root",
 }
 
 
@@ -62,6 +64,7 @@ class NodeOptions:
     socket: Path = Path("/run/edgevirt/cri.sock")
     state_dir: Path = Path("/var/lib/edgevirt/cri")
     containerd_socket: Path = Path("/run/containerd/containerd.sock")
+    containerd_root: Path = Path("/var/lib/containerd")  # its `root`: the kvm handler reads layers there
     check_sockets: bool = True  # False: a socket that is not there yet is a warning (staging, boot order)
     ops_address: str = "127.0.0.1:9641"
     log_level: str = "info"
@@ -168,6 +171,7 @@ def _paths(opts: NodeOptions) -> dict[str, Path | None]:
         "--socket": opts.socket,
         "--state-dir": opts.state_dir,
         "--containerd-socket": opts.containerd_socket,
+        "--containerd-root": opts.containerd_root,
         "--macvtap-socket": opts.macvtap_socket,
     }
     if opts.kvm:

@@ -7,7 +7,8 @@
   when it was edited since, only our block is taken out and the edits stay
 
 Undoing is idempotent: an entry already undone is left alone, so an uninstall that stopped halfway
-(the record is removed only at the end) can simply be run again.
+(the record is removed only at the end) can simply be run again. Then what the DaemonSets left goes
+too, with or without a record (:mod:`.node_cleanup`: the macvtap plugin copy, the Node's labels).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from . import fsops, qemu_conf, record
+from . import fsops, node_cleanup, qemu_conf, record
+from .node_cleanup import NodeCleanup
 from .options import NodeOptions
 from .outcome import Change, Outcome
 from .record import Entry
@@ -107,8 +109,22 @@ def serving(socket_path: str) -> bool:
     return True
 
 
-def uninstall(opts: NodeOptions, purge: bool = False) -> Outcome:
-    """Undo the install recorded at ``opts.record`` (under ``opts.root``)."""
+def uninstall(opts: NodeOptions, purge: bool = False, cleanup: NodeCleanup | None = None) -> Outcome:
+    """Undo the install recorded at ``opts.record`` (under ``opts.root``), then remove what the
+    DaemonSets left (``cleanup``; None: nothing of theirs)."""
+    if cleanup is not None:
+        node_cleanup.check(cleanup)
+    outcome = _undo_record(opts, purge)
+    if cleanup is not None:
+        changes, warnings, ok = node_cleanup.clean(opts, cleanup)
+        outcome.changes += changes
+        outcome.warnings += warnings
+        outcome.changed = outcome.changed or bool(changes)
+        outcome.ok = ok
+    return outcome
+
+
+def _undo_record(opts: NodeOptions, purge: bool) -> Outcome:
     record_path = opts.rooted(opts.record)
     rec = record.load(record_path)
     if rec is None:

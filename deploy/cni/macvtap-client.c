@@ -8,6 +8,12 @@
  * plugin (MACVTAP_PYTHON -IS MACVTAP_LAUNCHER) with the same environment and the same stdin, so the
  * result is always produced by the same code in cni_macvtap.plugin.
  *
+ * Daemon-only build (-DMACVTAP_DAEMON_ONLY, static): the copy the edgevirt-node DaemonSet puts into
+ * the host's CNI bin dir, where no Python with edgevirt exists. It never execs anything: when the
+ * daemon cannot answer it fails with CNI error 11 (try again later) naming the daemon's socket, so
+ * the runtime retries until the DaemonSet's daemon runs; what the Python plugin would refuse without
+ * the daemon (a config over the stdin limit, MACVTAP_NO_DAEMON) it refuses itself, with its codes.
+ *
  * The default socket, the limits and the wire constants come from a header rendered from the Python
  * package at build time (cni_macvtap.cheader; install-plugin passes it with -include): one definition.
  * stdin is read up to MACVTAP_MAX_STDIN + 1 bytes; a larger config goes to the Python plugin, which
@@ -28,11 +34,13 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#ifndef MACVTAP_DAEMON_ONLY
 #ifndef MACVTAP_PYTHON
-#error "build with -DMACVTAP_PYTHON=\"/path/to/python3\""
+#error "build with -DMACVTAP_PYTHON=\"/path/to/python3\" (or -DMACVTAP_DAEMON_ONLY)"
 #endif
 #ifndef MACVTAP_LAUNCHER
-#error "build with -DMACVTAP_LAUNCHER=\"/path/to/python launcher\""
+#error "build with -DMACVTAP_LAUNCHER=\"/path/to/python launcher\" (or -DMACVTAP_DAEMON_ONLY)"
+#endif
 #endif
 #ifndef MACVTAP_DEFAULT_SOCKET
 #error "build with -include of the header `python -m cni_macvtap.cheader` prints (install-plugin does)"
@@ -140,7 +148,62 @@ static int daemon_socket(const char *in, size_t len, char *out, size_t outsz) {
     return -1;
 }
 
-static void run_python(const char *in, size_t len, int no_daemon) {
+/* Why a call is not (or not fully) handed to the daemon: the Python plugin then runs it in-process,
+ * the daemon-only build answers with an error instead. */
+enum fallback { NO_MEMORY, NO_DAEMON_ASKED, TOO_LARGE_STDIN, TOO_LARGE_ENV, UNREACHABLE, HANDED_BACK };
+
+#ifdef MACVTAP_DAEMON_ONLY
+/* t as the inside of a JSON string. */
+static void json_text(const char *t) {
+    for (; *t; t++) {
+        if (*t == '"' || *t == '\\') printf("\\%c", *t);
+        else if ((unsigned char)*t < 0x20) printf("\\u%04x", (unsigned char)*t);
+        else putchar(*t);
+    }
+}
+
+/* A CNI error object on stdout, then exit 1 (what a failed CNI call prints). */
+__attribute__((noreturn)) static void cni_error(int code, const char *msg, const char *detail) {
+    printf("{\n    \"cniVersion\": \"1.1.0\",\n    \"code\": %d,\n    \"msg\": \"", code);
+    json_text(msg);
+    printf("\",\n    \"details\": \"");
+    json_text(detail);
+    printf("\"\n}\n");
+    fflush(stdout);
+    exit(1);
+}
+
+static const char *daemon_path = MACVTAP_DEFAULT_SOCKET;
+
+__attribute__((noreturn)) static void fallback(enum fallback why, const char *in, size_t len, int no_daemon) {
+    char detail[512];
+    (void)in; (void)len; (void)no_daemon;
+    switch (why) {
+    case NO_MEMORY:
+        cni_error(999, "macvtap: out of memory", "");
+    case NO_DAEMON_ASKED:
+        cni_error(4, "MACVTAP_NO_DAEMON is set, but this macvtap is the daemon-only build (the edgevirt-node "
+                     "DaemonSet's copy): unset it", "");
+    case TOO_LARGE_STDIN:
+        snprintf(detail, sizeof detail, "the network config on stdin is over %u bytes", MACVTAP_MAX_STDIN);
+        cni_error(5, "network config too large", detail);
+    case TOO_LARGE_ENV:
+        snprintf(detail, sizeof detail, "the environment is over the daemon's limit of %u bytes", MACVTAP_MAX_ENV);
+        cni_error(4, "environment too large for the macvtap daemon", detail);
+    case UNREACHABLE:
+        snprintf(detail, sizeof detail, "%s: %s", daemon_path, strerror(errno));
+        cni_error(11, "macvtap daemon not reachable: try again later (it runs in the edgevirt-node DaemonSet; "
+                      "this plugin does no work of its own)", detail);
+    case HANDED_BACK:
+        snprintf(detail, sizeof detail, "%s handed the call back (busy, or the caller is in another network "
+                 "namespace than the daemon)", daemon_path);
+        cni_error(11, "macvtap daemon cannot serve this call now: try again later", detail);
+    }
+    exit(1);
+}
+#else
+__attribute__((noreturn)) static void fallback(enum fallback why, const char *in, size_t len, int no_daemon) {
+    (void)why;
     int fd = memfd_create("macvtap-stdin", MFD_CLOEXEC);
     if (fd >= 0) {
         write_all(fd, in, len);
@@ -154,6 +217,7 @@ static void run_python(const char *in, size_t len, int no_daemon) {
            MACVTAP_PYTHON, strerror(errno));
     exit(1);
 }
+#endif
 
 static void put32(unsigned char *b, uint32_t v) {
     b[0] = v >> 24; b[1] = v >> 16; b[2] = v >> 8; b[3] = v;
@@ -165,6 +229,15 @@ static uint32_t get32(const unsigned char *b) {
 
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN); /* a vanished daemon or reader is an error to report, not a reason to die */
+#ifdef MACVTAP_DAEMON_ONLY
+    if (argc > 1 || (!getenv("CNI_COMMAND") && isatty(0))) {
+        fprintf(stderr, "usage: macvtap   (CNI plugin: CNI_* in the environment, config on stdin)\n"
+                        "This is the daemon-only build that the edgevirt-node DaemonSet installs: every call "
+                        "goes to the macvtap daemon (default socket %s), which runs in that DaemonSet.\n",
+                MACVTAP_DEFAULT_SOCKET);
+        return argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) ? 0 : 2;
+    }
+#else
     if (argc > 1) { /* `macvtap daemon ...` and --help are the Python program's business */
         char **args = calloc((size_t)argc + 3, sizeof *args);
         if (!args) return 1;
@@ -178,14 +251,23 @@ int main(int argc, char **argv) {
         char *usage[] = {MACVTAP_PYTHON, "-IS", MACVTAP_LAUNCHER, NULL};
         execv(MACVTAP_PYTHON, usage);
     }
+#endif
     size_t len = 0;
     char *in = read_bounded(0, MACVTAP_MAX_STDIN + 1, &len);
-    if (!in) run_python("", 0, 0);
-    if (getenv("MACVTAP_NO_DAEMON") || len > MACVTAP_MAX_STDIN) run_python(in, len, 1);
+    if (!in) fallback(NO_MEMORY, "", 0, 0);
+    if (getenv("MACVTAP_NO_DAEMON")) fallback(NO_DAEMON_ASKED, in, len, 1);
+    if (len > MACVTAP_MAX_STDIN) fallback(TOO_LARGE_STDIN, in, len, 1);
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     int found = daemon_socket(in, len, path, sizeof path);
-    if (found < 0) run_python(in, len, 0);
+#ifdef MACVTAP_DAEMON_ONLY
+    /* unsure (escapes, broken JSON...): any daemon of this node does the same work, and the daemon
+     * parses the config properly (a broken one gets its decoding error from there) */
+    if (found <= 0) strcpy(path, MACVTAP_DEFAULT_SOCKET);
+    daemon_path = path;
+#else
+    if (found < 0) fallback(UNREACHABLE, in, len, 0);
     if (found == 0) strcpy(path, MACVTAP_DEFAULT_SOCKET);
+#endif
 
     size_t envlen = 0;
     for (char **e = environ; *e; e++)
@@ -200,16 +282,16 @@ int main(int argc, char **argv) {
         envblob[off++] = 0;
     }
     if (envlen) envlen--; /* entries are separated, not terminated, by NUL */
-    if (envlen > MACVTAP_MAX_ENV) run_python(in, len, 1); /* beyond the daemon's limit */
+    if (envlen > MACVTAP_MAX_ENV) fallback(TOO_LARGE_ENV, in, len, 1); /* beyond the daemon's limit */
 
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (s < 0) run_python(in, len, 1);
+    if (s < 0) fallback(UNREACHABLE, in, len, 1);
     struct timeval tv = {.tv_sec = MACVTAP_CLIENT_TIMEOUT_S};
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); /* also bounds connect() to a full backlog */
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     strcpy(addr.sun_path, path);
-    if (connect(s, (struct sockaddr *)&addr, sizeof addr) != 0) run_python(in, len, 1);
+    if (connect(s, (struct sockaddr *)&addr, sizeof addr) != 0) fallback(UNREACHABLE, in, len, 1);
     struct stat st;
     uint64_t ino = stat("/proc/self/ns/net", &st) == 0 ? (uint64_t)st.st_ino : 0;
     unsigned char hdr[20];
@@ -231,13 +313,13 @@ int main(int argc, char **argv) {
             sent += r;
         }
     }
-    if ((size_t)sent != total) run_python(in, len, 1); /* the daemon went away before reading it */
+    if ((size_t)sent != total) fallback(UNREACHABLE, in, len, 1); /* the daemon went away before reading it */
 
     unsigned char rep[16];
     if (read_exact(s, rep, sizeof rep) != 0 || memcmp(rep, MACVTAP_WIRE_MAGIC, 4) != 0) goto mid_request;
     int32_t code = (int32_t)get32(rep + 4);
     uint32_t outlen = get32(rep + 8), errlen = get32(rep + 12);
-    if (code == MACVTAP_WIRE_FALLBACK) run_python(in, len, 1);
+    if (code == MACVTAP_WIRE_FALLBACK) fallback(HANDED_BACK, in, len, 1);
     if (outlen > MACVTAP_MAX_REPLY || errlen > MACVTAP_MAX_REPLY) goto mid_request;
     char *out = malloc((size_t)outlen + errlen + 1);
     if (!out || read_exact(s, out, (size_t)outlen + errlen) != 0) goto mid_request;

@@ -7,7 +7,9 @@ give the same digest. Three layers, each cached under ~/.cache/edgevirt/image/la
 
 1. debian: the bookworm rootfs of edgevirt-image.packages (image_rootfs.py),
 2. python-deps: the wheels pinned in edgevirt-image.lock (image_pydeps.py),
-3. edgevirt: the edgevirt wheel (edgevirt_wheel.py; CRI stubs generated at build time).
+3. edgevirt: the edgevirt wheel (edgevirt_wheel.py; CRI stubs generated at build time) and the
+   daemon-only static macvtap CNI client (macvtap_static.py) that the edgevirt-node DaemonSet copies
+   into the host's CNI bin dir (/usr/local/lib/edgevirt/cni/macvtap).
 
 Each layer's SOURCE_DATE_EPOCH (every file's mtime) is the time of the last commit that touched its
 inputs (or $SOURCE_DATE_EPOCH), so a commit elsewhere does not rebuild it. Default user nonroot
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import edgevirt_wheel
 import image_pydeps
 import image_rootfs
+import macvtap_static
 import oci_layout
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +63,9 @@ KEEP_LAYOUTS = 3  # older image layouts, their layers and unused rootfs trees ar
 # Inputs of each layer besides its data (for its epoch and key): the code that writes it.
 BASE_CODE = (f"{REL}/edgevirt-image.packages", f"{REL}/image_rootfs.py", f"{REL}/oci_layout.py")
 DEPS_CODE = (f"{REL}/edgevirt-image.lock", f"{REL}/image_pydeps.py", f"{REL}/oci_layout.py")
-APP_CODE = (f"{REL}/image_pydeps.py", f"{REL}/oci_layout.py")
+APP_CODE = (
+    f"{REL}/image_pydeps.py", f"{REL}/oci_layout.py", f"{REL}/macvtap_static.py", macvtap_static.SOURCE
+)  # fmt: skip
 
 
 class Progress:
@@ -121,17 +126,24 @@ def _wheel_meta(wheel: Path) -> tuple[str, str]:
     return fields["Version"], fields.get("License", "")
 
 
-def _staged_layer(wheels: list[Path], out: Path, epoch: int, created_by: str) -> oci_layout.Layer:
+def _staged_layer(wheels: list[Path], out: Path, epoch: int, created_by: str,
+                  files: dict[str, Path] | None = None) -> oci_layout.Layer:  # fmt: skip
+    """A layer of ``wheels`` installed as the image sees them, plus ``files`` (image path: source)."""
     with tempfile.TemporaryDirectory(prefix="edgevirt-stage-") as tmp:
         root = Path(tmp)
         image_pydeps.install_wheels(wheels, root)
+        for rel, src in (files or {}).items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
         paths = sorted(os.path.relpath(Path(d) / n, root) for d, ds, fs in os.walk(root) for n in (*ds, *fs))
         return oci_layout.write_layer(root, paths, out, epoch, created_by, owner=(0, 0))
 
 
 def build_layers(repo: Path, icache: Path, rootfs: Path, spec: image_rootfs.Spec, dep_wheels: list[Path],
-                 wheel: Path, use_cache: bool, say) -> tuple[list[oci_layout.Layer], int]:  # fmt: skip
-    """The three layers (cached by their inputs) and the newest of their epochs."""
+                 wheel: Path, use_cache: bool, say,
+                 native: Path) -> tuple[list[oci_layout.Layer], int]:  # fmt: skip
+    """The three layers (cached by their inputs) and the newest of their epochs. ``native`` is the
+    static macvtap client (its bytes are part of the edgevirt layer's key)."""
     base_epoch = edgevirt_wheel.source_date_epoch(repo, BASE_CODE)
     deps_epoch = edgevirt_wheel.source_date_epoch(repo, DEPS_CODE)
     app_epoch = edgevirt_wheel.source_date_epoch(
@@ -144,8 +156,11 @@ def build_layers(repo: Path, icache: Path, rootfs: Path, spec: image_rootfs.Spec
          lambda out: oci_layout.write_layer(rootfs, debian_paths(), out, base_epoch, debian_what)),
         ("python-deps", _hash(_files_text(repo, DEPS_CODE), str(deps_epoch)),
          lambda out: _staged_layer(dep_wheels, out, deps_epoch, f"pip: {image_pydeps.LOCK_FILE.name}")),
-        ("edgevirt", _hash(wheel.read_bytes(), _files_text(repo, APP_CODE), str(app_epoch)),
-         lambda out: _staged_layer([wheel], out, app_epoch, f"wheel: {wheel.name}")),
+        ("edgevirt",
+         _hash(wheel.read_bytes(), native.read_bytes(), _files_text(repo, APP_CODE), str(app_epoch)),
+         lambda out: _staged_layer([wheel], out, app_epoch,
+                                   f"wheel: {wheel.name} + {macvtap_static.IMAGE_PATH}",
+                                   {macvtap_static.IMAGE_PATH: native})),
     ]  # fmt: skip
     layers = []
     for name, key, make in plan:
@@ -179,12 +194,16 @@ def write_image(repo: Path, icache: Path, layers: list[oci_layout.Layer], epoch:
 
 def prune(icache: Path, in_use: set[Path], keep_layouts: int = KEEP_LAYOUTS) -> int:
     """Bound the cache: the newest `keep_layouts` layouts and the layers they hold, and of the rootfs
-    trees and wheel downloads only those `in_use` (which also names the layout just written).
+    trees, wheel downloads and static macvtap clients only those `in_use` (which also names the layout
+    just written; static clients are kept an hour).
     Returns how many entries were removed."""
     layouts = sorted(icache.glob("oci-*"), key=lambda d: d.stat().st_mtime, reverse=True)
     kept = {*layouts[:keep_layouts], *(d for d in in_use if d.name.startswith("oci-"))}
     removed = [d for d in layouts if d not in kept]
     removed += [d for d in (*icache.glob("rootfs-*"), *icache.glob("pywheels-*")) if d not in in_use]
+    # static clients of other sources, once no build of another checkout can still be using them
+    old = time.time() - 3600
+    removed += [f for f in icache.glob("native/macvtap-*") if f not in in_use and f.stat().st_mtime < old]
     blobs = {b.name for d in kept for b in (d / "blobs" / "sha256").iterdir()}
     for meta in (icache / "layers").glob("*.json"):
         if json.loads(meta.read_text())["digest"].split(":", 1)[1] not in blobs:
@@ -198,9 +217,13 @@ def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_t
           tls_verify: bool | None = None, version_suffix: str = "") -> dict:  # fmt: skip
     """Build (or find) the image; optionally push it. Returns a summary (digest, layout, sizes, times)."""
     icache = cache / "image"
-    p = Progress(6 if push_to else 5)
+    p = Progress(7 if push_to else 6)
     p.step("wheel: edgevirt with its CRI stubs")
     wheel = edgevirt_wheel.build_wheel(repo, cache / "wheel", use_cache)
+    p.done()
+    p.step(f"static macvtap CNI client (daemon-only): {macvtap_static.SOURCE}")
+    native = macvtap_static.build(repo, icache / "native")
+    p.say(f"{native.stat().st_size / 2**10:.0f} KiB, {macvtap_static.compiler_version()}")
     p.done()
     p.step(f"python dependencies: {image_pydeps.LOCK_FILE.name}")
     pins = image_pydeps.check_lock(wheel)
@@ -213,12 +236,12 @@ def build(repo: Path = REPO, cache: Path = CACHE, use_cache: bool = True, push_t
     rootfs = image_rootfs.build_rootfs(icache, spec, use_cache, say=p.say)
     p.done()
     p.step("layers: debian, python-deps, edgevirt")
-    layers, epoch = build_layers(repo, icache, rootfs, spec, dep_wheels, wheel, use_cache, p.say)
+    layers, epoch = build_layers(repo, icache, rootfs, spec, dep_wheels, wheel, use_cache, p.say, native)
     p.done()
     p.step("OCI image layout")
     layout, tag, digest = write_image(repo, icache, layers, epoch, wheel, use_cache, version_suffix)
     p.say(f"{layout} tag {tag}: {digest}")
-    if pruned := prune(icache, {layout, rootfs, pywheels}):
+    if pruned := prune(icache, {layout, rootfs, pywheels, native}):
         p.say(f"cache: removed {pruned} old layouts, layers or rootfs")
     p.done()
     summary: dict = {
@@ -288,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         tls = None if args.tls_verify is None else args.tls_verify == "true"
         summary = build(REPO, args.cache_dir, not args.no_cache, args.push, tls, args.version_suffix)
-    except (image_pydeps.LockError, image_rootfs.RootfsError, RuntimeError) as e:
+    except (image_pydeps.LockError, image_rootfs.RootfsError, macvtap_static.BuildError, RuntimeError) as e:
         print(f"build-edgevirt-image: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1) if args.json else summary["ref"])

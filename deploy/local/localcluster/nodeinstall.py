@@ -116,6 +116,7 @@ def install_argv(p: Paths, kubelet_endpoint: bool = True) -> list[str]:
         f"--socket={p.cri_sock}",
         f"--state-dir={p.cri_state}",
         f"--containerd-socket={p.containerd_sock}",
+        f"--containerd-root={p.data / 'containerd'}",
         f"--kvm-state-dir={p.kvm_state}",
         f"--vm-state-dir={p.vm_state}",
         f"--vm-conflist={p.vm_cni_conflist}",

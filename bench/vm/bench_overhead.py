@@ -1,0 +1,247 @@
+"""Per-VM overhead of a kvm pod: what one VM costs the node beyond its guest's memory. The RuntimeClass
+``kvm``'s ``overhead.podFixed`` (deploy/manifests/runtimeclasses.yaml) is this figure, rounded up.
+
+Through the real path: an edgevirt-cri of its own with the local cluster's kvm backend options (VM
+network, libvirtd, VM disk dir; ``deploy/local/up`` first) runs ``--vms`` VM pods of ``--memory`` MiB
+(RunPodSandbox + CreateContainer + StartContainer, handler kvm, the bootable test disk); once every
+guest has booted (its console says so) and ``--settle`` seconds passed, per VM:
+
+- memory: QEMU's VmRSS minus the resident part of the guest's RAM mapping (the mapping in
+  /proc/PID/smaps whose size is the guest's memory: what the guest touched, which the pod's memory
+  limit already pays for), plus (libvirtd + virtlogd VmRSS) / N, their share;
+- CPU: QEMU's own threads (all but the vCPU threads, ``CPU n/TCG`` or ``CPU n/KVM``) over an idle
+  ``--window`` of seconds, in millicores; and the same threads' CPU from QEMU's start to the guest
+  being up, which a start costs once.
+
+The accelerator is what the node probe says (TCG on these machines: their KVM cannot run a Linux
+guest); under KVM the same figures are computed the same way. TCG's translation cache lives in
+QEMU's own memory, so TCG's overhead is the larger one.
+
+Usage: .venv/bin/python bench/vm/bench_overhead.py [--vms 5] [--memory 256] [--settle 10] [--window 30]
+Prints a Markdown table for bench/RESULTS.md (section "## Per-VM overhead (RuntimeClass kvm)").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "deploy" / "local"))
+sys.path.insert(0, str(REPO / "deploy" / "images"))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from benchkit import pct, status_kib  # noqa: E402
+from helpers.shim import Shim as ShimProcess  # noqa: E402
+from helpers.vm_env import VM_IMAGE as IMAGE  # noqa: E402
+from helpers.waiting import wait_for  # noqa: E402
+from localcluster.components import BY_NAME  # noqa: E402
+from localcluster.paths import Paths  # noqa: E402
+
+from cri_shim import protos  # noqa: E402
+
+api = protos.api()
+from cri_shim._generated import api_pb2_grpc  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BOOTED = "EDGEVIRT-GUEST: up"
+
+
+@dataclass
+class Vm:
+    sid: str
+    cid: str
+    log: Path
+    started: float  # monotonic, at StartContainer
+    pid: int = 0
+
+
+def qemu_pid(domain: str) -> int:
+    for d in ("/run/libvirt/qemu", "/var/run/libvirt/qemu"):
+        pidfile = Path(d, f"{domain}.pid")
+        if pidfile.exists():
+            return int(pidfile.read_text().split()[0])
+    raise FileNotFoundError(f"no pid file of domain {domain} under /run/libvirt/qemu")
+
+
+def guest_ram_rss_kib(pid: int, memory_mib: int) -> tuple[int, int]:
+    """(resident KiB, number of mappings) of the guest RAM: the mappings of the guest's size (QEMU
+    may round a RAM block up to its alignment, hence the small margin; one is expected)."""
+    want, size, total, found = memory_mib * 1024, 0, 0, 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "Size":
+            size = int(value.split()[0])
+        elif key == "Rss" and want <= size <= want + 4096:
+            total += int(value.split()[0])
+            found += 1
+    return total, found
+
+
+def own_thread_ticks(pid: int) -> int:
+    """utime + stime of QEMU's threads that are not vCPUs."""
+    ticks = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that just ended
+        if comm.startswith("CPU ") and comm.endswith(("/TCG", "/KVM")):
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def pids_named(name: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "comm").read_text().strip() == name:
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+class Shim:
+    def __init__(self, sock: Path, tmp: Path, memory_mib: int) -> None:
+        self.rt = api_pb2_grpc.RuntimeServiceStub(grpc.insecure_channel(f"unix://{sock}"))
+        self.tmp, self.memory_mib = tmp, memory_mib
+
+    def run_vm(self, image: str) -> Vm:
+        name = f"bench-overhead-{uuid.uuid4().hex[:6]}"
+        logdir = self.tmp / name
+        logdir.mkdir(parents=True, exist_ok=True)
+        cfg = api.PodSandboxConfig(
+            metadata=api.PodSandboxMetadata(name=name, namespace="bench", uid=uuid.uuid4().hex),
+            log_directory=str(logdir),
+        )
+        ccfg = api.ContainerConfig(
+            metadata=api.ContainerMetadata(name="vm"),
+            image=api.ImageSpec(image=image),
+            log_path="vm.log",
+            linux=api.LinuxContainerConfig(
+                resources=api.LinuxContainerResources(memory_limit_in_bytes=self.memory_mib << 20)
+            ),
+        )
+        sid = self.rt.RunPodSandbox(
+            api.RunPodSandboxRequest(config=cfg, runtime_handler="kvm")
+        ).pod_sandbox_id
+        cid = self.rt.CreateContainer(
+            api.CreateContainerRequest(pod_sandbox_id=sid, config=ccfg, sandbox_config=cfg)
+        ).container_id
+        self.rt.StartContainer(api.StartContainerRequest(container_id=cid))
+        return Vm(sid, cid, logdir / "vm.log", time.monotonic())
+
+    def remove(self, vm: Vm) -> None:
+        self.rt.StopContainer(api.StopContainerRequest(container_id=vm.cid, timeout=0))
+        self.rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=vm.sid))
+
+
+def booted(vm: Vm) -> bool:
+    return vm.log.exists() and BOOTED in vm.log.read_text(errors="replace")
+
+
+def measure(args: argparse.Namespace, shim: Shim, accel: str) -> int:
+    vms: list[Vm] = []
+    try:
+        for _ in range(args.vms):
+            vms.append(shim.run_vm(args.image))
+        boot_ticks, boot_mcores = [], []
+        for vm in vms:
+            vm.pid = qemu_pid(f"edgevirt-{vm.cid[:20]}")
+            wait_for(f"the guest of {vm.cid[:12]} to boot", lambda vm=vm: booted(vm), 300, 0.5)
+            boot_ticks.append(own_thread_ticks(vm.pid))
+            boot_mcores.append(boot_ticks[-1] / CLK_TCK / (time.monotonic() - vm.started) * 1000)
+        time.sleep(args.settle)
+        before = {vm.pid: own_thread_ticks(vm.pid) for vm in vms}
+        time.sleep(args.window)
+        idle_mcores = [
+            (own_thread_ticks(vm.pid) - before[vm.pid]) / CLK_TCK / args.window * 1000 for vm in vms
+        ]
+        daemons = {n: sum(status_kib(p) for p in pids_named(n)) for n in ("libvirtd", "virtlogd")}
+        share = (daemons["libvirtd"] + daemons["virtlogd"]) / len(vms)
+        rows = []
+        for vm in vms:
+            rss, (guest, mappings) = status_kib(vm.pid), guest_ram_rss_kib(vm.pid, args.memory)
+            assert mappings == 1, (
+                f"{mappings} mappings of the guest's size in QEMU {vm.pid}: which is its RAM?"
+            )
+            rows.append((rss, guest, rss - guest, rss - guest + share))
+    finally:
+        for vm in vms:
+            shim.remove(vm)
+    report(args, accel, rows, daemons, idle_mcores, [t / CLK_TCK for t in boot_ticks], boot_mcores)
+    return 0
+
+
+def report(args, accel, rows, daemons, idle_mcores, boot_cpu, boot_mcores) -> None:
+    def mib(kib: float) -> str:
+        return f"{kib / 1024:.1f} MiB"
+
+    def line(what: str, values: list[float], fmt) -> None:
+        print(f"| {what} | {fmt(pct(values, 50))} | {fmt(max(values))} |")
+
+    def col(i: int) -> list[float]:
+        return [r[i] for r in rows]
+
+    print(f"{args.vms} VMs of {args.memory} MiB, accel {accel}")
+    print("| measure (per VM) | p50 | max |")
+    print("|---|---|---|")
+    line("QEMU VmRSS", col(0), mib)
+    line("guest RAM resident (touched by the guest)", col(1), mib)
+    line("QEMU's own memory (VmRSS - guest RAM)", col(2), mib)
+    line(f"+ (libvirtd + virtlogd) / {args.vms} = **overhead**", col(3), mib)
+    line(f"QEMU's own threads, idle ({args.window:g} s)", idle_mcores, lambda x: f"{x:.1f} m")
+    line("QEMU's own threads, start to guest up", boot_cpu, lambda x: f"{x:.2f} CPU-s")
+    line("QEMU's own threads, start to guest up, on average", boot_mcores, lambda x: f"{x:.0f} m")
+    print(f"\nlibvirtd {mib(daemons['libvirtd'])}, virtlogd {mib(daemons['virtlogd'])} (VmRSS with the VMs)")
+    print("per VM (VmRSS, guest RAM, own, overhead): " + "; ".join(" ".join(mib(x) for x in r) for r in rows))
+    print("idle own-thread CPU (m): " + ", ".join(f"{x:.1f}" for x in idle_mcores))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vms", type=int, default=5)
+    ap.add_argument("--memory", type=int, default=256, help="MiB per VM (the container's memory limit)")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds after the last boot before measuring")
+    ap.add_argument("--window", type=float, default=30.0, help="seconds of idle CPU measured")
+    ap.add_argument("--image", default=IMAGE)
+    args = ap.parse_args()
+    paths = Paths.default()
+    if not BY_NAME["edgevirt-cri"].process(paths).pid():
+        sys.exit("edgevirt-cri of the local cluster is not running: deploy/local/up")
+    import build_vm_disk
+    import yaml
+
+    from runtimeclass.probe import DEFAULT_CACHE, probe
+
+    build_vm_disk.push(build_vm_disk.build_vm_disk(), args.image)
+    kvm = yaml.safe_load((paths.etc / "edgevirt-cri.yaml").read_text())["backends"]["kvm"]
+    proc = ShimProcess.create(paths.containerd_sock)
+    kvm["options"]["state_dir"] = str(proc.root / "kvm")
+    proc.extra_config = {
+        "backends": {"containerd": {"type": "containerd", "socket": str(paths.containerd_sock)}, "kvm": kvm},
+        "handlers": {"": "containerd", "kvm": "kvm"},
+    }
+    proc.start()
+    try:
+        shim = Shim(proc.socket, proc.root / "pods", args.memory)
+        return measure(args, shim, probe(cache_file=DEFAULT_CACHE).accel)
+    finally:
+        proc.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
