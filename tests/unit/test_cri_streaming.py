@@ -56,7 +56,7 @@ def test_attach_bridges_console_both_ways_and_answers_ping(server, console):
     deadline, got = time.monotonic() + 5, b""
     while b"root\r" not in got and time.monotonic() < deadline:
         got += os.read(guest, 100)
-    assert got == b"root\r"
+    assert b"root\r" in got, got  # the console line discipline may add to it under load
     c.ping(7)
     kind, ident, _, _ = c.frame()
     assert (kind, ident) == (spdy.PING, 7)

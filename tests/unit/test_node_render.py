@@ -44,6 +44,8 @@ def test_the_config_routes_containerd_handlers_and_kvm():
         "cni_bin_dirs": ["/opt/cni/bin", "/usr/lib/cni"],
         "libvirt_uri": "qemu:///system",
         "image_roots": ["/var/lib/edgevirt/images"],
+        "containerd_socket": "/run/containerd/containerd.sock",
+        "containerd_root": "/var/lib/containerd",
         "insecure_registries": [],
     }
 
