@@ -63,6 +63,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, default=None, help="node mode: the libvirt layer's state dir")
     p.add_argument("--libvirt-uri", default="qemu:///system")
     p.add_argument(
+        "--containerd-socket",
+        type=Path,
+        default=None,
+        help="node mode: containerd's socket, where hot-plugged OCI image volumes come from "
+        "(default /run/containerd/containerd.sock)",
+    )
+    p.add_argument(
+        "--containerd-root",
+        type=Path,
+        default=None,
+        help="node mode: containerd's root, whose content store holds the image layers (default /var/lib/containerd)",
+    )
+    p.add_argument(
         "--ops-address",
         default=None,
         help="HOST:PORT of /healthz, /readyz and /metrics (default: cluster mode "
@@ -186,6 +199,8 @@ def run_node(args: argparse.Namespace, ac: client.ApiClient, stop: threading.Eve
         state_dir=args.state_dir or DEFAULT_STATE_DIR,
         libvirt_uri=args.libvirt_uri,
         resync=min(args.resync, 60.0),
+        containerd_socket=args.containerd_socket,
+        containerd_root=args.containerd_root,
     )
     registry, readiness = ops.instrument("node", ctl.runner, vm_filter=ctl.mine)
     server = start_ops(args, registry, readiness)

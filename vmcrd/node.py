@@ -105,6 +105,8 @@ class NodeController:
         state_dir: Path = DEFAULT_STATE_DIR,
         libvirt_uri: str = "qemu:///system",
         resync: float = 60.0,
+        containerd_socket: Path | None = None,
+        containerd_root: Path | None = None,
     ) -> None:
         self.vm_api = VirtualMachines(api_client)
         self.core = client.CoreV1Api(api_client)
@@ -112,6 +114,9 @@ class NodeController:
         self.namespace = namespace
         self.state_dir = state_dir
         self.libvirt_uri = libvirt_uri
+        # hot-plugged OCI image volumes come from containerd's store, as the kvm handler's disks do
+        self.containerd_socket = containerd_socket
+        self.containerd_root = containerd_root
         self.queue = WorkQueue()
         self.events = EventRecorder(self.core, "edgevirt-controller-node", node)
         self._manager: DomainManager | None = None
@@ -124,10 +129,13 @@ class NodeController:
     def manager(self) -> DomainManager:
         """The libvirt layer's DomainManager (connected lazily: cleanup of disks needs no libvirt)."""
         if self._manager is None:
-            from cri_shim.vm import DiskManager, DomainManager
+            from cri_shim.vm import DiskManager, DomainManager, ImageStore
+            from cri_shim.vm.containerd_source import DEFAULT_ROOT, ContainerdSource
 
             disks = DiskManager(self.state_dir, host_disk_roots=[HOST_DISK_ROOT])
-            self._manager = DomainManager(self.state_dir, uri=self.libvirt_uri, disks=disks)
+            source = ContainerdSource(self.containerd_socket, self.containerd_root or DEFAULT_ROOT)
+            images = ImageStore(self.state_dir, container_disks=source)
+            self._manager = DomainManager(self.state_dir, uri=self.libvirt_uri, disks=disks, images=images)
         return self._manager
 
     def run(self, stop: threading.Event) -> None:

@@ -52,6 +52,8 @@ def attach_volume(
     if existing is not None:
         target = existing.find("target")
         return target.get("dev", "") if target is not None else ""
+    if persist:
+        _drop_stale_definition(name, dom, volume.name)
     owner = owner_from_metadata(domain_xml.read_metadata(live), name)
     undo: Undo = []
     disk = volume_disk(volume, "volume", owner, images, disks, undo)
@@ -64,6 +66,19 @@ def attach_volume(
         run_undo(undo)
         raise VMError(f"hot-plug of {volume.name!r} into {name!r} failed: {e}") from None
     return disk.target
+
+
+def _drop_stale_definition(name: str, dom: libvirt.virDomain, volume_name: str) -> None:
+    """A detach that ended halfway (the process killed between the live unplug and the persistent
+    definition's) leaves the volume in the definition only; attaching it with AFFECT_CONFIG again
+    would fail on its alias ("non unique alias detected"), so that leftover goes first."""
+    stale = find_disk(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), volume_name)
+    if stale is None:
+        return
+    try:
+        dom.detachDeviceFlags(ET.tostring(stale, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    except libvirt.libvirtError as e:
+        raise VMError(f"removing the leftover {volume_name!r} from the definition of {name!r} failed: {e}") from None
 
 
 def detach_volume(name: str, dom: libvirt.virDomain, volume_name: str, timeout: float) -> bool:

@@ -116,7 +116,7 @@ def test_an_upgrade_rolls_the_controllers_and_leaves_the_vm_running(cluster, edg
         finally:
             k.kubectl("delete", "vm", "--all", "-n", ns, "--wait=false", check=False)
             wait_for("the VM gone", lambda: not k.kubectl_json("get", "vm", "-n", ns)["items"], 180, 2)
-            clusterside.write_overlay(inst.image)
+            clusterside.write_overlay(inst.image, paths=k.paths)
             inst.restore()  # the session's image again: a downgrade rolls just as well
     assert pod_images(k, clusterside.PART_OF) == {inst.image.ref}
 

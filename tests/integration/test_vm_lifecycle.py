@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import re
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import libvirt
 import pytest
 from helpers.vm_env import console_size, leftovers, wait_console
 
@@ -31,6 +33,7 @@ from cri_shim.vm import (
     VMSpec,
     VolumeSpec,
 )
+from cri_shim.vm.hotplug import find_disk
 from cri_shim.vm.oci import Manifest, extract_disk_from_oci_layout
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -129,6 +132,21 @@ def test_disk_boot_console_stats_pause_hotplug_acpi(vm_env, vm_disk, tmp_path):
     wait_console(console, "EDGEVIRT-GUEST: block- sda", after=mark)
     assert "sda" not in mgr.facts(name)["disks"]
     assert 'dev="sda"' not in mgr.xml(name, inactive=True).replace("'", '"')
+    # a detach killed halfway (unplugged live, still in the definition): attaching it again works
+    mark = console_size(console)
+    assert mgr.attach_volume(name, scsi, persist=True) == "sda"
+    wait_console(console, "EDGEVIRT-GUEST: block+ sda 65536", after=mark)
+    dom = mgr._conn.lookup(name)
+    live = ET.tostring(find_disk(dom.XMLDesc(0), "scsidata"), encoding="unicode")
+    mark = console_size(console)
+    dom.detachDeviceFlags(live, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    wait_console(console, "EDGEVIRT-GUEST: block- sda", after=mark)
+    assert 'dev="sda"' in mgr.xml(name, inactive=True).replace("'", '"')  # the leftover
+    mark = console_size(console)
+    assert mgr.attach_volume(name, scsi, persist=True) == "sda"
+    wait_console(console, "EDGEVIRT-GUEST: block+ sda 65536", after=mark)
+    assert mgr.xml(name, inactive=True).count("ua-scsidata") == 1
+    assert mgr.detach_volume(name, "scsidata") is True
     with pytest.raises(ValidationError, match=r"volume.bus: 'sata' cannot be hot-plugged"):
         mgr.attach_volume(name, VolumeSpec(name="x", empty_disk="1Mi", bus="sata"))
 
