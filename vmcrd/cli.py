@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--containerd-root",
         type=Path,
         default=None,
-        help="node mode: containerd's root, whose content store holds the image layers (default /var/lib/containerd)",
+        help="node mode: containerd's root, whose content store holds the image layers "
+        "(default /var/lib/containerd)",
     )
     p.add_argument(
         "--ops-address",

@@ -78,7 +78,9 @@ def _drop_stale_definition(name: str, dom: libvirt.virDomain, volume_name: str) 
     try:
         dom.detachDeviceFlags(ET.tostring(stale, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
     except libvirt.libvirtError as e:
-        raise VMError(f"removing the leftover {volume_name!r} from the definition of {name!r} failed: {e}") from None
+        raise VMError(
+            f"removing the leftover {volume_name!r} from the definition of {name!r} failed: {e}"
+        ) from None
 
 
 def detach_volume(name: str, dom: libvirt.virDomain, volume_name: str, timeout: float) -> bool:

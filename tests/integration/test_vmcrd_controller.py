@@ -186,7 +186,9 @@ def test_running_true_makes_one_owned_vm_pod_with_the_contract(installed, ns, co
         vm["metadata"]["uid"],
         True,
     )
-    assert spec["runtimeClassName"] == "kvm" and spec["restartPolicy"] == "Always"  # running: true is runStrategy Always
+    assert (
+        spec["runtimeClassName"] == "kvm" and spec["restartPolicy"] == "Always"
+    )  # running: true is runStrategy Always
     (c,) = spec["containers"]
     assert c["image"] == "127.0.0.1:5000/vm/alpine-disk:3.20"
     assert c["resources"]["limits"] == {"cpu": "2", "memory": "300Mi"}

@@ -237,7 +237,8 @@ def wait_labelled(paths: Paths, timeout: float = ROLLOUT_TIMEOUT) -> bool:
                 paths, "logs", "-n", NAMESPACE, "daemonset/edgevirt-node-labeller", "--tail=20", check=False
             )
             raise InstallError(
-                f"nodes {', '.join(missing)} not labelled by edgevirt-node-labeller: {logs.stdout}{logs.stderr}"
+                f"nodes {', '.join(missing)} not labelled by edgevirt-node-labeller: "
+                f"{logs.stdout}{logs.stderr}"
             )
         time.sleep(1)
 
