@@ -28,6 +28,16 @@ def status_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def smaps_rollup_kib(pid: int) -> dict[str, int]:
+    """The sums of /proc/<pid>/smaps_rollup in KiB by field (Rss, Pss, Anonymous, Private_Dirty ...)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            out[key] = int(value.split()[0])
+    return out
+
+
 def time_create_xml(conn: Any, xml: str) -> float:
     """Seconds from ``virDomainCreateXML`` (what ``virsh create`` does) of ``xml`` until libvirt says
     the domain is active; the domain is destroyed again."""
