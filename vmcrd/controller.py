@@ -53,7 +53,7 @@ class ClusterController:
         self.core = client.CoreV1Api(api_client)
         self.namespace = namespace
         self.queue = WorkQueue()
-        self.events = EventRecorder(self.core, "edgevirt-controller", identity)
+        self.events = EventRecorder(api_client, "edgevirt-controller", identity)
         self.create_errors: dict[str, str] = {}
         self.sandbox_errors: dict[str, tuple[str, str]] = {}  # VM key -> (pod uid, last message)
         self.reconciles = 0

@@ -17,10 +17,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, cast
+from urllib.parse import quote
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
+
+from cri_shim import kube_rest
 
 from .api import KubeObject
 
@@ -255,10 +258,11 @@ class WorkQueue:
 
 
 class EventRecorder:
-    """Writes core/v1 Events about VirtualMachines (shown by ``kubectl describe vm``)."""
+    """Writes core/v1 Events about VirtualMachines (shown by ``kubectl describe vm``), straight through
+    the ApiClient (:mod:`cri_shim.kube_rest`): node mode needs no ``CoreV1Api`` for them."""
 
-    def __init__(self, core: client.CoreV1Api, component: str, host: str) -> None:
-        self.core = core
+    def __init__(self, api_client: client.ApiClient, component: str, host: str) -> None:
+        self.api_client = api_client
         self.component = component
         self.host = host
 
@@ -286,6 +290,8 @@ class EventRecorder:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(m["namespace"], body)  # type: ignore[arg-type]  # a dict is sent as is
+            kube_rest.request(
+                self.api_client, "POST", f"/api/v1/namespaces/{quote(m['namespace'])}/events", body
+            )
         except ApiException as e:  # events are best effort; never fail a reconcile over one
             log.warning("event %s/%s %s not recorded: %s", m["namespace"], m["name"], reason, e.reason)

@@ -109,7 +109,6 @@ class NodeController:
         containerd_root: Path | None = None,
     ) -> None:
         self.vm_api = VirtualMachines(api_client)
-        self.core = client.CoreV1Api(api_client)
         self.node = node
         self.namespace = namespace
         self.state_dir = state_dir
@@ -118,7 +117,7 @@ class NodeController:
         self.containerd_socket = containerd_socket
         self.containerd_root = containerd_root
         self.queue = WorkQueue()
-        self.events = EventRecorder(self.core, "edgevirt-controller-node", node)
+        self.events = EventRecorder(api_client, "edgevirt-controller-node", node)
         self._manager: DomainManager | None = None
         self.vms = Informer("virtualmachines", self.vm_api.lister(namespace), self.queue.add)
         self.runner = Runner(

@@ -3,7 +3,9 @@
 ``edgevirt-node label`` (the labeller, with its pod's token or a kubeconfig) and ``edgevirt-node
 uninstall`` (with the kubelet's own kubeconfig) read and patch one Node's labels; nothing else.
 :class:`NodeApi` is the protocol the callers depend on (unit tests pass a fake);
-:class:`KubeNodeApi` is the kubernetes client behind it, imported only when used.
+:class:`KubeNodeApi` is the kubernetes client behind it, imported only when used: its ApiClient
+(configuration, credentials, connections) with plain JSON calls (:mod:`cri_shim.kube_rest`), not its
+generated API classes (``CoreV1Api`` alone costs the labeller ~80 MiB).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Protocol
 #: the extra of a ServiceAccount token bound to a pod (or a Node): the node it is on
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 NODE_USER_PREFIX = "system:node:"
+SELF_SUBJECT_REVIEWS = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
 
 
 class NodeApiError(Exception):
@@ -53,40 +56,43 @@ class KubeNodeApi:
             cfg = client.Configuration()
             config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
             self._api = client.ApiClient(cfg)
-        self._core = client.CoreV1Api(self._api)
-        self._client = client
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
+        from .. import kube_rest
+
         try:
-            return fn(*args, **kwargs, _request_timeout=30)
+            return kube_rest.request(self._api, method, path, body, timeout=30, **kwargs)
         except ApiException as e:
             raise NodeApiError(f"{what}: {e.status} {e.reason}: {_message(e.body)}") from None
         except (HTTPError, OSError) as e:
             raise NodeApiError(f"{what}: the API server did not answer: {e}") from None
 
     def whoami(self) -> tuple[str, dict[str, list[str]]]:
-        auth = self._client.AuthenticationV1Api(self._api)
-        body = self._client.V1SelfSubjectReview()
-        review = self._call("SelfSubjectReview", auth.create_self_subject_review, body)
-        info = review.status.user_info
-        return str(info.username or ""), {k: list(v) for k, v in (info.extra or {}).items()}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        review = self._call("SelfSubjectReview", "POST", SELF_SUBJECT_REVIEWS, body)
+        info = (review.get("status") or {}).get("userInfo") or {}
+        return str(info.get("username") or ""), {k: list(v) for k, v in (info.get("extra") or {}).items()}
 
     def labels(self, node: str) -> dict[str, str]:
-        obj = self._call(f"get node {node}", self._core.read_node, node)
-        return dict(obj.metadata.labels or {})
+        obj = self._call(f"get node {node}", "GET", _node_path(node))
+        return dict(obj["metadata"].get("labels") or {})
 
     def patch_labels(self, node: str, patch: Mapping[str, object]) -> dict[str, str]:
+        from .. import kube_rest
+
         obj = self._call(
-            f"patch node {node}",
-            self._core.patch_node,
-            node,
-            dict(patch),
-            _content_type="application/merge-patch+json",
+            f"patch node {node}", "PATCH", _node_path(node), dict(patch), content_type=kube_rest.MERGE_PATCH
         )
-        return dict(obj.metadata.labels or {})
+        return dict(obj["metadata"].get("labels") or {})
+
+
+def _node_path(node: str) -> str:
+    from urllib.parse import quote
+
+    return f"/api/v1/nodes/{quote(node, safe='')}"
 
 
 def _message(body: Any) -> str:
