@@ -45,7 +45,11 @@ STEPS: dict[str, list[str]] = {
         "import vmcrd.node",
         "ctl = vmcrd.node.NodeController(ac, 'n', state_dir=TMP)",
         "import vmcrd.ops; vmcrd.ops.instrument('node', ctl.runner, vm_filter=ctl.mine)",
-        "import cri_shim.vm",
+        # the libvirt layer as NodeController.manager builds it on its first VM (DomainManager aside:
+        # it connects to libvirtd)
+        "from pathlib import Path; from cri_shim.vm import DiskManager, ImageStore;"
+        " from cri_shim.vm.containerd_source import DEFAULT_ROOT, ContainerdSource;"
+        " DiskManager(Path(TMP)); ImageStore(Path(TMP), container_disks=ContainerdSource(None, DEFAULT_ROOT))",
     ],
     "labeller": [
         "import cri_shim.node.cli",

@@ -22,13 +22,14 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from .. import protos
 from .errors import ImageError
 from .oci import OciRef, parse_reference
+
+if TYPE_CHECKING:  # grpc (~10 MiB with protobuf) is imported on the first call: node mode builds this
+    import grpc  # client with its libvirt layer but needs containerd only for hot-plugged image volumes
 
 DEFAULT_SOCKET = Path("/run/containerd/containerd.sock")
 SERVICE = "/runtime.v1.ImageService/"
@@ -97,6 +98,8 @@ class ContainerdImages:
         self._lock = threading.Lock()
 
     def _call(self, method: str, request: Any, reply: Callable[[bytes], Any], timeout: float) -> Any:
+        import grpc
+
         with self._lock:
             if self._channel is None:
                 self._channel = grpc.insecure_channel(f"unix://{self.socket}", options=CHANNEL_OPTIONS)
@@ -115,6 +118,8 @@ class ContainerdImages:
 
     def status(self, image: str, timeout: float = STATUS_TIMEOUT_S) -> LocalImage | None:
         """The image ``image`` (a reference or an image ID) names in containerd's store, or None."""
+        import grpc
+
         api = protos.api()
         req = api.ImageStatusRequest(image=api.ImageSpec(image=image))
         try:
@@ -133,6 +138,8 @@ class ContainerdImages:
 
     def pull(self, ref: OciRef, timeout: float) -> None:
         """Pull ``ref`` through containerd (no credentials); ImageError naming the registry on failure."""
+        import grpc
+
         api = protos.api()
         req = api.PullImageRequest(image=api.ImageSpec(image=str(ref)))
         try:
@@ -159,6 +166,8 @@ class ContainerdImages:
 
 
 def _code(e: grpc.RpcError) -> grpc.StatusCode:
+    import grpc
+
     code = e.code() if hasattr(e, "code") else None
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
