@@ -11,8 +11,9 @@ macvtap daemon's worker imports. The API clients are built against a dummy kubec
 ``--root DIR`` replays inside a root filesystem (e.g. the edgevirt image's, unpacked) with its
 ``/usr/bin/python3``: this checkout's packages are copied to DIR/tmp/edgevirt-src and put first on
 the path, the rest (kubernetes, grpc ...) is the image's; without it, this interpreter and its
-site-packages. Bytecode is neither written nor required (PYTHONDONTWRITEBYTECODE=1): whether .pyc
-files are used is whatever the root holds.
+site-packages. Bytecode is never written by the replay (PYTHONDONTWRITEBYTECODE=1): whether .pyc
+files are used is whatever the root holds; ``--bytecode`` compiles the copied checkout too (as
+``compileall --invalidation-mode unchecked-hash`` would in an image that ships bytecode).
 
 Usage: .venv/bin/python bench/node/bench_imports.py [--root DIR] [--only node,labeller,...]
 """
@@ -49,7 +50,8 @@ STEPS: dict[str, list[str]] = {
         # it connects to libvirtd)
         "from pathlib import Path; from cri_shim.vm import DiskManager, ImageStore;"
         " from cri_shim.vm.containerd_source import DEFAULT_ROOT, ContainerdSource;"
-        " DiskManager(Path(TMP)); ImageStore(Path(TMP), container_disks=ContainerdSource(None, DEFAULT_ROOT))",
+        " DiskManager(Path(TMP));"
+        " ImageStore(Path(TMP), container_disks=ContainerdSource(None, DEFAULT_ROOT))",
     ],
     "labeller": [
         "import cri_shim.node.cli",
@@ -125,11 +127,15 @@ def replay(name: str, steps: list[str], root: Path | None, work: Path) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def copy_checkout(root: Path) -> None:
+def copy_checkout(root: Path, bytecode: bool) -> None:
     dest = root / "tmp" / "edgevirt-src"
     shutil.rmtree(dest, ignore_errors=True)
     for pkg in PACKAGES:
         shutil.copytree(REPO / pkg, dest / pkg, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
+    if bytecode:  # with the root's own Python: its bytecode is the one that interpreter loads
+        code = "import compileall, py_compile, sys; compileall.compile_dir(sys.argv[1], quiet=2, "
+        code += "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)"
+        subprocess.run(["chroot", str(root), "/usr/bin/python3", "-c", code, "/tmp/edgevirt-src"], check=True)
 
 
 def report(name: str, result: dict) -> None:
@@ -154,10 +160,11 @@ def report(name: str, result: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, help="replay inside this root filesystem (the image's, unpacked)")
+    ap.add_argument("--bytecode", action="store_true", help="with --root: compile the copied checkout")
     ap.add_argument("--only", default=",".join(STEPS), help=f"comma-separated of: {', '.join(STEPS)}")
     args = ap.parse_args()
     if args.root:
-        copy_checkout(args.root)
+        copy_checkout(args.root, args.bytecode)
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-imports-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     try:

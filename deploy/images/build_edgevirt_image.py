@@ -128,10 +128,12 @@ def _wheel_meta(wheel: Path) -> tuple[str, str]:
 
 def _staged_layer(wheels: list[Path], out: Path, epoch: int, created_by: str,
                   files: dict[str, Path] | None = None) -> oci_layout.Layer:  # fmt: skip
-    """A layer of ``wheels`` installed as the image sees them, plus ``files`` (image path: source)."""
+    """A layer of ``wheels`` installed as the image sees them, with their bytecode, plus ``files``
+    (image path: source)."""
     with tempfile.TemporaryDirectory(prefix="edgevirt-stage-") as tmp:
         root = Path(tmp)
         image_pydeps.install_wheels(wheels, root)
+        image_pydeps.compile_bytecode(root)
         for rel, src in (files or {}).items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)

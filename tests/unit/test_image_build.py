@@ -107,3 +107,21 @@ def test_lock_check(tmp_path: Path) -> None:
     lock.write_text("grpcio==1.80.0 \\\n    --hash=sha256:00\n")
     with pytest.raises(image_pydeps.LockError, match=r"pins grpcio==1.80.0 .* --relock"):
         image_pydeps.check_lock(wheel, lock)
+
+
+def test_bytecode_is_unchecked_hash_reproducible_and_names_image_paths(tmp_path: Path) -> None:
+    import marshal
+
+    pycs = []
+    for name in ("a", "b"):
+        src = tmp_path / name / image_pydeps.SITE / "pkg" / "mod.py"
+        src.parent.mkdir(parents=True)
+        src.write_text("X = {'a', 'b', 'c', 'd'}\n\ndef f(x):\n    return x in {'p', 'q', 'r'}\n")
+        os.utime(src, (1, 1 if name == "a" else 999))  # the source mtime must not matter
+        image_pydeps.compile_bytecode(tmp_path / name)
+        (pyc,) = (src.parent / "__pycache__").glob("mod.cpython-311.pyc")
+        pycs.append(pyc.read_bytes())
+    assert pycs[0] == pycs[1]
+    assert int.from_bytes(pycs[0][4:8], "little") == 0b01  # hash-based, source never checked
+    code = marshal.loads(pycs[0][16:])
+    assert code.co_filename == f"/{image_pydeps.SITE}/pkg/mod.py"
