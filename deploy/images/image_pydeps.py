@@ -159,25 +159,7 @@ def install_wheels(wheels: list[Path], root: Path) -> None:
 
 
 def compile_bytecode(root: Path) -> None:
-    """Compile the staged site-packages under `root` (a tree as the image's / sees it) to bytecode the
-    image's python3 loads without a look at its source: hash-based, unchecked (the layers' files all
-    carry one mtime, so timestamp-checked .pyc files would be stale), code objects naming their image
-    paths, and reproducible (a fixed PYTHONHASHSEED: set and frozenset constants keep one order).
+    """Bytecode of the packages staged under `root` (:mod:`image_bytecode`)."""
+    import image_bytecode
 
-    Why ship it: the image runs with PYTHONDONTWRITEBYTECODE=1, so without it every start compiles
-    every imported module again; the kubernetes client's API modules alone left ~77 MiB of heap
-    behind in each process that built one, and a cluster-mode replica still starts at 131 MiB
-    without bytecode against 68 MiB with it (bench/RESULTS.md, "Node memory")."""
-    if sys.version_info[:2] != (3, 11):
-        raise RuntimeError(
-            f"bytecode for the image's CPython 3.11 needs a 3.11 interpreter to write it; this is "
-            f"{sys.version.split()[0]}: run the build with .venv/bin/python (Python 3.11)"
-        )
-    site = root / SITE
-    code = (
-        "import compileall, py_compile, sys; ok = compileall.compile_dir(sys.argv[1], quiet=1, "
-        "stripdir=sys.argv[2], prependdir='/', workers=1, "
-        "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH); sys.exit(0 if ok else 1)"
-    )
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    subprocess.run([sys.executable, "-c", code, str(site), str(root)], check=True, env=env)
+    image_bytecode.compile_tree(root, [SITE])

@@ -22,12 +22,19 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import image_bytecode
+
 HERE = Path(__file__).resolve().parent
 PACKAGES_FILE = HERE / "edgevirt-image.packages"
 SUITE = "bookworm"
 NONROOT = 65532
 DEFAULT_SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 COMPLETE = ".edgevirt-rootfs-complete"
+#: Debian's Python files, compiled at build time (mmdebstrap's extract variant runs no py3compile;
+#: without bytecode every process compiles the standard library it imports at every start)
+PYTHON_DIRS = ["usr/lib/python3.11", "usr/lib/python3/dist-packages"]
+#: part of the rootfs key: a cached tree made without bytecode is made again
+BYTECODE = "bytecode: unchecked-hash, PYTHONHASHSEED=0"
 PASSWD = (
     "root:x:0:0:root:/root:/usr/sbin/nologin\n"
     f"nonroot:x:{NONROOT}:{NONROOT}:nonroot:/home/nonroot:/usr/sbin/nologin\n"
@@ -91,7 +98,7 @@ def mmdebstrap_version() -> str:
 
 def rootfs_key(spec: Spec, sources: Path) -> str:
     h = hashlib.sha256()
-    for part in (SUITE, spec.text, sources.read_text(), mmdebstrap_version(), PASSWD, GROUP):
+    for part in (SUITE, spec.text, sources.read_text(), mmdebstrap_version(), PASSWD, GROUP, BYTECODE):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:20]
 
@@ -120,6 +127,7 @@ def build_rootfs(cache: Path, spec: Spec, use_cache: bool = True, say=print) -> 
         n = write_dpkg_status(tmp)
         write_ca_bundle(tmp)
         write_users(tmp)
+        image_bytecode.compile_tree(tmp, PYTHON_DIRS)
         (tmp / COMPLETE).write_text(f"{n} packages\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
