@@ -15,7 +15,8 @@ site-packages. Bytecode is never written by the replay (PYTHONDONTWRITEBYTECODE=
 files are used is whatever the root holds; ``--bytecode`` compiles the copied checkout too (as
 ``compileall --invalidation-mode unchecked-hash`` would in an image that ships bytecode).
 
-Usage: .venv/bin/python bench/node/bench_imports.py [--root DIR] [--only node,labeller,...]
+Usage: .venv/bin/python bench/node/bench_imports.py [--root DIR [--bytecode]] [--tracemalloc]
+       [--only node,labeller,...]
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ STEPS: dict[str, list[str]] = {
 }
 
 CHILD = r"""
-import json, os, sys, time
+import json, os, sys, time, tracemalloc
 KUBECONFIG, TMP = sys.argv[1], sys.argv[2]
+if os.environ.get("BENCH_TRACEMALLOC"):
+    tracemalloc.start(1)
 def mem():
     rss = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))
     heap = anon = 0; cur = ''
@@ -103,12 +106,15 @@ for step in json.loads(sys.argv[3]):
 tops = {}
 for n in sys.modules:
     tops[n.split('.')[0]] = tops.get(n.split('.')[0], 0) + 1
-print(json.dumps({"steps": out, "tops": sorted(tops.items(), key=lambda x: -x[1])[:12]}))
+traced = [x / 2**20 for x in tracemalloc.get_traced_memory()] if tracemalloc.is_tracing() else None
+print(json.dumps({"steps": out, "tops": sorted(tops.items(), key=lambda x: -x[1])[:12], "traced": traced}))
 """
 
 
-def replay(name: str, steps: list[str], root: Path | None, work: Path) -> dict:
+def replay(name: str, steps: list[str], root: Path | None, work: Path, trace: bool) -> dict:
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    if trace:
+        env["BENCH_TRACEMALLOC"] = "1"
     if root is None:
         (work / "kubeconfig").write_text(KUBECONFIG)
         cmd = [sys.executable, "-c", CHILD, str(work / "kubeconfig"), str(work), json.dumps(steps)]
@@ -155,12 +161,20 @@ def report(name: str, result: dict) -> None:
         print(f"| `{step[:70]}` | " + " | ".join(cells) + " |")
         prev = rss
     print("modules by package: " + ", ".join(f"{k} {v}" for k, v in result["tops"]))
+    if result.get("traced"):
+        now, peak = result["traced"]
+        print(f"tracemalloc: {now:.1f} MiB of Python allocations live at the end, {peak:.1f} MiB at the peak")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, help="replay inside this root filesystem (the image's, unpacked)")
     ap.add_argument("--bytecode", action="store_true", help="with --root: compile the copied checkout")
+    ap.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace Python's allocations (live and peak at the end; RSS figures then include its cost)",
+    )
     ap.add_argument("--only", default=",".join(STEPS), help=f"comma-separated of: {', '.join(STEPS)}")
     args = ap.parse_args()
     if args.root:
@@ -169,7 +183,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         for name in args.only.split(","):
-            report(name, replay(name, STEPS[name], args.root, work))
+            report(name, replay(name, STEPS[name], args.root, work, args.tracemalloc))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

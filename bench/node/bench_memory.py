@@ -12,9 +12,10 @@ processes of this host too):
 
 Per component: processes, threads, VmRSS and PSS (``/proc/PID/smaps_rollup``: a page shared by N
 processes counts 1/N in each, so PSS sums to what the node really spends), and the largest private
-parts (``[heap]``, anonymous). Cluster-mode controller replicas found here are listed too, outside the
-node total (they run wherever the scheduler puts them). The number of running QEMU processes says
-under which load the figures were taken.
+parts (``[heap]``, anonymous) and glibc's thread arenas (how many, and how much is resident in
+them: what ``MALLOC_ARENA_MAX`` would bound). Cluster-mode controller replicas found here are
+listed too, outside the node total (they run wherever the scheduler puts them). The number of
+running QEMU processes says under which load the figures were taken.
 
 Usage: .venv/bin/python bench/node/bench_memory.py [--write] [--label TEXT]
 Prints a Markdown table; ``--write`` also puts it, dated, under "## Node memory (edgevirt's own
@@ -78,6 +79,8 @@ class Usage:
     pss: int = 0
     heap: int = 0  # [heap] Rss, KiB (the main malloc arena)
     anon: int = 0  # Anonymous, KiB (heap, thread arenas, Python's own arenas, stacks)
+    arenas: int = 0  # glibc's thread arenas (what MALLOC_ARENA_MAX bounds)
+    arena_rss: int = 0  # KiB resident in them
 
     def add(self, pid: int) -> None:
         rollup = smaps_rollup_kib(pid)
@@ -86,18 +89,43 @@ class Usage:
         self.rss += status_kib(pid, "VmRSS")
         self.pss += rollup.get("Pss", 0)
         self.anon += rollup.get("Anonymous", 0)
-        self.heap += heap_kib(pid)
+        maps = mappings(pid)
+        self.heap += sum(rss for _, _, _, name, rss in maps if name == "[heap]")
+        arenas = thread_arenas(maps)
+        self.arenas += len(arenas)
+        self.arena_rss += sum(arenas)
 
 
-def heap_kib(pid: int) -> int:
-    total, in_heap = 0, False
+#: a glibc thread arena: an anonymous mapping reserved 64 MiB-aligned, 64 MiB long (rw-p as far as
+#: it is used, ---p for the rest)
+ARENA_BYTES = 64 << 20
+
+
+def mappings(pid: int) -> list[tuple[int, int, str, str, int]]:
+    """(start, end, perms, name, Rss KiB) of every mapping of /proc/<pid>/smaps."""
+    out: list[tuple[int, int, str, str, int]] = []
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        first = line.split(maxsplit=1)[0]
-        if "-" in first and not first.endswith(":"):
-            in_heap = line.rstrip().endswith("[heap]")
-        elif in_heap and first == "Rss:":
-            total += int(line.split()[1])
-    return total
+        fields = line.split()
+        if not fields[0].endswith(":"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            out.append((start, end, fields[1], fields[5] if len(fields) > 5 else "", 0))
+        elif fields[0] == "Rss:" and out:
+            out[-1] = (*out[-1][:4], int(fields[1]))
+    return out
+
+
+def thread_arenas(maps: list[tuple[int, int, str, str, int]]) -> list[int]:
+    """Resident KiB of each glibc thread arena among ``maps``."""
+    found = []
+    for i, (start, end, perms, name, rss) in enumerate(maps):
+        if name or perms != "rw-p" or start % ARENA_BYTES:
+            continue
+        reserved = end
+        if i + 1 < len(maps) and maps[i + 1][0] == end and maps[i + 1][2] == "---p" and not maps[i + 1][3]:
+            reserved = maps[i + 1][1]
+        if reserved - start == ARENA_BYTES:
+            found.append(rss)
+    return found
 
 
 def processes() -> list[tuple[int, list[str]]]:
@@ -143,12 +171,13 @@ def mib(kib: float) -> str:
 
 def table(comps: dict[str, Usage], anchors: dict[str, Usage], qemus: int) -> list[str]:
     rows = [
-        "| process | n | threads | RSS MiB | PSS MiB | [heap] MiB | anon MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| process | n | threads | RSS MiB | PSS MiB | [heap] MiB | anon MiB | thread arenas (MiB in them) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
-    def row(name: str, u: Usage, bold: bool = False) -> None:
+    def row(name: str, u: Usage, bold: bool = False, glibc: bool = True) -> None:
         cells = [str(len(u.pids)), str(u.threads), mib(u.rss), mib(u.pss), mib(u.heap), mib(u.anon)]
+        cells.append(f"{u.arenas} ({mib(u.arena_rss)})" if glibc else "n/a (Go)")
         if bold:
             name, cells = f"**{name}**", [f"**{c}**" for c in cells]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -159,16 +188,16 @@ def table(comps: dict[str, Usage], anchors: dict[str, Usage], qemus: int) -> lis
         if in_node:
             row(name, u)
             total.pids += u.pids
-            for attr in ("threads", "rss", "pss", "heap", "anon"):
+            for attr in ("threads", "rss", "pss", "heap", "anon", "arenas", "arena_rss"):
                 setattr(total, attr, getattr(total, attr) + getattr(u, attr))
     row("edgevirt on the node (total)", total, bold=True)
     goal = GOAL_IDLE_MIB if qemus == 0 else GOAL_10_VMS_MIB
-    rows.append(f"| goal ({'idle' if qemus == 0 else '10 VM pods'}) | | | ≤ {goal} | ≤ {goal} | | |")
+    rows.append(f"| goal ({'idle' if qemus == 0 else '10 VM pods'}) | | | ≤ {goal} | ≤ {goal} | | | |")
     for name, in_node, _ in COMPONENTS:
         if not in_node and comps[name].pids:
             row(f"{name} (not in the node total)", comps[name])
     for name in ANCHORS:
-        row(f"anchor: {name}", anchors[name])
+        row(f"anchor: {name}", anchors[name], glibc=name != "kubelet")
     missing = [name for name, in_node, _ in COMPONENTS if in_node and not comps[name].pids]
     rows.append("")
     rows.append(
