@@ -57,8 +57,7 @@ STEPS: dict[str, list[str]] = {
     "labeller": [
         "import cri_shim.node.cli",
         "from cri_shim.node.kubeapi import KubeNodeApi; api = KubeNodeApi(KUBECONFIG)",
-        "import cri_shim.node.labeller",
-        "import grpc; from cri_shim import protos; protos.api()",
+        "import cri_shim.node.labeller",  # its CRI Status call runs in a child (cri_shim.node.cri_status)
         "import runtimeclass.probe",
     ],
     "cluster": [

@@ -23,35 +23,22 @@ from pathlib import Path
 from runtimeclass.labels import Cri, CriView, node_labels, set_patch
 from runtimeclass.result import LABEL_ACCEL, LABEL_KVM, ProbeResult
 
+from .cri_status import STATUS_METHOD as STATUS_METHOD  # the method asked, for callers and tests
+from .cri_status import query
 from .kubeapi import NodeApi, NodeApiError
 
 log = logging.getLogger("edgevirt-node.label")
 
-STATUS_METHOD = "/runtime.v1.RuntimeService/Status"
 KVM_DEVICE = Path("/dev/kvm")
 
 
 def cri_view(socket: Path, timeout: float = 10.0) -> CriView:
-    """What edgevirt-cri on ``socket`` serves (ABSENT: no socket there; SILENT: no answer)."""
-    import grpc
-
-    from .. import protos
-
-    if not socket.exists():
-        return CriView(Cri.ABSENT)
-    api = protos.api()
-    with grpc.insecure_channel(f"unix://{socket}") as channel:
-        status = channel.unary_unary(
-            STATUS_METHOD,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=api.StatusResponse.FromString,
-        )
-        try:
-            resp = status(api.StatusRequest(verbose=False), timeout=timeout)
-        except grpc.RpcError as e:
-            log.warning("edgevirt-cri at %s did not answer Status: %s", socket, e)
-            return CriView(Cri.SILENT)
-    return CriView(Cri.ANSWERED, frozenset(h.name for h in resp.runtime_handlers))
+    """What edgevirt-cri on ``socket`` serves (ABSENT: no socket there; SILENT: no answer), asked
+    from a child interpreter (:mod:`.cri_status`: the labeller keeps no grpc)."""
+    view, why = query(socket, timeout)
+    if view.state is Cri.SILENT:
+        log.warning("edgevirt-cri at %s did not answer Status: %s", socket, why)
+    return view
 
 
 @dataclass

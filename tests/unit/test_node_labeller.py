@@ -212,3 +212,20 @@ def test_cri_status_is_asked_on_the_socket(cri_server: Path, tmp_path: Path) -> 
     assert cri_view(tmp_path / "absent.sock") == ABSENT
     (tmp_path / "dead.sock").write_text("")  # something there that does not answer
     assert cri_view(tmp_path / "dead.sock", timeout=2).state is Cri.SILENT
+
+
+def test_the_labeller_asks_from_a_child_and_keeps_no_grpc(cri_server: Path) -> None:
+    """The CRI Status call runs in a child interpreter: the labeller itself never imports grpc."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from cri_shim.node.labeller import cri_view; "
+        "v = cri_view(Path(sys.argv[1])); print(sorted(v.handlers), 'grpc' in sys.modules)"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(cri_server)],
+        capture_output=True, text=True, timeout=120, cwd=root, env={"PYTHONPATH": root}, check=True,
+    )  # fmt: skip
+    assert r.stdout.split("\n")[0] == "['kvm', 'runc'] False"
