@@ -53,6 +53,7 @@ STEPS: dict[str, list[str]] = {
         " from cri_shim.vm.containerd_source import DEFAULT_ROOT, ContainerdSource;"
         " DiskManager(Path(TMP));"
         " ImageStore(Path(TMP), container_disks=ContainerdSource(None, DEFAULT_ROOT))",
+        "from cri_shim.vm import DomainManager; import libvirt",  # what connects to libvirtd
     ],
     "labeller": [
         "import cri_shim.node.cli",
