@@ -48,9 +48,12 @@ def query(socket: Path, timeout: float) -> tuple[CriView, str]:
     """(what edgevirt-cri on ``socket`` serves, why it is SILENT if so) through the child."""
     if not socket.exists():
         return CriView(Cri.ABSENT), ""
-    # the child imports this very package, wherever it is (an installed wheel, or a checkout)
+    # the child imports this very package: from where this process found it when that is not on the
+    # interpreter's own path (a checkout run by pytest, say); an installed one needs nothing
+    env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])
-    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    if package_root not in _own_path():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     argv = [sys.executable, "-m", "cri_shim.node.cri_status", str(socket), str(timeout)]
     try:
         r = subprocess.run(
@@ -58,7 +61,7 @@ def query(socket: Path, timeout: float) -> tuple[CriView, str]:
             capture_output=True,
             text=True,
             timeout=timeout + CHILD_GRACE_S,
-            env={**os.environ, "PYTHONPATH": path},
+            env=env,
             check=False,
         )
     except subprocess.TimeoutExpired:
@@ -70,6 +73,16 @@ def query(socket: Path, timeout: float) -> tuple[CriView, str]:
     if "handlers" in answer:
         return CriView(Cri.ANSWERED, frozenset(answer["handlers"])), ""
     return CriView(Cri.SILENT), str(answer.get("error"))
+
+
+def _own_path() -> set[str]:
+    """The directories a fresh ``python3`` searches by itself (site-packages included)."""
+    import site
+    import sysconfig
+
+    paths = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    paths.update(site.getsitepackages())
+    return {str(Path(p).resolve()) for p in paths}
 
 
 def main(argv: list[str]) -> int:
