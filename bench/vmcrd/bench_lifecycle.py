@@ -1,6 +1,7 @@
 """Benchmark of a VirtualMachine's start and stop through the whole chain on the local cluster:
-``kubectl patch`` (running true/false) -> controller (both modes) -> kubelet -> edgevirt-cri's kvm
-handler -> libvirt, with the floor measured in the same run.
+``kubectl patch`` (running true/false) -> the installed controllers (both modes, as
+``deploy/local/install-edgevirt`` put them) -> kubelet -> edgevirt-cri's kvm handler -> libvirt, with
+two references measured in the same run.
 
 Per cycle, for one VM (the bootable test disk, 256 MiB, TCG):
 
@@ -10,12 +11,16 @@ Per cycle, for one VM (the bootable test disk, 256 MiB, TCG):
   included);
 * floor, right after the VM is Ready: ``virDomainCreateXML`` (what ``virsh create`` does) of the
   VM's own domain XML, renamed, with a new UUID and a fresh overlay on the same base image, without
-  the NIC and the seed (both are held by the running VM), until the domain is active.
+  the NIC and the seed (both are held by the running VM), until the domain is active;
+* a container's start on the same node, through the same kubelet and edgevirt-cri: a plain pod
+  (runtimeClassName runc, busybox ``sleep``) created -> phase Running, then deleted (untimed). It
+  carries what every pod start costs here (the scheduler, kubelet's sync and its 1 s PLEG relist).
 
 Then a burst: ``--burst`` VMs patched from Halted to Running at once, time until all are Running.
 
 Usage: .venv/bin/python bench/vmcrd/bench_lifecycle.py [--cycles 10] [--burst 10]
-Needs `deploy/local/up`. Prints a Markdown section for bench/RESULTS.md.
+Needs `deploy/local/up` and `deploy/local/install-edgevirt`. Prints a Markdown section for
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -42,17 +47,18 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from benchkit import pct, time_create_xml  # noqa: E402
-from helpers.controller import ControllerProcess  # noqa: E402
-from helpers.tokens import service_account_kubeconfig  # noqa: E402
 from helpers.vm_env import VM_IMAGE as IMAGE  # noqa: E402
 from helpers.waiting import TimedOut, wait_for  # noqa: E402
 from kubernetes import client  # noqa: E402
+from localcluster import clusterside  # noqa: E402
+from localcluster.paths import Paths  # noqa: E402
 
 from vmcrd import api  # noqa: E402
 from vmcrd.kube import api_client  # noqa: E402
 
 KUBECONFIG = REPO / ".local/kubeconfig"
 KUBECTL = [str(REPO / ".local/bin/kubectl"), "--kubeconfig", str(KUBECONFIG)]
+RUNC_IMAGE = "127.0.0.1:5000/library/busybox:1.35.0"  # the local registry has it (deploy/local/up)
 
 
 class Bench:
@@ -101,6 +107,34 @@ class Bench:
 
     def pods(self, name: str) -> list:
         return self.core.list_namespaced_pod(self.ns, label_selector=f"edgevirt.io/vm={name}").items
+
+    def runc_pod(self) -> float:
+        """A plain runc pod: create -> phase Running (s); deleted again before returning."""
+        name = f"runc-{uuid.uuid4().hex[:6]}"
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "runtimeClassName": "runc",
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "c", "image": RUNC_IMAGE, "command": ["sleep", "3600"]}],
+            },
+        }
+        t0 = time.monotonic()
+        self.core.create_namespaced_pod(self.ns, body)
+        t1 = self.wait(
+            "the runc pod Running",
+            lambda: self.core.read_namespaced_pod(name, self.ns).status.phase == "Running",
+        )
+        self.core.delete_namespaced_pod(name, self.ns, grace_period_seconds=0)
+        self.wait(
+            "the runc pod gone",
+            lambda: not self.core.list_namespaced_pod(self.ns, field_selector=f"metadata.name={name}").items,
+            120,
+            0.2,
+        )
+        return t1 - t0
 
 
 def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
@@ -157,13 +191,14 @@ def floor(conn: libvirt.virConnect, uid: str, tmp: Path) -> float:
     return dt
 
 
-def measure(b: Bench, cycles: int, burst_size: int) -> tuple[list, list, list, list, float]:
-    """(running, ready, stop, floor, burst) seconds: the cycles of one VM, then the burst."""
+def measure(b: Bench, cycles: int, burst_size: int) -> tuple[list, list, list, list, list, float]:
+    """(running, ready, stop, floor, runc, burst) seconds: the cycles of one VM, then the burst."""
     conn = libvirt.open("qemu:///system")
     running: list[float] = []
     ready: list[float] = []
     stop: list[float] = []
     floor_t: list[float] = []
+    runc: list[float] = []
     logs = Path(tempfile.mkdtemp(prefix="bench-floor-"))
     try:
         b.create("bench")
@@ -183,11 +218,12 @@ def measure(b: Bench, cycles: int, burst_size: int) -> tuple[list, list, list, l
                 "Stopped",
                 lambda: b.status("bench").get("printableStatus") == "Stopped" and not b.pods("bench"),
             )
+            runc.append(b.runc_pod())  # the VM is stopped: the node is as quiet as for the VM's start
             running.append(t_run - t0)
             ready.append(t_ready - t0)
             stop.append(t_stop - t1)
             floor_t.append(f)
-        running, ready, stop, floor_t = running[1:], ready[1:], stop[1:], floor_t[1:]
+        running, ready, stop, floor_t, runc = running[1:], ready[1:], stop[1:], floor_t[1:], runc[1:]
         names = [f"burst{i:02d}" for i in range(burst_size)]
         for n in names:
             b.create(n)
@@ -203,52 +239,41 @@ def measure(b: Bench, cycles: int, burst_size: int) -> tuple[list, list, list, l
         burst = t_burst - t0
     finally:
         conn.close()
-    return running, ready, stop, floor_t, burst
+    return running, ready, stop, floor_t, runc, burst
 
 
 @contextlib.contextmanager
-def controllers_on_a_namespace(prefix: str) -> Iterator[Bench]:
-    """A fresh namespace with both controller modes running for it (CRD and RBAC applied, the test
-    disk pushed); on exit its VMs are deleted (finalizers run), the controllers stopped and it goes."""
+def installed_controllers_namespace(prefix: str) -> Iterator[Bench]:
+    """A fresh namespace on the local cluster with edgevirt installed (both controller modes ready,
+    the test disk pushed); on exit its VMs are deleted (finalizers run) and it goes."""
     import build_vm_disk
 
+    paths = Paths.default()
+    node = subprocess.run(["hostname"], capture_output=True, text=True, timeout=60).stdout.strip()
+    for mode, where in (("cluster", None), ("node", node)):
+        if not clusterside.controller_pods(paths, mode, where):
+            raise SystemExit(f"no {mode}-mode controller is ready: run deploy/local/install-edgevirt first")
     build_vm_disk.push(build_vm_disk.build_vm_disk(), IMAGE)
     ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    subprocess.run(
-        [*KUBECTL, "apply", "-k", str(REPO / "deploy")], check=True, capture_output=True, timeout=120
-    )
     subprocess.run([*KUBECTL, "create", "namespace", ns], check=True, capture_output=True, timeout=120)
-    node = subprocess.run(["hostname"], capture_output=True, text=True, timeout=60).stdout.strip()
-    logs = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
-    # each mode as its service account (the node's token bound to this node): RBAC and admission
-    # policies as on a real cluster
-    sa = {"cluster": "edgevirt-controller", "node": "edgevirt-node"}
-    kc = {
-        m: service_account_kubeconfig(KUBECTL, KUBECONFIG, a, logs / f"{a}.kubeconfig", node=node)
-        for m, a in sa.items()
-    }
-    procs = [
-        ControllerProcess(
-            ["--mode", mode, "--kubeconfig", str(kc[mode]), "--namespace", ns,
-             *(["--lease-namespace", "edgevirt-system", "--lease-name", f"bench-{ns}"] if mode == "cluster"
-               else ["--node", node])],
-            logs / f"{mode}.log", mode,
-        )
-        for mode in ("cluster", "node")
-    ]  # fmt: skip
     try:
+        wait_for(
+            "the default service account",
+            lambda: (
+                subprocess.run(
+                    [*KUBECTL, "get", "sa", "default", "-n", ns], capture_output=True, timeout=60
+                ).returncode
+                == 0
+            ),
+            60,
+        )
         yield Bench(ns)
     finally:
         subprocess.run([*KUBECTL, "delete", "vm", "--all", "-n", ns, "--wait=true", "--timeout=300s"],
                        capture_output=True, timeout=330)  # fmt: skip
-        for p in procs:
-            p.stop()
-        subprocess.run([*KUBECTL, "delete", "lease", f"bench-{ns}", "-n", "edgevirt-system",
-                        "--ignore-not-found"], capture_output=True, timeout=60)  # fmt: skip
         subprocess.run(
             [*KUBECTL, "delete", "namespace", ns, "--wait=false"], capture_output=True, timeout=120
         )
-        print(f"controller logs: {logs}", file=sys.stderr)
 
 
 def main() -> int:
@@ -256,20 +281,21 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=10)
     ap.add_argument("--burst", type=int, default=10)
     args = ap.parse_args()
-    with controllers_on_a_namespace("bench-vm") as b:
-        running, ready, stop, floor_t, burst = measure(b, args.cycles, args.burst)
-    f50 = statistics.median(floor_t)
-    print(f"| measure ({args.cycles} cycles) | p50 | p95 | ratio p50 to the floor |")
-    print("|---|---|---|---|")
+    with installed_controllers_namespace("bench-vm") as b:
+        running, ready, stop, floor_t, runc, burst = measure(b, args.cycles, args.burst)
+    f50, r50 = statistics.median(floor_t), statistics.median(runc)
+    print(f"| measure ({args.cycles} cycles) | p50 | p95 | p50 / virDomainCreateXML | p50 / runc pod |")
+    print("|---|---|---|---|---|")
     for label, xs in (
         ("patch running=true -> Running", running),
         ("patch running=true -> Ready", ready),
         ("patch running=false -> Stopped, pod gone", stop),
         ("floor: virDomainCreateXML of the same domain -> active", floor_t),
+        ("reference: a runc pod created -> Running", runc),
     ):
         p50 = statistics.median(xs)
-        print(f"| {label} | {p50:.2f} s | {pct(xs, 95):.2f} s | {p50 / f50:.2f}x |")
-    print(f"| burst: {args.burst} VMs Halted -> all Running | {burst:.2f} s | | |")
+        print(f"| {label} | {p50:.2f} s | {pct(xs, 95):.2f} s | {p50 / f50:.2f}x | {p50 / r50:.2f}x |")
+    print(f"| burst: {args.burst} VMs Halted -> all Running | {burst:.2f} s | | | |")
     return 0
 
 

@@ -523,6 +523,7 @@ spec:
     image: {image}
     resources:
       limits: {{cpu: "1", memory: 256Mi}}
+      requests: {{cpu: 10m, memory: 256Mi}}  # a 2-core node also runs edgevirt's own pods
 """
 
 

@@ -49,7 +49,15 @@ KVM_POD = {
         "runtimeClassName": "kvm",
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": 30,
-        "containers": [{"name": "vm", "resources": {"limits": {"cpu": "1", "memory": "256Mi"}}}],
+        "containers": [
+            {
+                "name": "vm",
+                "resources": {
+                    "limits": {"cpu": "1", "memory": "256Mi"},
+                    "requests": {"cpu": "10m", "memory": "256Mi"},
+                },
+            }
+        ],
     },
 }
 

@@ -41,7 +41,7 @@ spec:
     - sh
     - -c
     - mkdir -p /tmp/www && echo page-{rc} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www
-    resources: {{limits: {{cpu: "1", memory: 256Mi}}}}
+    resources: {{limits: {{cpu: "1", memory: 256Mi}}, requests: {{cpu: 10m, memory: 256Mi}}}}
 {probes}
 """
 EXEC_PROBES = """    startupProbe:  # covers a VM's boot: liveness starts once the guest answers

@@ -8,7 +8,6 @@ macvtap daemon handed over to the DaemonSet's and back; and the memory of a cont
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -16,12 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from localcluster.paths import APISERVER_PORT, Paths
+from localcluster import clusterside
+from localcluster.paths import Paths
 
 from helpers import REPO
 from helpers.waiting import wait_for
 
-IMAGE_NAME = "127.0.0.1:5000/edgevirt/edgevirt"
 NAMESPACE = "edgevirt-system"
 DAEMONSETS = ("edgevirt-node-labeller", "edgevirt-node")
 # what `kubectl get -o json` adds to an object that `kubectl replace` must not get back
@@ -29,57 +28,20 @@ VOLATILE = ("uid", "resourceVersion", "creationTimestamp", "generation", "manage
 
 
 def build_and_push_image() -> str:
-    """deploy/images/build-edgevirt-image --push (this checkout; the local registry): its digest."""
-    r = subprocess.run(
-        [str(REPO / "deploy/images/build-edgevirt-image"), "--push", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)["pushed"]["digest"]
-
-
-def _container(ds: dict, name: str) -> dict:
-    spec = ds["spec"]["template"]["spec"]
-    return next(c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name)
-
-
-def _set_env(container: dict, name: str, value: str) -> None:
-    env = [e for e in container.setdefault("env", []) if e["name"] != name]
-    container["env"] = [*env, {"name": name, "value": value}]
+    """The edgevirt image of this checkout built and pushed to the local registry: its digest."""
+    return clusterside.build_image(quiet=True).digest
 
 
 def local_cluster_objects(kubectl: list[str], digest: str, paths: Paths) -> list[dict]:
-    """deploy/ rendered through an overlay with the image digest, then moved to the local cluster's
-    paths: its CRI socket (under /run/edgevirt-local), its VM network's CNI state dir (the conflist's
-    stateDir and dataDir), and the API server on the node's loopback (no kube-proxy here, so the
-    in-cluster Service address does not answer; hostNetwork pods reach 127.0.0.1)."""
-    with tempfile.TemporaryDirectory(prefix="edgevirt-overlay-") as tmp:
-        overlay = {
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [os.path.relpath(REPO / "deploy", tmp)],  # kustomize takes no absolute path
-            "images": [{"name": IMAGE_NAME, "digest": digest}],
-        }
-        Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    """deploy/ rendered through the local cluster's overlay (localcluster.clusterside: the image
+    pinned by digest, the node DaemonSets moved to the cluster's paths), keeping the DaemonSet's own
+    macvtap plugin copy and daemon."""
+    with tempfile.TemporaryDirectory(prefix="edgevirt-overlay-", dir=REPO / ".local") as tmp:
+        clusterside.write_overlay(clusterside.Image("test", digest), Path(tmp), paths, own_macvtap=True)
         out = subprocess.run(
             [*kubectl, "kustomize", tmp], capture_output=True, text=True, check=True, timeout=60
         )
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    for ds in (d for d in docs if d["kind"] == "DaemonSet"):
-        api_users = ["labeller"] if ds["metadata"]["name"] == "edgevirt-node-labeller" else ["controller"]
-        for name in api_users:
-            _set_env(_container(ds, name), "KUBERNETES_SERVICE_HOST", "127.0.0.1")
-            _set_env(_container(ds, name), "KUBERNETES_SERVICE_PORT", str(APISERVER_PORT))
-        if ds["metadata"]["name"] == "edgevirt-node-labeller":
-            _set_env(_container(ds, "labeller"), "CRI_SOCKET", f"/host{paths.cri_sock}")
-        else:
-            vols = ds["spec"]["template"]["spec"]["volumes"]
-            next(v for v in vols if v["name"] == "cni-state")["hostPath"]["path"] = str(paths.vm_cni_data_dir)
-            mounts = _container(ds, "macvtap-daemon")["volumeMounts"]
-            next(m for m in mounts if m["name"] == "cni-state")["mountPath"] = str(paths.vm_cni_data_dir)
-    return docs
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def _ref(obj: dict) -> list[str]:

@@ -1,5 +1,5 @@
 """A fake QEMU guest agent and a fake guest for the unit tests of exec and port-forward of VM pods
-(the real ones run in tests/integration/test_vm_guest_exec.py).
+(the real ones run in tests/integration/test_vm_guest_exec_in_a_guest.py).
 
 :class:`FakeAgent` stands behind :class:`cri_shim.vm.agent.GuestAgent`'s ``send`` seam and speaks
 QGA JSON: ``guest-ping``, ``guest-exec`` and ``guest-exec-status`` (a process is forgotten once its

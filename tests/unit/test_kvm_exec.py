@@ -1,7 +1,7 @@
 """ExecSync, Exec and PortForward of the kvm handler with a fake libvirt layer (test_kvm_handler's)
 and a fake guest (fake_guest.FakeGuests: agent, channels, the session script's guest side): the
 CRI answers, the error codes (no agent, timeout, not running), and whole sessions through the
-streaming server. The real guest: tests/integration/test_vm_guest_exec.py, tests/e2e."""
+streaming server. The real guest: tests/integration/test_vm_guest_exec_in_a_guest.py, tests/e2e."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The guest agent client and ExecSync in a guest, with a fake agent (fake_guest.FakeAgent); the
 scripts that bound output and build a TTY's command line run under the host's /bin/sh and busybox
 sh (harmless commands only: nothing here kills anything on the host). The real agent in a real
-guest: tests/integration/test_vm_guest_exec.py."""
+guest: tests/integration/test_vm_guest_exec_in_a_guest.py."""
 
 from __future__ import annotations
 

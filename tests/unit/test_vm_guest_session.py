@@ -1,7 +1,7 @@
 """A command in a guest on hot-plugged channels (cri_shim.vm.guest_session), with a fake guest
 (fake_guest.FakeGuests: unix sockets for channels, a Python stand-in for the session script), the
 end-marker reader on a socket pair, and the channel XML plug/unplug against a fake libvirt domain.
-The real guest: tests/integration/test_vm_guest_exec.py."""
+The real guest: tests/integration/test_vm_guest_exec_in_a_guest.py."""
 
 from __future__ import annotations
 

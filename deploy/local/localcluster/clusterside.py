@@ -109,13 +109,21 @@ def overlay_text(image: Image, base: str) -> str:
     )
 
 
-def node_patch(paths: Paths) -> list[dict]:
+def node_patch(paths: Paths, own_macvtap: bool = False) -> list[dict]:
     """The local cluster's node, as docs/install-node.md tells an operator to patch a node with other
     paths: its edgevirt-cri socket and its containerd (under the cluster's own run and state dirs).
     Its macvtap daemon and macvtap plugin are the node installer's host unit and
     deploy/cni/install-plugin's (the plugin's CNI tests run without the cluster side), so the
-    edgevirt-node DaemonSet brings the node-mode controller only."""
+    edgevirt-node DaemonSet brings the node-mode controller only; ``own_macvtap`` keeps the
+    DaemonSet's plugin copy and daemon instead (the VM network's CNI state dir at the cluster's
+    path), for the test that hands the socket over to it."""
     containerd_root = paths.data / "containerd"
+    vm_cni = str(paths.vm_cni_data_dir)
+    macvtap: list[dict] = (
+        [{"name": "macvtap-daemon", "volumeMounts": [{"name": "cni-state", "mountPath": vm_cni}]}]
+        if own_macvtap
+        else [{"name": "macvtap-daemon", "$patch": "delete"}]
+    )
     labeller = {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -129,9 +137,9 @@ def node_patch(paths: Paths) -> list[dict]:
         "kind": "DaemonSet",
         "metadata": {"name": "edgevirt-node", "namespace": NAMESPACE},
         "spec": {"template": {"spec": {
-            "initContainers": [{"name": "install-cni-plugin", "$patch": "delete"}],
+            "initContainers": [] if own_macvtap else [{"name": "install-cni-plugin", "$patch": "delete"}],
             "containers": [
-                {"name": "macvtap-daemon", "$patch": "delete"},
+                *macvtap,
                 {
                     "name": "controller",
                     "command": [
@@ -149,19 +157,22 @@ def node_patch(paths: Paths) -> list[dict]:
             "volumes": [
                 {"name": "containerd-run", "hostPath": {"path": str(paths.containerd_sock.parent)}},
                 {"name": "containerd-root", "hostPath": {"path": str(containerd_root)}},
+                {"name": "cni-state", "hostPath": {"path": vm_cni}},
             ],
         }}},
     }  # fmt: skip
     return [labeller, node]
 
 
-def write_overlay(image: Image, directory: Path = OVERLAY, paths: Paths | None = None) -> Path:
+def write_overlay(
+    image: Image, directory: Path = OVERLAY, paths: Paths | None = None, own_macvtap: bool = False
+) -> Path:
     """The overlay of deploy/ that pins ``image`` (kustomize wants the base as a relative path), with
     the local node's patch (:func:`node_patch`)."""
     directory.mkdir(parents=True, exist_ok=True)
     base = os.path.relpath(REPO / "deploy", directory)
     for name, text in (
-        (NODE_PATCH, yaml.safe_dump_all(node_patch(paths or Paths.default()), sort_keys=False)),
+        (NODE_PATCH, yaml.safe_dump_all(node_patch(paths or Paths.default(), own_macvtap), sort_keys=False)),
         ("kustomization.yaml", overlay_text(image, base)),
     ):
         tmp = directory / f"{name}.tmp"
