@@ -114,11 +114,13 @@ class PodVM:
 @dataclasses.dataclass(frozen=True)
 class PodContract:
     """The contract as one pod's annotations carry it: the VM (None for a kvm pod that is not a
-    VirtualMachine's) and the two annotations honoured on any kvm pod, as written."""
+    VirtualMachine's) and the annotations honoured on any kvm pod, as written."""
 
     vm: PodVM | None = None
     image: str | None = None  # edgevirt.io/image
     mac: str | None = None  # edgevirt.io/mac (checked where the sandbox's MAC is chosen)
+    # edgevirt.io/cloud-init-user-data of a plain kvm pod (a VM's is in ``vm``)
+    user_data: str | None = None
 
 
 # ---------------------------------------------------------------- field checks
@@ -258,7 +260,10 @@ def parse_pod_contract(ann: Mapping[str, str]) -> PodContract:
     image = ann.get(ANN_IMAGE) or None
     if image is not None:
         _string(_ann(ANN_IMAGE), image, MAX_IMAGE)
-    return PodContract(vm=parse_pod_annotations(ann), image=image, mac=ann.get(ANN_MAC) or None)
+    vm = parse_pod_annotations(ann)
+    raw = ann.get(ANN_CLOUD_INIT_USER_DATA) or None
+    user_data = _user_data(raw) if raw and vm is None else None
+    return PodContract(vm=vm, image=image, mac=ann.get(ANN_MAC) or None, user_data=user_data)
 
 
 def parse_pod_annotations(ann: Mapping[str, str]) -> PodVM | None:

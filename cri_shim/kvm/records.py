@@ -112,6 +112,7 @@ def _contract_from_json(d: dict[str, Any]) -> PodContract:
         vm=PodVM(**{**vm, "volumes": tuple(vm.get("volumes") or ())}) if vm else None,
         image=d.get("image"),
         mac=d.get("mac"),
+        user_data=d.get("user_data"),
     )
 
 

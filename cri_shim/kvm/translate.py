@@ -267,9 +267,10 @@ def boot_volumes(vm: PodVM | None, limits: Limits) -> list[VolumeSpec]:
     return out
 
 
-def user_data(vm: PodVM | None, from_secret: str | None) -> str | None:
-    """The VM's user data: the Secret's (mounted at the cloud-init path) or the annotation's, not both."""
-    inline = vm.user_data if vm is not None else None
+def user_data(contract: PodContract, from_secret: str | None) -> str | None:
+    """The VM's user data: the Secret's (mounted at the cloud-init path) or the annotation's (a
+    VirtualMachine's or a plain kvm pod's), not both."""
+    inline = contract.vm.user_data if contract.vm is not None else contract.user_data
     if inline is not None and from_secret is not None:
         raise ValidationError(
             f"config.annotations[{ANN_CLOUD_INIT_USER_DATA}]",
@@ -295,7 +296,7 @@ def new_container(
     cpus, mem = resources(req, limits.default_memory_mib)
     uid = vm.vm_uid if vm is not None else sb.metadata.uid
     cloud_init = CloudInit(instance_id=uid, hostname=sb.hostname or sb.metadata.name)
-    data = user_data(vm, secret_user_data)
+    data = user_data(sb.contract, secret_user_data)
     if data is not None:
         cloud_init = dataclasses.replace(cloud_init, user_data=data)
     spec = VMSpec(

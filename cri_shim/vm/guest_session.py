@@ -137,6 +137,7 @@ class GuestProcess:
         self._plugged: list[str] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._stdin_closed = False
 
     def port_name(self, stream: str) -> str:
         return f"{PREFIX}{self.id}.{stream}"
@@ -203,17 +204,21 @@ class GuestProcess:
     def write(self, data: bytes) -> None:
         """Stdin (blocks while the guest does not read: backpressure)."""
         sock = self._socks.get("in")
-        if sock is None:
+        if sock is None or self._stdin_closed:
             raise BrokenPipeError("stdin of the guest session is closed")
         sock.sendall(data)
 
     def close_stdin(self) -> None:
-        """End of file for the guest's reader."""
-        sock = self._socks.pop("in", None)
-        if sock is not None:
+        """End of file for the guest's reader, after everything written. Only our sending half is
+        shut: QEMU's socket chardev drops the connection on a hang-up (both halves closed) at once,
+        with what it has not yet handed to the guest (a slow reader's last ~100 KiB: "tar: short
+        read"), while a half-close reaches it as an end of file after the last byte. The socket
+        itself is closed with the session."""
+        sock = self._socks.get("in")
+        if sock is not None and not self._stdin_closed:
+            self._stdin_closed = True
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+                sock.shutdown(socket.SHUT_WR)
 
     def resize(self, rows: int, cols: int) -> None:
         """A TTY's new window size (ignored without a TTY or once the session ended)."""

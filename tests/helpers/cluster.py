@@ -16,6 +16,7 @@ from localcluster.paths import Paths
 
 from helpers import REPO, tokens
 from helpers.crictl import Crictl
+from helpers.waiting import wait_for
 
 
 @dataclass
@@ -117,6 +118,15 @@ class Cluster:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self.kubectl("create", "namespace", name)
         try:
+            # pods are refused until the service-account controller made "default" (slow right
+            # after the API server or the controller manager restarted)
+            wait_for(
+                f"the default service account of {name}",
+                lambda: (
+                    self.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0
+                ),
+                120,
+            )
             yield name
         finally:
             if drop_vm_finalizers:

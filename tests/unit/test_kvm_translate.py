@@ -291,3 +291,16 @@ def test_user_data_comes_from_the_secret_or_the_annotation_never_both():
         ValidationError, match=r"is set while a Secret is mounted at /run/edgevirt/cloud-init too"
     ):
         translate.new_container(container(), both, translate.Limits(), CID, 0, secret_user_data="#secret\n")
+
+
+def test_a_plain_kvm_pod_s_inline_user_data_reaches_its_seed_and_survives_the_record():
+    from cri_shim.kvm import records
+
+    plain = ready(translate.new_sandbox(pod({ANN_CLOUD_INIT_USER_DATA: "# edgevirt.agent: off\n"}), SID, 0))
+    assert plain.contract.vm is None and plain.contract.user_data == "# edgevirt.agent: off\n"
+    _, spec = translate.new_container(container(), plain, translate.Limits(), CID, 0)
+    assert spec.cloud_init is not None and spec.cloud_init.user_data == "# edgevirt.agent: off\n"
+    again = records.sandbox_from_json(json.loads(json.dumps(records.to_json(plain))))
+    assert again.contract == plain.contract
+    with pytest.raises(ValidationError, match=r"is set while a Secret is mounted"):
+        translate.new_container(container(), plain, translate.Limits(), CID, 0, secret_user_data="#s\n")
