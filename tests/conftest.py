@@ -124,10 +124,13 @@ def vm_disk():
 
 @pytest.fixture(scope="session")
 def vm_image(cluster, vm_disk) -> str:
-    """:data:`helpers.vm_env.VM_IMAGE`, pushed to the local cluster's registry (skopeo; idempotent)."""
+    """:data:`helpers.vm_env.VM_IMAGE`, pushed to the local cluster's registry (skopeo; idempotent)
+    and pulled into its containerd: the kvm handler boots what containerd holds under the tag (as
+    kubelet's IfNotPresent does), so a rebuilt test disk must replace the tag there too."""
     import build_vm_disk
 
     build_vm_disk.push(vm_disk, VM_IMAGE)
+    cluster.crictl("pull", VM_IMAGE, timeout=300)
     return VM_IMAGE
 
 
