@@ -317,6 +317,8 @@ def label(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from runtimeclass.labels import Cri
+
     from .kubeapi import KubeNodeApi, NodeApiError
     from .labeller import Labeller, probe_function, resolve_node
 
@@ -331,9 +333,11 @@ def label(args: argparse.Namespace) -> int:
     labeller = Labeller(api, node, args.cri_socket, probe_function(args.probe_cache, args.kvm_timeout))
     if args.once:
         try:
-            labeller.run_once()
+            view = labeller.run_once()
         except NodeApiError as e:
             return _fail(args, str(e), 1)
+        if view.state is Cri.SILENT:  # the labels were kept as they were: try again soon
+            return _fail(args, f"{view.describe()} at {args.cri_socket}", 1)
         return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

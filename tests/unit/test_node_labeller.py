@@ -229,3 +229,15 @@ def test_the_labeller_asks_from_a_child_and_keeps_no_grpc(cri_server: Path) -> N
         capture_output=True, text=True, timeout=120, cwd=root, env={"PYTHONPATH": root}, check=True,
     )  # fmt: skip
     assert r.stdout.split("\n")[0] == "['kvm', 'runc'] False"
+
+
+def test_one_pass_exits_1_while_the_cri_is_silent_so_the_loop_retries_soon(monkeypatch, capsys) -> None:
+    from cri_shim.node import cli, kubeapi
+    from cri_shim.node import labeller as labeller_mod
+
+    monkeypatch.setattr(kubeapi, "KubeNodeApi", lambda kubeconfig: object())
+    monkeypatch.setattr(labeller_mod, "resolve_node", lambda api, node: "node-1")
+    for view, code in ((SILENT, 1), (ANSWERED_KVM, 0)):
+        monkeypatch.setattr(labeller_mod.Labeller, "run_once", lambda self, v=view: v)
+        assert cli.main(["label", "--once", "--node", "node-1", "--cri-socket", "/run/x.sock"]) == code
+    assert "edgevirt-cri did not answer at /run/x.sock" in capsys.readouterr().err
