@@ -80,9 +80,13 @@ def applied(kubectl: list[str], docs: list[dict]) -> Iterator[None]:
             if old is None:
                 subprocess.run([*kubectl, "delete", *_ref(obj), "--ignore-not-found", "--wait=true",
                                 "--timeout=180s"], capture_output=True, timeout=240)  # fmt: skip
-            else:
-                subprocess.run([*kubectl, "replace", "-f", "-"], input=json.dumps(_clean(old)), text=True,
-                               capture_output=True, timeout=60)  # fmt: skip
+            else:  # put back as it was: replaced, or created again when a test deleted it
+                body = json.dumps(_clean(old))
+                r = subprocess.run([*kubectl, "replace", "-f", "-"], input=body, text=True,
+                                   capture_output=True, timeout=60)  # fmt: skip
+                if r.returncode != 0:
+                    subprocess.run([*kubectl, "create", "-f", "-"], input=body, text=True,
+                                   capture_output=True, timeout=60)  # fmt: skip
 
 
 def wait_rolled_out(kubectl: list[str], timeout: int = 600) -> None:
