@@ -8,7 +8,7 @@ processes of this host too):
 - ``edgevirt-cri``: the CRI server kubelet talks to;
 - ``macvtap daemon``: the CNI daemon (a supervisor and its workers, summed);
 - ``edgevirt-controller --mode node``: the node-mode controller;
-- ``edgevirt-node label``: the labeller.
+- ``python3 -m cri_shim.node.label_loop`` and its pass ``edgevirt-node label --once``: the labeller.
 
 Per component: processes, threads, VmRSS and PSS (``/proc/PID/smaps_rollup``: a page shared by N
 processes counts 1/N in each, so PSS sums to what the node really spends), and the largest private
@@ -64,7 +64,12 @@ COMPONENTS: list[tuple[str, bool, Callable[[list[str]], bool]]] = [
     ("edgevirt-cri", True, lambda a: a[0] == "edgevirt-cri"),
     ("macvtap daemon", True, lambda a: a[0] == "macvtap" and "daemon" in a[1:2]),
     ("node-mode controller", True, lambda a: a[0] == "edgevirt-controller" and mode_is(a, "node")),
-    ("labeller", True, lambda a: a[0] == "edgevirt-node" and "label" in a[1:2]),
+    # the labeller: its stdlib loop (python3 -m cri_shim.node.label_loop) and a pass under way
+    (
+        "labeller",
+        True,
+        lambda a: (a[0] == "edgevirt-node" and "label" in a[1:2]) or "cri_shim.node.label_loop" in a[:3],
+    ),
     ("cluster-mode controller", False, lambda a: a[0] == "edgevirt-controller" and mode_is(a, "cluster")),
 ]
 ANCHORS = ("kubelet", "libvirtd", "virtlogd")
