@@ -46,7 +46,7 @@ class ProbeResult:
         return "kvm" if self.kvm.ok else "qemu"
 
     def labels(self) -> dict[str, str]:
-        """Node labels (DESIGN.md names)."""
+        """Node labels (the names runtimeclass.labels and docs/install-node.md give them)."""
         return {
             LABEL_KVM: "true" if self.kvm.ok else "false",
             LABEL_ACCEL: self.accel,

@@ -72,7 +72,7 @@ PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
 #: vCPUs per requested CPU, as KubeVirt's default cpuAllocationRatio: a 2-core edge node schedules
 #: 20 one-vCPU VMs by request (the guests share the cores; memory is not overcommitted).
 CPU_ALLOCATION_RATIO = 10
-#: Grace period of a VM pod: ACPI shutdown first, then destroy (DESIGN.md lifecycle).
+#: Grace period of a VM pod: ACPI shutdown first, then destroy (docs/virtualmachine.md, lifecycle).
 GRACE_PERIOD_SECONDS = 30
 
 #: Spec fields whose change needs a reboot (everything but hotpluggable volumes, paused, running,
