@@ -13,15 +13,13 @@ reading, so TCP holds the client back).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
-import os
-import select
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import spdy
 from .stream_limits import ConnectionLimit, DeadlineReader, StreamingLimits
@@ -30,8 +28,28 @@ log = logging.getLogger("cri_shim.streaming")
 
 STREAM_TYPES = ("error", "stdin", "stdout", "stderr", "resize")
 
-#: Opens the console to attach to; returns a read/write file descriptor (non-blocking).
-Target = Callable[[], int]
+
+class Console(Protocol):
+    """An attached console (``cri_shim.console_fanout.Tap``): output since attaching, input to it."""
+
+    #: why reading ended: "" the console closed (the VM stopped); None while it goes on
+    ended: str | None
+
+    def read(self, timeout: float) -> bytes | None:
+        """Output since the last read; None when none came within ``timeout`` s; b"" at the end."""
+        ...
+
+    def write(self, data: bytes, stop: threading.Event) -> None:
+        """Write to the console, waiting while it does not take more, until ``stop`` is set."""
+        ...
+
+    def close(self) -> None:
+        """Detach."""
+        ...
+
+
+#: Attaches to the console (may raise: the VM is not running).
+Target = Callable[[], Console]
 
 
 @dataclass
@@ -69,7 +87,7 @@ class AttachSession:
         self.limits, self.reader, self.on_limit = limits, reader, on_limit
         self.streams: dict[str, int] = {}
         self.opened = 0  # SYN_STREAMs, for max_streams
-        self.fd: int | None = None
+        self.console: Console | None = None
         self.done = threading.Event()
 
     def expected(self) -> int:
@@ -106,7 +124,7 @@ class AttachSession:
         """Open the console and bridge the streams to it (an exec session starts a process)."""
         assert isinstance(self.req, AttachRequest)
         try:
-            self.fd = self.req.target()
+            self.console = self.req.target()
         except Exception as e:
             log.info("attach to %s: %s", self.req.what, e)
             self.finish(f"error attaching to container: {e}")
@@ -188,9 +206,8 @@ class AttachSession:
         finally:
             self.done.set()
             pump.join(5)
-            if self.fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(self.fd)
+            if self.console is not None:
+                self.console.close()
 
     def _on_frame(self, f: spdy.Frame) -> None:
         if f.kind == spdy.PING:
@@ -208,37 +225,22 @@ class AttachSession:
     def _write_console(self, data: bytes) -> None:
         """Write one frame's stdin to the console before reading the next frame: a console that
         does not read holds the client back (TCP) instead of filling our memory."""
-        assert self.fd is not None
-        poller = select.poll()
-        poller.register(self.fd, select.POLLOUT)
-        while data and not self.done.is_set():
-            try:
-                n = os.write(self.fd, data)
-                data = data[n:]
-            except BlockingIOError:
-                poller.poll(1000)
+        assert self.console is not None
+        self.console.write(data, self.done)
 
     def _pump(self) -> None:
         """Console -> stdout (stderr is never asked for with a TTY; without one the console is
         stdout). Ends when the client is gone or the console closes (the VM stopped)."""
-        assert self.fd is not None
+        assert self.console is not None
         out = self.streams.get("stdout")
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
         try:
             while not self.done.is_set():
-                if not poller.poll(500):
+                chunk = self.console.read(0.5)
+                if chunk is None:
                     continue
-                try:
-                    chunk = os.read(self.fd, 65536)
-                except BlockingIOError:
-                    continue
-                except OSError as e:
-                    if e.errno != errno.EIO:  # EIO: the pty's other side (QEMU) is gone
-                        raise
-                    chunk = b""
                 if not chunk:
-                    self.finish("")
+                    if not self.done.is_set():
+                        self.finish(self.console.ended or "")
                     return
                 if out is not None:
                     self.conn.data(out, chunk)

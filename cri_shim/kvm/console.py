@@ -5,7 +5,8 @@
   read offset is kept next to the container's record (``<id>.console``) so a restarted shim neither
   repeats nor loses lines.
 * :class:`ConsoleAttach` answers Attach with a URL of the shim's streaming server
-  (:mod:`cri_shim.streaming`), which bridges the client to the pty QEMU made for the console.
+  (:mod:`cri_shim.streaming`), which bridges the client to the pty QEMU made for the console, read
+  once for all the clients attached to it (:mod:`cri_shim.console_fanout`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ..console_fanout import ConsoleFanout, Tap
 from ..streaming import StreamingServer, open_pty
 from ..vm.console_log import ConsoleLogConverter
 from .records import ContainerRecord
@@ -81,6 +83,7 @@ class ConsoleAttach:
         self._console_pty = console_pty
         self._server: StreamingServer | None = None
         self._lock = threading.Lock()
+        self.consoles = ConsoleFanout(open_pty)
 
     @property
     def server(self) -> StreamingServer:
@@ -93,8 +96,8 @@ class ConsoleAttach:
     def url(self, domain: str, *, stdin: bool, stdout: bool, stderr: bool, tty: bool) -> str:
         """A one-time URL that bridges the client to ``domain``'s serial console."""
 
-        def open_console() -> int:
-            return open_pty(self._console_pty(domain))
+        def open_console() -> Tap:
+            return self.consoles.tap(self._console_pty(domain))
 
         return self.server.attach_url(
             open_console, domain, stdin=stdin, stdout=stdout, stderr=stderr, tty=tty
@@ -104,3 +107,4 @@ class ConsoleAttach:
         with self._lock:
             if self._server is not None:
                 self._server.close()
+        self.consoles.close()

@@ -149,7 +149,13 @@ def test_removal_takes_every_object_of_the_cluster_side_and_an_install_brings_it
     k = cluster
     objects = kustomized_objects(k)
     assert ("Deployment", clusterside.DEPLOYMENT, NS) in objects
-    wait_for("no VirtualMachines left", lambda: not clusterside.virtual_machines(k.paths), 180, 2)
+    wait_for(
+        "no VirtualMachines left",
+        lambda: not clusterside.virtual_machines(k.paths),
+        180,
+        2,
+        explain=lambda: cluster.describe_vms(),
+    )
     try:
         k.kubectl("delete", "-k", str(REPO / "deploy"), "--wait=true", "--timeout=300s", timeout=330)
         wait_for(

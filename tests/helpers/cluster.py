@@ -110,11 +110,29 @@ class Cluster:
             "wait", "--for=condition=Established", "crd/virtualmachines.edgevirt.io", "--timeout=60s"
         )
 
+    def vms_in(self, namespace: str | None = None) -> list[dict]:
+        """The VirtualMachines of ``namespace`` (all namespaces: None); none without the CRD."""
+        where = ["-n", namespace] if namespace else ["-A"]
+        r = self.kubectl("get", "virtualmachines.edgevirt.io", *where, "-o", "json", check=False)
+        return json.loads(r.stdout)["items"] if r.returncode == 0 else []
+
+    def describe_vms(self, namespace: str | None = None) -> str:
+        """One line per VirtualMachine: where, status, deletion and finalizers (for a wait's explain)."""
+        lines = []
+        for vm in self.vms_in(namespace):
+            m = vm["metadata"]
+            lines.append(
+                f"{m['namespace']}/{m['name']}: {vm.get('status', {}).get('printableStatus')}, "
+                f"deleted {m.get('deletionTimestamp')}, finalizers {m.get('finalizers')}"
+            )
+        return "\n".join(lines) or "(none)"
+
     @contextlib.contextmanager
     def namespace(self, prefix: str, *, drop_vm_finalizers: bool = False) -> Iterator[str]:
-        """A fresh namespace ``<prefix>-<6 hex>``, deleted at the end (not waited for). With
-        ``drop_vm_finalizers`` its VirtualMachines' finalizers are dropped first: no controller is
-        left to run them."""
+        """A fresh namespace ``<prefix>-<6 hex>``, deleted at the end, waiting until its
+        VirtualMachines are gone (their controller stopped them and removed their node state), so
+        the next test starts with none. With ``drop_vm_finalizers`` their finalizers are dropped
+        instead, until they are gone: no controller is left to run them."""
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self.kubectl("create", "namespace", name)
         try:
@@ -129,11 +147,23 @@ class Cluster:
             )
             yield name
         finally:
-            if drop_vm_finalizers:
-                for vm in self.kubectl_json("get", "vm", "-n", name)["items"]:
-                    no_finalizers = {"metadata": {"finalizers": None}}
-                    self.patch("vm", vm["metadata"]["name"], no_finalizers, namespace=name, check=False)
             self.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+            def vms_gone() -> bool:
+                vms = self.vms_in(name)
+                for vm in vms if drop_vm_finalizers else ():
+                    if vm["metadata"].get("finalizers"):
+                        no_finalizers = {"metadata": {"finalizers": None}}
+                        self.patch("vm", vm["metadata"]["name"], no_finalizers, namespace=name, check=False)
+                return not vms
+
+            wait_for(
+                f"the VirtualMachines of namespace {name} gone",
+                vms_gone,
+                240,
+                1,
+                explain=lambda: self.describe_vms(name),
+            )
 
     def cri(self, via_shim: bool = False) -> Crictl:
         """crictl against the cluster's containerd, or (``via_shim``) its edgevirt-cri, kubelet's endpoint."""

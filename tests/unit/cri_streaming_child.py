@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from cri_shim import spdy, streaming
+from cri_shim.console_fanout import ConsoleFanout
 
 
 def echo_guest(master: int) -> None:
@@ -133,6 +134,7 @@ def main() -> None:
         server = streaming.StreamingServer(limits=streaming.StreamingLimits(**options))
     else:
         server = streaming.StreamingServer()  # also what an older tree's server takes
+    consoles = ConsoleFanout(streaming.open_pty)
     print(server.base_url, flush=True)
     for line in sys.stdin:
         cmd = line.strip()
@@ -142,7 +144,7 @@ def main() -> None:
             os.close(slave)
             threading.Thread(target=echo_guest, args=(master,), name="guest", daemon=True).start()
             url = server.attach_url(
-                lambda p=path: streaming.open_pty(p), "vm", stdin=True, stdout=True, stderr=False, tty=True
+                lambda p=path: consoles.tap(p), "vm", stdin=True, stdout=True, stderr=False, tty=True
             )
             print(url, flush=True)
         elif cmd == "threads":

@@ -14,6 +14,7 @@ import pytest
 from spdy_client import Client
 
 from cri_shim import spdy
+from cri_shim.console_fanout import ConsoleFanout
 from cri_shim.streaming import StreamingServer, open_pty
 
 
@@ -36,7 +37,8 @@ def console():
 
 
 def opener(path: str):
-    return lambda: open_pty(path)
+    consoles = ConsoleFanout(open_pty)
+    return lambda: consoles.tap(path)
 
 
 def test_attach_bridges_console_both_ways_and_answers_ping(server, console):

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from spdy_client import Client, bomb_block, compressed_block, control_frame, data_frame, syn_stream_frame
 
 from cri_shim import spdy
+from cri_shim.console_fanout import ConsoleFanout
 from cri_shim.streaming import StreamingLimits, StreamingServer, open_pty
 
 pytestmark = pytest.mark.timeout(120)
@@ -81,7 +82,8 @@ def make_server() -> Iterator[Callable[..., StreamingServer]]:
 
 
 def url_for(server: StreamingServer, path: str, tty: bool = True) -> str:
-    return server.attach_url(lambda: open_pty(path), "vm", stdin=True, stdout=True, stderr=False, tty=tty)
+    consoles = ConsoleFanout(open_pty)
+    return server.attach_url(lambda: consoles.tap(path), "vm", stdin=True, stdout=True, stderr=False, tty=tty)
 
 
 def goaway_status(frames: attacks.Frames) -> int | None:
