@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +37,10 @@ from .console import ConsoleLogs
 from .records import ContainerRecord, RecordStore
 
 log = logging.getLogger("edgevirt-cri.kvm")
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class Domains(Protocol):
@@ -62,6 +67,8 @@ class Domains(Protocol):
     def stats(self, name: str) -> DomainStats: ...
 
     def console_pty(self, name: str) -> str: ...
+
+    def watch_stops(self, on_stop: Callable[[str], None]) -> Closable: ...
 
     def close(self) -> None: ...
 

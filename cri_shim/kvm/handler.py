@@ -11,6 +11,8 @@ Each method is thin: find the record, take its lock, delegate, answer.
   the timeout. The serial console goes into the container's CRI log and Attach bridges to it
   (:mod:`.console`); ExecSync, Exec and PortForward go through the guest's QEMU guest agent
   (:mod:`.exec`, :mod:`.portforward`).
+* GetContainerEvents streams what happens to sandboxes and containers, a VM that ended on its own
+  included (libvirt's lifecycle events), as kubelet's evented PLEG expects (:mod:`.events`).
 
 Everything the handler makes is recorded on disk (:mod:`.records`) before it is made, so a
 restarted shim reports the same IDs and states and a failure halfway is rolled back (also one left
@@ -25,8 +27,11 @@ sees is stripped of the node's paths and of digests (:mod:`.public_errors`; deta
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ from . import pod_disks, replies, translate, userdata
 from .cni_exec import CNIError
 from .console import ConsoleAttach, ConsoleLogs
 from .containers import AlreadyRan, ContainerLifecycle, Domains, now
+from .events import ContainerEvents
 from .exec import GuestExec
 from .portforward import portforward_url
 from .public_errors import Redactor, vm_error
@@ -99,6 +105,9 @@ class KvmHandler(TypedBackend):
         self.attach_urls = ConsoleAttach(streaming_address, domains.console_pty)
         self.guest = GuestExec(guests, lambda: self.attach_urls.server)
         self.api = protos.api()
+        self.events_hub = ContainerEvents(self._watch_domains)
+        self._stopped_domains: queue.Queue[str | None] = queue.Queue()
+        self._stop_watch: Any = None
         if unavailable is None:
             self.sandboxes.recover()
             self.containers.recover()
@@ -133,9 +142,59 @@ class KvmHandler(TypedBackend):
         return image_metrics.collectors()
 
     def close(self) -> None:
+        self.events_hub.close()
+        if self._stop_watch is not None:
+            self._stop_watch.close()
+            self._stopped_domains.put(None)
         self.consoles.close()
         self.attach_urls.close()
         self.domains.close()
+
+    # ------------------------------------------------------------ container events
+    def events(self, request: bytes) -> Iterator[bytes]:
+        """GetContainerEvents: this handler's events from now on (:mod:`.events`)."""
+        if self._reason is not None:
+            raise unimplemented(f"kvm handler unavailable: {self._reason}")
+        return iter(self.events_hub.subscribe())
+
+    def _watch_domains(self) -> None:
+        """On the first event stream: watch libvirt for VMs that end on their own."""
+        self._stop_watch = self.domains.watch_stops(self._stopped_domains.put)
+        threading.Thread(target=self._domains_stopped, name="kvm-domain-stops", daemon=True).start()
+
+    def _domains_stopped(self) -> None:
+        while (name := self._stopped_domains.get()) is not None:
+            for c in self.containers.store.all():
+                if c.domain != name or c.phase == "setup" or not c.started_at or c.finished_at:
+                    continue
+                with self._lock(c.id):
+                    c = self.containers.observe(c)
+                if c.finished_at:
+                    self._publish("CONTAINER_STOPPED_EVENT", c.id, c.sandbox_id)
+
+    def _publish(self, kind: str, id_: str, sandbox_id: str) -> None:
+        self.events_hub.publish(lambda: self._event(kind, id_, sandbox_id))
+
+    def _event(self, kind: str, id_: str, sandbox_id: str) -> bytes | None:
+        """A ContainerEventResponse: the pod's sandbox status and all its containers' statuses now."""
+        sb = self.sandboxes.store.get(sandbox_id)
+        if sb is None or sb.phase == "setup":
+            return None
+        netns = self.network.netns_path(sb) if self.network else Path("/run/netns") / sb.netns
+        api = self.api
+        statuses = [
+            replies.container_status(api, self.containers.observe(c), False).status
+            for c in self.containers.of_sandbox(sb.id)
+            if c.phase != "setup"
+        ]
+        event: bytes = api.ContainerEventResponse(
+            container_id=id_,
+            container_event_type=api.ContainerEventType.Value(kind),
+            created_at=time.time_ns(),
+            pod_sandbox_status=replies.pod_sandbox_status(api, sb, netns, False).status,
+            containers_statuses=statuses,
+        ).SerializeToString()
+        return event
 
     def status(self, req: Any) -> Any:
         try:
@@ -182,6 +241,8 @@ class KvmHandler(TypedBackend):
             except VMError as e:
                 raise vm_error(e) from None
         log.info("pod sandbox %s (%s/%s) ready", sb.id[:12], md.namespace, md.name)
+        self._publish("CONTAINER_CREATED_EVENT", sb.id, sb.id)
+        self._publish("CONTAINER_STARTED_EVENT", sb.id, sb.id)
         return self.api.RunPodSandboxResponse(pod_sandbox_id=sb.id)
 
     def stop_pod_sandbox(self, req: Any) -> Any:
@@ -197,6 +258,7 @@ class KvmHandler(TypedBackend):
                 ) from None
             except VMError as e:
                 raise vm_error(e) from None
+        self._publish("CONTAINER_STOPPED_EVENT", sb.id, sb.id)
         return self.api.StopPodSandboxResponse()
 
     def remove_pod_sandbox(self, req: Any) -> Any:
@@ -209,7 +271,11 @@ class KvmHandler(TypedBackend):
                 pod_disks.release_pod_disks(self.domains, self.sandboxes.store, sb)
             except VMError as e:
                 raise vm_error(e) from None
+            # built while the sandbox still exists: kubelet drops the pod from its cache on it
+            gone = self._event("CONTAINER_DELETED_EVENT", sb.id, sb.id) if self.events_hub.listening else None
             self.sandboxes.remove(sb)
+        if gone is not None:
+            self.events_hub.send(gone)
         log.info("pod sandbox %s removed", sb.id[:12])
         return self.api.RemovePodSandboxResponse()
 
@@ -256,6 +322,7 @@ class KvmHandler(TypedBackend):
             except VMError as e:
                 raise vm_error(e) from None
         log.info("container %s (domain %s) created in pod %s", c.id[:12], c.domain, sb.id[:12])
+        self._publish("CONTAINER_CREATED_EVENT", c.id, sb.id)
         return self.api.CreateContainerResponse(container_id=c.id)
 
     def _check_room_for_a_vm(self, sb: SandboxRecord) -> None:
@@ -282,6 +349,7 @@ class KvmHandler(TypedBackend):
                 ) from None
             except VMError as e:
                 raise vm_error(e) from None
+        self._publish("CONTAINER_STARTED_EVENT", c.id, c.sandbox_id)
         return self.api.StartContainerResponse()
 
     def _stop_container(self, c: ContainerRecord, timeout: float) -> None:
@@ -290,6 +358,7 @@ class KvmHandler(TypedBackend):
                 self.containers.stop(c, timeout)
             except VMError as e:
                 raise vm_error(e) from None
+        self._publish("CONTAINER_STOPPED_EVENT", c.id, c.sandbox_id)
 
     def stop_container(self, req: Any) -> Any:
         self._stop_container(self._container(req.container_id), float(req.timeout))
@@ -301,6 +370,7 @@ class KvmHandler(TypedBackend):
                 self.containers.remove(c)
             except VMError as e:
                 raise vm_error(e) from None
+        self._publish("CONTAINER_DELETED_EVENT", c.id, c.sandbox_id)
 
     def remove_container(self, req: Any) -> Any:
         self._remove_container(self._container(req.container_id))

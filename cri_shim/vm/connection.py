@@ -8,7 +8,8 @@ agent (``libvirt_qemu.qemuAgentCommand``). Every libvirt error becomes a :class:
 guest agent cannot be reached, :class:`.errors.AgentError` when it answered with an error) naming
 the domain.
 Nothing outside the libvirt layer talks to libvirt: the kvm handler and node mode go through
-:class:`.lifecycle.DomainManager`.
+:class:`.lifecycle.DomainManager`. The one other connection is the watch of domain lifecycle events
+(:mod:`.domain_events`), which needs libvirt's event loop and a connection of its own.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from .agent import GuestAgent
 from .build import BuildContext, Undo, build_domain_spec, run_dir, run_undo
 from .connection import Connection
 from .disks import DiskManager, DiskOwner
+from .domain_events import StopWatch
 from .errors import DomainExists, DomainNotFound, ValidationError, VMError
 from .images import ImageStore
 from .model import DomainState, DomainStats, VMSpec, VolumeSpec
@@ -102,6 +104,11 @@ class DomainManager:
 
     def close(self) -> None:
         self._conn.close()
+
+    def watch_stops(self, on_stop: Callable[[str], None]) -> StopWatch:
+        """Call ``on_stop(domain name)`` on the event loop's thread whenever a domain stops; the
+        watch is its own connection (:mod:`.domain_events`); ``close()`` it when done."""
+        return StopWatch(self.uri, on_stop).start()
 
     def _lock(self, name: str) -> threading.Lock:
         with self._locks_lock:

@@ -12,17 +12,21 @@ and the bootable test disk as an OCI containerDisk in the local registry.
   another namespace gets disks of its own; every skopeo transport but docker:// is refused and
   leaves nothing in /var/tmp; oversize and too many disks are refused; another namespace's hostDisk
   is refused; secret user data reaches the guest from the pod's own volume only.
+* crictl events (GetContainerEvents, what kubelet's evented PLEG reads): every step of a VM pod,
+  and a VM whose QEMU was killed as a stop with exit code 139 (crashed) at once.
 * kubelet: a pod with runtimeClassName kvm reaches Running, `kubectl logs` shows the boot; kill -9 of
   the shim restarts nothing; deleting the pod leaves nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +37,7 @@ from helpers.attaching import attach_and_type
 from helpers.containerd import PrivateContainerd
 from helpers.crictl import Crictl
 from helpers.shim import Shim
-from helpers.vm_env import domain_names
+from helpers.vm_env import domain_names, qemu_pid
 from helpers.waiting import wait_for as wait
 from localcluster.components import BY_NAME
 
@@ -567,3 +571,70 @@ def test_kubelet_runs_a_kvm_pod_survives_a_shim_kill9_and_deletes_cleanly(cluste
     if sid:
         opts = kvm_options(cluster)
         wait("kubelet to remove the sandbox", lambda: leftovers(opts, sid, cid, pod_key) == [], 120, 2)
+
+
+def test_crictl_events_report_every_step_and_a_killed_vm_at_once(cri, vm_image, pod_files):
+    """GetContainerEvents (`crictl events`), what kubelet's evented PLEG reads: each step of a VM
+    pod, and QEMU killed with kill -9 as a stop with exit code 139 (crashed), the pod's state in the event."""
+    tmp, _pod, made = pod_files
+    argv = [cri.crictl.binary, "--config", "/dev/null", "-r", cri.shim.endpoint, "events", "-o", "json"]
+    stream = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[dict] = []
+
+    def read_events() -> None:
+        buf, dec = "", json.JSONDecoder()
+        assert stream.stdout is not None
+        for line in stream.stdout:
+            buf += line
+            with contextlib.suppress(json.JSONDecodeError):
+                while buf.strip():
+                    obj, end = dec.raw_decode(buf.lstrip())
+                    seen.append(obj)
+                    buf = buf.lstrip()[end:]
+
+    reader = threading.Thread(target=read_events, daemon=True)
+    reader.start()
+    try:
+        time.sleep(1)  # the stream is open before the pod is made
+        sid = cri("runp", "--runtime", "kvm", str(tmp / "pod.json")).stdout.strip()
+        made.append(sid)
+        cid = cri("create", sid, str(container_json(tmp, vm_image)), str(tmp / "pod.json")).stdout.strip()
+        cri("start", cid)
+        pid = wait("QEMU of the VM", lambda: qemu_pid(f"edgevirt-{cid[:20]}"), 60)
+        os.kill(pid, signal.SIGKILL)
+
+        def stopped() -> dict | None:
+            return next(
+                (
+                    e
+                    for e in seen
+                    if e.get("containerId") == cid
+                    and e.get("containerEventType") == "CONTAINER_STOPPED_EVENT"
+                ),
+                None,
+            )
+
+        ev = wait("the stop event of the killed VM", stopped, 30, 0.2, explain=lambda: f"events: {seen}")
+        statuses = {s["id"]: s for s in ev["containersStatuses"]}
+        assert statuses[cid]["state"] == "CONTAINER_EXITED" and statuses[cid]["exitCode"] == 139, ev
+        assert ev["podSandboxStatus"]["id"] == sid and ev["podSandboxStatus"]["state"] == "SANDBOX_READY"
+        steps = [(e["containerId"], e["containerEventType"]) for e in seen]
+        assert steps[:4] == [
+            (sid, "CONTAINER_CREATED_EVENT"),
+            (sid, "CONTAINER_STARTED_EVENT"),
+            (cid, "CONTAINER_CREATED_EVENT"),
+            (cid, "CONTAINER_STARTED_EVENT"),
+        ], steps
+        cri("rmp", "-f", sid)
+        wait(
+            "the pod's deletion event",
+            lambda: (
+                (sid, "CONTAINER_DELETED_EVENT")
+                in [(e["containerId"], e["containerEventType"]) for e in seen]
+            ),
+            30,
+            0.2,
+        )
+    finally:
+        stream.terminate()
+        stream.wait(10)

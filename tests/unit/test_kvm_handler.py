@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import stat
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -18,7 +20,7 @@ import yaml
 
 from cri_shim import protos
 from cri_shim.errors import BackendError
-from cri_shim.kvm import factory, translate
+from cri_shim.kvm import events, factory, translate
 from cri_shim.kvm.contract import CLOUD_INIT_SECRET_PATH
 from cri_shim.vm.errors import DomainNotFound, ImageError, VMError
 from cri_shim.vm.model import DomainState, DomainStats, VMSpec
@@ -89,6 +91,16 @@ class FakeDomains:
 
     def console_pty(self, name: str) -> str:
         return "/dev/null"
+
+    def watch_stops(self, on_stop):
+        """libvirt's lifecycle events: ``die(name)`` plays QEMU's end (killed: crashed)."""
+
+        def die(name: str) -> None:
+            self.domains[name] = "shutoff"
+            on_stop(name)
+
+        self.die = die
+        return self
 
     def close(self) -> None:
         pass
@@ -299,6 +311,61 @@ def test_stop_records_the_exit_and_stats_only_for_a_running_vm(env):
     with pytest.raises(BackendError) as e:
         b.attach(api.AttachRequest(container_id=cid, stdout=True))
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_container_events_carry_the_pods_state_and_a_vm_that_died_is_reported_at_once(env):
+    """GetContainerEvents as kubelet's evented PLEG reads it: every event holds the sandbox status
+    and all container statuses of the moment; a domain that stopped on its own is an event."""
+    make, mgr, _netns, tmp = env
+    b = make()
+    stream = b.events(b"")
+    got: list = []
+    reader = threading.Thread(
+        target=lambda: got.extend(api.ContainerEventResponse.FromString(e) for e in stream)
+    )
+    reader.start()
+    sid = run_pod(b, tmp)
+    cid = create(b, sid)
+    b.start_container(api.StartContainerRequest(container_id=cid))
+    mgr.die(f"edgevirt-{cid[:20]}")  # QEMU ended: libvirt's lifecycle event
+    deadline = time.monotonic() + 10
+    while len(got) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    kinds = [(e.container_id, api.ContainerEventType.Name(e.container_event_type)) for e in got]
+    assert kinds == [
+        (sid, "CONTAINER_CREATED_EVENT"),
+        (sid, "CONTAINER_STARTED_EVENT"),
+        (cid, "CONTAINER_CREATED_EVENT"),
+        (cid, "CONTAINER_STARTED_EVENT"),
+        (cid, "CONTAINER_STOPPED_EVENT"),
+    ]
+    stopped = got[-1]
+    assert stopped.pod_sandbox_status.id == sid and stopped.pod_sandbox_status.metadata.uid == "u1"
+    assert [(c.id, c.state) for c in stopped.containers_statuses] == [(cid, api.CONTAINER_EXITED)]
+    assert stopped.created_at >= got[-2].created_at > 0
+    b.remove_pod_sandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    b.close()  # ends the stream
+    reader.join(10)
+    assert not reader.is_alive()
+    tail = [(e.container_id, api.ContainerEventType.Name(e.container_event_type)) for e in got[5:]]
+    assert (sid, "CONTAINER_DELETED_EVENT") in tail
+    deleted = next(
+        e for e in got[5:] if e.container_id == sid and e.container_event_type == api.CONTAINER_DELETED_EVENT
+    )
+    assert deleted.pod_sandbox_status.id == sid  # built while it still existed: kubelet drops the pod
+
+
+def test_event_streams_are_bounded():
+    hub = events.ContainerEvents(max_subscribers=2, max_queued=3)
+    first, second, third = hub.subscribe(), hub.subscribe(), hub.subscribe()
+    assert first.ended and "over 2 event streams" in first.ended
+    for i in range(5):
+        hub.publish(lambda i=i: b"e%d" % i)
+    assert second.ended == "the client fell 3 events behind"
+    assert list(first) == [] and list(second) == [b"e0", b"e1", b"e2"]
+    hub.close()
+    assert list(third) == [b"e0", b"e1", b"e2"]
+    assert not hub.listening
 
 
 def test_a_domain_that_vanished_is_an_exit_and_the_factory_names_bad_options(env):
