@@ -141,8 +141,15 @@ def one_round(cluster: Cluster, conn: libvirt.virConnect, image: str) -> tuple[f
                 0.005,
             )
             restart = time.perf_counter() - t0
-            # the floor: virsh start of the first (shut off) domain, once the new one is gone again
-            conn.lookupByName(second).destroy()
+            # the floor: virsh start of the first (shut off) domain, once the new one is gone again;
+            # the new one is destroyed only once its start is over (destroyed while starting, it
+            # would be kubelet's StartContainer failing, not a restart measured)
+            new = conn.lookupByName(second)
+            wait_for(
+                "the new domain running", lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 120, 0.05
+            )
+            time.sleep(1)
+            new.destroy()
             dom = conn.lookupByName(first)
             t1 = time.perf_counter()
             dom.create()

@@ -101,6 +101,10 @@ def container_end(st: DomainState) -> tuple[int, str, str]:
     return code, "Completed" if code == 0 else "Error", f"{what}: domain {st.phase} ({st.reason})"
 
 
+#: the exit code of a container whose VM failed to boot (containerd's for a failed start)
+START_ERROR_EXIT_CODE = 128
+
+
 class AlreadyRan(Exception):
     """StartContainer of a container whose VM has run and ended (CRI: create a new one)."""
 
@@ -135,8 +139,8 @@ class ContainerLifecycle:
 
     def start(self, c: ContainerRecord) -> ContainerRecord:
         """Boot the VM and start its console log; no-op when it runs, :class:`AlreadyRan` when it
-        has ended."""
-        if c.started_at:
+        has ended (a failed boot too: :meth:`start_failed`)."""
+        if c.started_at or c.finished_at:
             if self.observe(c).state == "RUNNING":
                 return c
             raise AlreadyRan(c.id)
@@ -147,6 +151,14 @@ class ContainerLifecycle:
         c = self.store.update(c.id, lambda r: _started(r, now()))
         self.consoles.start(c)
         return c
+
+    def start_failed(self, c: ContainerRecord, message: str) -> ContainerRecord:
+        """End a container whose VM failed to boot (exit code 128, ``StartError``, as containerd
+        records a failed start): kubelet then creates the next one in the same sandbox, instead of
+        finding a container that never ran in the pod's one place for a VM."""
+        with contextlib.suppress(Exception):
+            self.domains.destroy(c.domain)  # whatever QEMU the failed start left
+        return self.store.update(c.id, lambda r: r.ended(now(), START_ERROR_EXIT_CODE, "StartError", message))
 
     def stop(self, c: ContainerRecord, timeout: float) -> ContainerRecord:
         """ACPI shutdown (destroy after ``timeout`` s; at once for 0), then record the end."""

@@ -348,7 +348,10 @@ class KvmHandler(TypedBackend):
                     f"container {c.id[:12]} has already run; create a new one",
                 ) from None
             except VMError as e:
-                raise vm_error(e) from None
+                err = vm_error(e)
+                self.containers.start_failed(c, self.redact(err.message))
+                self._publish("CONTAINER_STOPPED_EVENT", c.id, c.sandbox_id)
+                raise err from None
         self._publish("CONTAINER_STARTED_EVENT", c.id, c.sandbox_id)
         return self.api.StartContainerResponse()
 

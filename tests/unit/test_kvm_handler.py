@@ -44,6 +44,7 @@ class FakeDomains:
     def __init__(self) -> None:
         self.domains: dict[str, str] = {}  # name -> phase
         self.fail_create: Exception | None = None
+        self.fail_start: Exception | None = None
         self.removed: list[str] = []
         self.specs: dict[str, VMSpec] = {}
         self.legacy: set[str] = set()  # VM UIDs with disks of the layout before namespaces
@@ -67,6 +68,8 @@ class FakeDomains:
         return {"consoleLog": f"/nonexistent/{name}.log"}
 
     def start(self, name: str, paused: bool = False) -> None:
+        if self.fail_start:
+            raise self.fail_start
         self.domains[name] = "running"
 
     def state(self, name: str) -> DomainState:
@@ -353,6 +356,29 @@ def test_container_events_carry_the_pods_state_and_a_vm_that_died_is_reported_at
         e for e in got[5:] if e.container_id == sid and e.container_event_type == api.CONTAINER_DELETED_EVENT
     )
     assert deleted.pod_sandbox_status.id == sid  # built while it still existed: kubelet drops the pod
+
+
+def test_a_vm_that_fails_to_boot_ends_its_container_and_the_next_one_may_come(env):
+    """As containerd records a failed start (exit 128, StartError): kubelet's next CreateContainer
+    in the same sandbox is not refused for a container that never ran."""
+    make, mgr, _netns, tmp = env
+    b = make()
+    sid = run_pod(b, tmp)
+    cid = create(b, sid)
+    mgr.fail_start = VMError(
+        "starting domain failed: internal error: process exited while connecting to monitor"
+    )
+    with pytest.raises(BackendError, match="process exited"):
+        b.start_container(api.StartContainerRequest(container_id=cid))
+    st = b.container_status(api.ContainerStatusRequest(container_id=cid)).status
+    assert (st.state, st.exit_code, st.reason) == (api.CONTAINER_EXITED, 128, "StartError")
+    assert "process exited while connecting to monitor" in st.message
+    with pytest.raises(BackendError, match="has already run"):
+        b.start_container(api.StartContainerRequest(container_id=cid))
+    mgr.fail_start = None
+    again = create(b, sid)
+    b.start_container(api.StartContainerRequest(container_id=again))
+    assert cstate(b, again) == api.CONTAINER_RUNNING
 
 
 def test_event_streams_are_bounded():
