@@ -72,6 +72,12 @@ def _files(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--qemu-conf", type=_path, default=D.qemu_conf, help=f"libvirt's qemu.conf ({D.qemu_conf})"
     )
+    g.add_argument(
+        "--kubelet-evented-pleg",
+        action="store_true",
+        help="kubelet's drop-in also turns on its EventedPLEG feature gate (beta, off upstream): "
+        "kubelet acts on edgevirt-cri's container events, e.g. restarts a VM the moment it died",
+    )
 
 
 def _cri(p: argparse.ArgumentParser) -> None:
@@ -250,6 +256,7 @@ def options(args: argparse.Namespace) -> NodeOptions:
         unit_dir=args.unit_dir,
         kubelet_config_dir=args.kubelet_config_dir,
         kubelet_unit_dropin_dir=args.kubelet_unit_dropin_dir,
+        kubelet_evented_pleg=args.kubelet_evented_pleg,
         qemu_conf=args.qemu_conf,
         cri_binary=args.cri_binary,
         socket=args.socket,

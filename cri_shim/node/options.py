@@ -57,6 +57,7 @@ class NodeOptions:
     unit_dir: Path = Path("/etc/systemd/system")
     kubelet_config_dir: Path = Path("/etc/kubernetes/kubelet.conf.d")
     kubelet_unit_dropin_dir: Path | None = None  # None: <unit_dir>/kubelet.service.d
+    kubelet_evented_pleg: bool = False  # the drop-in turns kubelet's EventedPLEG gate on
     qemu_conf: Path = Path("/etc/libvirt/qemu.conf")
     record: Path = Path("/var/lib/edgevirt/node-install.json")
     # edgevirt-cri

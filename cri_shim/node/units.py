@@ -10,7 +10,8 @@
 * ``kubelet.service.d/50-edgevirt.conf`` - kubelet wants edgevirt-cri and starts after it (Wants,
   not Requires: restarting edgevirt-cri must not restart kubelet).
 * ``<kubelet config dir>/50-edgevirt.conf`` - ``containerRuntimeEndpoint`` and
-  ``imageServiceEndpoint`` = edgevirt-cri's socket (kubelet reads it with ``--config-dir``).
+  ``imageServiceEndpoint`` = edgevirt-cri's socket (kubelet reads it with ``--config-dir``); with
+  ``--kubelet-evented-pleg`` also ``featureGates: {EventedPLEG: true}``.
 
 Hardening: only directives that keep the host's mount namespace and devices. The kvm handler makes
 network namespaces with ``ip netns add`` (bind mounts under /run/netns that libvirtd, the macvtap
@@ -158,9 +159,10 @@ After={CRI_UNIT}
 
 def kubelet_config_dropin(opts: NodeOptions) -> str:
     endpoint = json.dumps(f"unix://{opts.socket}")
+    gates = "featureGates:\n  EventedPLEG: true\n" if opts.kubelet_evented_pleg else ""
     return f"""{HEADER}# kubelet reads this file only when it runs with --config-dir={opts.kubelet_config_dir}
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 containerRuntimeEndpoint: {endpoint}
 imageServiceEndpoint: {endpoint}
-"""
+{gates}"""

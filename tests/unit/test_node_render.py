@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cri_shim import config as cri_config
+from cri_shim.node import cli, qemu_conf, units
 from cri_shim.node import cri_config as node_config
-from cri_shim.node import qemu_conf, units
 from cri_shim.node.options import NodeOptions
 from cri_shim.node.plan import plan
 
@@ -156,6 +156,13 @@ def test_kubelet_drop_ins():
         "containerRuntimeEndpoint": "unix:///run/x/cri.sock",
         "imageServiceEndpoint": "unix:///run/x/cri.sock",
     }
+    evented = NodeOptions(socket=Path("/run/x/cri.sock"), kubelet_evented_pleg=True)
+    assert yaml.safe_load(units.kubelet_config_dropin(evented))["featureGates"] == {"EventedPLEG": True}
+    args = cli.parser().parse_args(["install", "--kubelet-evented-pleg"])
+    assert (
+        cli.options(args).kubelet_evented_pleg
+        and not cli.options(cli.parser().parse_args(["install"])).kubelet_evented_pleg
+    )
     lines = units.kubelet_unit_dropin().splitlines()
     assert "Wants=edgevirt-cri.service" in lines and "After=edgevirt-cri.service" in lines
     assert not any(line.startswith("Requires=") for line in lines)  # a shim restart must not restart kubelet
