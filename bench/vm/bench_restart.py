@@ -6,9 +6,10 @@ Local cluster (`deploy/local/up`): kubelet -> edgevirt-cri's kvm handler -> libv
 bootable test disk, 256 MiB, 1 vCPU. Per round, a fresh plain kvm pod with restartPolicy Always (a
 fresh container: kubelet's crash-loop back-off grows per container, and the first restart has none):
 wait until its QEMU runs, stop kube-apiserver and the registry, kill -9 the QEMU, poll (every 5 ms)
-for a new QEMU process of a new domain of the pod; then the floor: destroy that new domain's QEMU and
-``virDomainCreate`` (what ``virsh start`` does) the first, shut-off domain, until it is active (kubelet
-waits out its 10 s back-off meanwhile); start the API server and the registry, delete the pod.
+for a new QEMU process of a new domain of the pod; then the floor, with kubelet held (SIGSTOP) so it
+does not restart the pod meanwhile: destroy that new domain's QEMU once it runs and
+``virDomainCreate`` (what ``virsh start`` does) the first, shut-off domain, until it is active;
+kubelet goes on (SIGCONT), the API server and the registry start, the pod is deleted.
 
 Both ways kubelet learns that a container ended, in the same run (``--pleg both``): its generic PLEG
 (a relist every second, kubelet's default) and its evented PLEG (feature gate ``EventedPLEG``, beta
@@ -143,19 +144,26 @@ def one_round(cluster: Cluster, conn: libvirt.virConnect, image: str) -> tuple[f
             restart = time.perf_counter() - t0
             # the floor: virsh start of the first (shut off) domain, once the new one is gone again;
             # the new one is destroyed only once its start is over (destroyed while starting, it
-            # would be kubelet's StartContainer failing, not a restart measured)
+            # would be kubelet's StartContainer failing, not a restart measured), and kubelet is
+            # held (SIGSTOP) meanwhile, so its own restart of the pod does not race the floor's
             new = conn.lookupByName(second)
             wait_for(
                 "the new domain running", lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 120, 0.05
             )
             time.sleep(1)
-            new.destroy()
-            dom = conn.lookupByName(first)
-            t1 = time.perf_counter()
-            dom.create()
-            wait_for("the floor domain to be active", dom.isActive, 120, 0.001)
-            floor = time.perf_counter() - t1
-            dom.destroy()
+            kubelet = BY_NAME["kubelet"].process(cluster.paths).pid()
+            assert kubelet, "kubelet is not running"
+            os.kill(kubelet, signal.SIGSTOP)
+            try:
+                new.destroy()
+                dom = conn.lookupByName(first)
+                t1 = time.perf_counter()
+                dom.create()
+                wait_for("the floor domain to be active", dom.isActive, 120, 0.001)
+                floor = time.perf_counter() - t1
+                dom.destroy()
+            finally:
+                os.kill(kubelet, signal.SIGCONT)
         finally:
             up(cluster, "kube-apiserver", "registry")
     finally:
