@@ -164,13 +164,19 @@ class KvmHandler(TypedBackend):
 
     def _domains_stopped(self) -> None:
         while (name := self._stopped_domains.get()) is not None:
-            for c in self.containers.store.all():
-                if c.domain != name or c.phase == "setup" or not c.started_at or c.finished_at:
-                    continue
-                with self._lock(c.id):
-                    c = self.containers.observe(c)
-                if c.finished_at:
-                    self._publish("CONTAINER_STOPPED_EVENT", c.id, c.sandbox_id)
+            try:
+                self._domain_stopped(name)
+            except Exception:  # the next stop must still be reported
+                log.exception("reporting the stop of domain %s", name)
+
+    def _domain_stopped(self, name: str) -> None:
+        for c in self.containers.store.all():
+            if c.domain != name or c.phase == "setup" or not c.started_at or c.finished_at:
+                continue
+            with self._lock(c.id):
+                c = self.containers.observe(c)
+            if c.finished_at:
+                self._publish("CONTAINER_STOPPED_EVENT", c.id, c.sandbox_id)
 
     def _publish(self, kind: str, id_: str, sandbox_id: str) -> None:
         self.events_hub.publish(lambda: self._event(kind, id_, sandbox_id))
