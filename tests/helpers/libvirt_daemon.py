@@ -5,7 +5,10 @@ security driver), for the integration tests' session fixture and bench/vm:
   "none"``, ``cgroup_controllers [ ]`` (no systemd, hybrid cgroups: libvirt's cgroup code gets in
   the way). The block is replaced, never duplicated, so calling this again is harmless.
 * the ``libvirt-qemu`` user and ``kvm`` group must exist even so; they are created if missing.
-* ``virtlogd -d`` then ``libvirtd -d`` are started only when the libvirtd socket does not answer.
+* ``virtlogd -d`` then libvirtd are started only when the libvirtd socket does not answer;
+  libvirtd under the local cluster's reaper (deploy/local/localcluster/reaper.py), as
+  ``deploy/local/up`` runs it: these machines' PID 1 reaps the QEMUs libvirtd daemonizes 1-2 s
+  late, and libvirt sees a VM end only once its QEMU is reaped.
 
 ``ensure_libvirtd()`` returns a :class:`DaemonState` saying which daemons this call started, so a
 caller that started them can stop them again with :func:`stop_started`.
@@ -22,8 +25,10 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
+from helpers import REPO
 from helpers.waiting import TimedOut, wait_for
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
@@ -31,6 +36,8 @@ LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
+REAPER = REPO / "deploy/local/localcluster/reaper.py"
+LIBVIRTD_LOG = Path("/var/log/libvirt/libvirtd-tests.log")
 
 # The marker keeps this module's old path on purpose: qemu.conf files written with it are recognised.
 BEGIN = "# --- edgevirt managed block (tests/libvirt_daemon.py) ---"
@@ -163,11 +170,24 @@ def ensure_libvirtd(timeout: float = 30.0) -> DaemonState:
         wait_for("virtlogd socket", VIRTLOGD_SOCK.exists, timeout, 0.1)
     state.virtlogd_pid = _read_pid(VIRTLOGD_PIDFILE)
     if _read_pid(LIBVIRTD_PIDFILE) is None:
-        subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
+        start_libvirtd()
         state.started_libvirtd = True
     wait_for(f"libvirtd to answer on {LIBVIRT_SOCK}", libvirtd_answers, timeout, 0.1)
     state.libvirtd_pid = _read_pid(LIBVIRTD_PIDFILE)
     return state
+
+
+def start_libvirtd() -> None:
+    """libvirtd in the foreground under the reaper, in a session of its own (it outlives us)."""
+    LIBVIRTD_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with LIBVIRTD_LOG.open("ab") as log:
+        subprocess.Popen(
+            [sys.executable, str(REAPER), "--", "libvirtd"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
 
 
 def stop_started(state: DaemonState) -> None:
@@ -192,7 +212,7 @@ def restart_libvirtd(state: DaemonState, timeout: float = 30.0) -> None:
         timeout,
         0.1,
     )
-    subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
+    start_libvirtd()
     wait_for("libvirtd to answer again", libvirtd_answers, timeout, 0.1)
     state.libvirtd_pid = _read_pid(LIBVIRTD_PIDFILE)
 

@@ -35,7 +35,7 @@ def _start(c: Component, paths: Paths) -> str:
     pid = proc.pid()
     if pid and proc.running() and c.stale(paths, pid):
         proc.stop()
-        restarted = f"restarted (pid {pid} ran an older install); "
+        restarted = f"restarted (pid {pid} ran an older install or setup); "
     if proc.running():
         wait_for(f"{c.name} to be ready", lambda: c.ready(paths), c.timeout, proc)
         return f"already running (pid {proc.pid()})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,8 +282,20 @@ def _virtlogd_argv(p: Paths) -> list[str]:
     return [p.tool("virtlogd")]
 
 
+REAPER = Path(__file__).with_name("reaper.py")
+
+
 def _libvirtd_argv(p: Paths) -> list[str]:
-    return [p.tool("libvirtd")]
+    """libvirtd under a prompt reaper of the QEMUs it daemonizes (reaper.py: this machine's PID 1
+    reaps orphans 1-2 s late, and libvirt sees a VM end only once its QEMU is reaped)."""
+    return [sys.executable, str(REAPER), "--", p.tool("libvirtd")]
+
+
+def _not_under_reaper(p: Paths, pid: int) -> bool:
+    try:
+        return str(REAPER).encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 # --- kubelet ---
@@ -364,6 +377,7 @@ COMPONENTS: list[Component | Setup] = [
         lambda p: health.unix_ok(LIBVIRT_SOCK),
         prepare=_libvirt_prepare,
         may_be_external=True,
+        stale=_not_under_reaper,
     ),
     Component(
         "macvtap-daemon",
