@@ -15,9 +15,13 @@ guest has booted (its console says so) and ``--settle`` seconds passed, per VM:
 
 The accelerator is what the node probe says (TCG on these machines: their KVM cannot run a Linux
 guest); under KVM the same figures are computed the same way. TCG's translation cache lives in
-QEMU's own memory, so TCG's overhead is the larger one.
+QEMU's own memory, so TCG's overhead is the larger one; ``--tb-cache 0,32`` measures the kvm
+handler's ``tcg_tb_cache_mib`` settings side by side in one run (0: QEMU's default, 1 GiB), with
+what each costs in speed: the guest's boot (StartContainer to its "up" on the console) and a
+CPU-bound loop in the guest (a shell counting to 200000, through ExecSync).
 
 Usage: .venv/bin/python bench/vm/bench_overhead.py [--vms 5] [--memory 256] [--settle 10] [--window 30]
+       [--tb-cache 0,32]
 Prints a Markdown table for bench/RESULTS.md (section "## Per-VM overhead (RuntimeClass kvm)").
 """
 
@@ -63,6 +67,7 @@ class Vm:
     log: Path
     started: float  # monotonic, at StartContainer
     pid: int = 0
+    boot_s: float = 0.0  # StartContainer -> the guest's "up"
 
 
 def qemu_pid(domain: str) -> int:
@@ -144,6 +149,15 @@ class Shim:
         self.rt.StartContainer(api.StartContainerRequest(container_id=cid))
         return Vm(sid, cid, logdir / "vm.log", time.monotonic())
 
+    def cpu_loop(self, vm: Vm) -> float:
+        """Wall seconds of a CPU-bound shell loop in the guest (ExecSync through its agent)."""
+        loop = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; echo $i"
+        t0 = time.perf_counter()
+        r = self.rt.ExecSync(api.ExecSyncRequest(container_id=vm.cid, cmd=["sh", "-c", loop], timeout=600))
+        took = time.perf_counter() - t0
+        assert r.exit_code == 0 and r.stdout.strip() == b"200000", (r.exit_code, r.stdout, r.stderr)
+        return took
+
     def remove(self, vm: Vm) -> None:
         self.rt.StopContainer(api.StopContainerRequest(container_id=vm.cid, timeout=0))
         self.rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=vm.sid))
@@ -153,7 +167,7 @@ def booted(vm: Vm) -> bool:
     return vm.log.exists() and BOOTED in vm.log.read_text(errors="replace")
 
 
-def measure(args: argparse.Namespace, shim: Shim, accel: str) -> int:
+def measure(args: argparse.Namespace, shim: Shim, accel: str) -> dict[str, list[float]]:
     vms: list[Vm] = []
     try:
         for _ in range(args.vms):
@@ -161,7 +175,8 @@ def measure(args: argparse.Namespace, shim: Shim, accel: str) -> int:
         boot_ticks, boot_mcores = [], []
         for vm in vms:
             vm.pid = qemu_pid(f"edgevirt-{vm.cid[:20]}")
-            wait_for(f"the guest of {vm.cid[:12]} to boot", lambda vm=vm: booted(vm), 300, 0.5)
+            wait_for(f"the guest of {vm.cid[:12]} to boot", lambda vm=vm: booted(vm), 300, 0.05)
+            vm.boot_s = time.monotonic() - vm.started
             boot_ticks.append(own_thread_ticks(vm.pid))
             boot_mcores.append(boot_ticks[-1] / CLK_TCK / (time.monotonic() - vm.started) * 1000)
         time.sleep(args.settle)
@@ -179,11 +194,35 @@ def measure(args: argparse.Namespace, shim: Shim, accel: str) -> int:
                 f"{mappings} mappings of the guest's size in QEMU {vm.pid}: which is its RAM?"
             )
             rows.append((rss, guest, rss - guest, rss - guest + share))
+        for vm in vms:  # one at a time: the loop's time is the guest's alone
+            wait_for(
+                f"the guest agent of {vm.cid[:12]}",
+                lambda vm=vm: (
+                    shim.rt.ExecSync(
+                        api.ExecSyncRequest(container_id=vm.cid, cmd=["true"], timeout=10)
+                    ).exit_code
+                    == 0
+                ),
+                120,
+                1,
+                retry_on=(grpc.RpcError,),
+            )
+        loops = [shim.cpu_loop(vm) for vm in vms]
     finally:
         for vm in vms:
             shim.remove(vm)
     report(args, accel, rows, daemons, idle_mcores, [t / CLK_TCK for t in boot_ticks], boot_mcores)
-    return 0
+    boots = [vm.boot_s for vm in vms]
+    print(
+        f"boot (s): {', '.join(f'{x:.2f}' for x in boots)}; "
+        f"cpu loop (s): {', '.join(f'{x:.2f}' for x in loops)}"
+    )
+    return {
+        "overhead": [r[3] / 1024 for r in rows],
+        "own": [r[2] / 1024 for r in rows],
+        "boot": boots,
+        "loop": loops,
+    }
 
 
 def report(args, accel, rows, daemons, idle_mcores, boot_cpu, boot_mcores) -> None:
@@ -218,6 +257,11 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=10.0, help="seconds after the last boot before measuring")
     ap.add_argument("--window", type=float, default=30.0, help="seconds of idle CPU measured")
     ap.add_argument("--image", default=IMAGE)
+    ap.add_argument(
+        "--tb-cache",
+        default="",
+        help="comma-separated tcg_tb_cache_mib settings to compare (0: QEMU's default)",
+    )
     args = ap.parse_args()
     paths = Paths.default()
     if not BY_NAME["edgevirt-cri"].process(paths).pid():
@@ -228,19 +272,38 @@ def main() -> int:
     from runtimeclass.probe import DEFAULT_CACHE, probe
 
     build_vm_disk.push(build_vm_disk.build_vm_disk(), args.image)
-    kvm = yaml.safe_load((paths.etc / "edgevirt-cri.yaml").read_text())["backends"]["kvm"]
-    proc = ShimProcess.create(paths.containerd_sock)
-    kvm["options"]["state_dir"] = str(proc.root / "kvm")
-    proc.extra_config = {
-        "backends": {"containerd": {"type": "containerd", "socket": str(paths.containerd_sock)}, "kvm": kvm},
-        "handlers": {"": "containerd", "kvm": "kvm"},
-    }
-    proc.start()
-    try:
-        shim = Shim(proc.socket, proc.root / "pods", args.memory)
-        return measure(args, shim, probe(cache_file=DEFAULT_CACHE).accel)
-    finally:
-        proc.close()
+    accel = probe(cache_file=DEFAULT_CACHE).accel
+    settings: list[int | None] = [int(x) for x in args.tb_cache.split(",")] if args.tb_cache else [None]
+    results = {}
+    for tb in settings:
+        kvm = yaml.safe_load((paths.etc / "edgevirt-cri.yaml").read_text())["backends"]["kvm"]
+        if tb is not None:
+            kvm["options"]["tcg_tb_cache_mib"] = tb
+        proc = ShimProcess.create(paths.containerd_sock)
+        kvm["options"]["state_dir"] = str(proc.root / "kvm")
+        proc.extra_config = {
+            "backends": {
+                "containerd": {"type": "containerd", "socket": str(paths.containerd_sock)},
+                "kvm": kvm,
+            },
+            "handlers": {"": "containerd", "kvm": "kvm"},
+        }
+        proc.start()
+        try:
+            print(f"\n### tcg_tb_cache_mib: {'the handler default' if tb is None else tb}\n")
+            results[tb] = measure(args, Shim(proc.socket, proc.root / "pods", args.memory), accel)
+        finally:
+            proc.close()
+    if len(results) > 1:
+        print("\n| tcg_tb_cache_mib | overhead p50 | QEMU's own p50 | boot p50 | CPU loop p50 |")
+        print("|---|---|---|---|---|")
+        for tb, r in results.items():
+            name = "0 (QEMU's default, 1 GiB)" if tb == 0 else str(tb)
+            print(
+                f"| {name} | {pct(r['overhead'], 50):.1f} MiB | {pct(r['own'], 50):.1f} MiB "
+                f"| {pct(r['boot'], 50):.2f} s | {pct(r['loop'], 50):.2f} s |"
+            )
+    return 0
 
 
 if __name__ == "__main__":

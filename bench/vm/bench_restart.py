@@ -24,6 +24,7 @@ Prints a Markdown table for bench/RESULTS.md (section "## VM restart by kubelet,
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import signal
@@ -122,7 +123,29 @@ def set_evented_pleg(cluster: Cluster, on: bool) -> None:
     restart_kubelet(cluster)
 
 
-def one_round(cluster: Cluster, conn: libvirt.virConnect, image: str) -> tuple[float, float]:
+QEMU_LOGS = Path("/var/log/libvirt/qemu")
+
+
+def libvirt_log_time(domain: str, marker: str) -> float | None:
+    """The wall-clock time of the last line of ``domain``'s libvirt log holding ``marker`` (libvirt
+    stamps "starting up" and "shutting down, reason=..." in UTC, to the millisecond)."""
+    try:
+        lines = (QEMU_LOGS / f"{domain}.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if marker in line and line[:4].isdigit():
+            stamp = line.split("+0000", 1)[0]
+            when = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f")
+            return when.replace(tzinfo=datetime.UTC).timestamp()
+    return None
+
+
+def one_round(
+    cluster: Cluster, conn: libvirt.virConnect, image: str
+) -> tuple[float, float, tuple[float, float, float] | None]:
+    """(restart, floor, where the restart went: kill -> libvirt saw QEMU end, -> the new domain
+    starting (kubelet and edgevirt-cri), -> its QEMU running), in seconds."""
     name = f"bench-restart-{uuid.uuid4().hex[:6]}"
     before = set(edgevirt_pids())
     cluster.kubectl("apply", "-f", "-", input=POD.format(name=name, image=image))
@@ -134,6 +157,7 @@ def one_round(cluster: Cluster, conn: libvirt.virConnect, image: str) -> tuple[f
             BY_NAME[c].process(cluster.paths).stop()
         try:
             t0 = time.perf_counter()
+            wall0 = time.time()
             os.kill(pid0, signal.SIGKILL)
             second = wait_for(
                 "a new QEMU of the pod",
@@ -168,7 +192,12 @@ def one_round(cluster: Cluster, conn: libvirt.virConnect, image: str) -> tuple[f
             up(cluster, "kube-apiserver", "registry")
     finally:
         cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
-    return restart, floor
+    ended = libvirt_log_time(first, "shutting down, reason=crashed")
+    starting = libvirt_log_time(second, "starting up")
+    parts = None
+    if ended is not None and starting is not None:
+        parts = (ended - wall0, starting - ended, restart - (starting - wall0))
+    return restart, floor, parts
 
 
 def main() -> int:
@@ -184,15 +213,23 @@ def main() -> int:
     conn = libvirt.open("qemu:///system")
     modes = ("generic", "evented") if args.pleg == "both" else (args.pleg,)
     results: dict[str, tuple[list[float], list[float]]] = {}
+    breakdown: dict[str, list[tuple[float, float, float]]] = {}
     try:
         for mode in modes:
             set_evented_pleg(cluster, mode == "evented")
             restarts: list[float] = []
             floors: list[float] = []
             for i in range(args.rounds):
-                r, f = one_round(cluster, conn, args.image)
+                r, f, parts = one_round(cluster, conn, args.image)
+                where = ""
+                if parts:
+                    breakdown.setdefault(mode, []).append(parts)
+                    where = " (kill -> libvirt saw the end {:.3f}, -> new domain starting {:.3f}, "
+                    where = (where + "-> QEMU running {:.3f})").format(*parts)
                 print(
-                    f"{mode} round {i + 1}: restart {r:.3f} s, floor {f:.3f} s", file=sys.stderr, flush=True
+                    f"{mode} round {i + 1}: restart {r:.3f} s, floor {f:.3f} s{where}",
+                    file=sys.stderr,
+                    flush=True,
                 )
                 restarts.append(r)
                 floors.append(f)
@@ -213,6 +250,13 @@ def main() -> int:
                 f"| {mode} | kill -9 of QEMU -> new QEMU running, {label} "
                 f"| {ms(r)} | {ms(f)} | {r / f:.2f}x |"
             )
+    if breakdown:
+        print("\n| kubelet's PLEG | kill -> libvirt saw QEMU end | -> new domain starting "
+              "| -> new QEMU running |")  # fmt: skip
+        print("|---|---|---|---|")
+        for mode, rows in breakdown.items():
+            cols = [statistics.median(c) for c in zip(*rows, strict=True)]
+            print(f"| {mode}, p50 | " + " | ".join(f"{c * 1000:.0f} ms" for c in cols) + " |")
     for mode, (restarts, floors) in results.items():
         print(f"\n{mode} restart (s): {', '.join(f'{x:.3f}' for x in restarts)}")
         print(f"{mode} floor (s): {', '.join(f'{x:.3f}' for x in floors)}")

@@ -16,6 +16,8 @@ option                   default   meaning
 ``insecure_registries``  none      ignored (containerd's ``hosts.toml`` decides how its registries
                                    are reached); kept so older configs still load
 ``domain_type``          probed    ``kvm`` or ``qemu`` (TCG)
+``tcg_tb_cache_mib``     0         TCG's translation cache per VM in MiB (``-accel tcg,tb-size``);
+                                   0: QEMU's default (1 GiB). Not used under KVM
 ``default_memory_mib``   256       a VM's memory when its container has no memory limit
 ``streaming_address``    ``127.0.0.1:0``  where Attach's streaming server listens
 ``host_disk_root``       ``/var/lib/edgevirt/hostdisks``  hostDisk files: ``<root>/<namespace>/...``
@@ -63,6 +65,9 @@ from .translate import Limits
 from .userdata import DEFAULT_KUBELET_ROOT
 
 REQUIRED = ("state_dir", "cni_conflist")
+#: TCG's translation cache per VM (MiB); 0: QEMU's default (1 GiB). bench/vm/bench_overhead.py
+#: --tb-cache measures the trade (memory against boot time and guest CPU speed)
+TB_CACHE_MIB = 0
 log = logging.getLogger("edgevirt-cri.kvm")
 
 
@@ -80,6 +85,7 @@ class KvmOptions:
     containerd_root: Path = DEFAULT_CONTAINERD_ROOT
     insecure_registries: tuple[str, ...] = ()  # ignored: containerd's hosts.toml decides
     domain_type: str | None = None
+    tcg_tb_cache_mib: int = TB_CACHE_MIB
     default_memory_mib: int = 256
     streaming_address: str = "127.0.0.1:0"
     host_disk_root: Path | None = Path("/var/lib/edgevirt/hostdisks")
@@ -112,6 +118,17 @@ def _positive(name: str, key: str, value: Any, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(f"backends.{name}.options.{key}: {value!r} is not a positive number")
     return float(value)
+
+
+def _tb_cache(name: str, value: Any, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2048:
+        raise ValueError(
+            f"backends.{name}.options.tcg_tb_cache_mib: {value!r}: use a whole number of MiB from 1 to 2048, "
+            "or 0 for QEMU's default"
+        )
+    return value
 
 
 def _limits(name: str, options: Mapping[str, Any], d: KvmOptions) -> dict[str, Any]:
@@ -151,6 +168,7 @@ def parse_options(name: str, options: Mapping[str, Any]) -> KvmOptions:
         containerd_root=Path(options.get("containerd_root") or d.containerd_root),
         insecure_registries=tuple(str(r) for r in options.get("insecure_registries") or ()),
         domain_type=options.get("domain_type"),
+        tcg_tb_cache_mib=_tb_cache(name, options.get("tcg_tb_cache_mib"), d.tcg_tb_cache_mib),
         default_memory_mib=int(options.get("default_memory_mib") or d.default_memory_mib),
         streaming_address=str(options.get("streaming_address") or d.streaming_address),
         **_limits(name, options, d),
@@ -170,6 +188,7 @@ def domain_manager(opts: KvmOptions) -> DomainManager:
         opts.vm_state_dir,
         uri=opts.libvirt_uri,
         domain_type=opts.domain_type,
+        tcg_tb_cache_mib=opts.tcg_tb_cache_mib or None,
         images=ImageStore(
             opts.vm_state_dir,
             file_roots=opts.image_roots,

@@ -56,6 +56,7 @@ class BuildContext:
     domain_type: str
     qemu_binary: Path
     wrapper_dir: Path
+    tcg_tb_cache_mib: int | None = None
 
 
 def build_domain_spec(spec: VMSpec, ctx: BuildContext, undo: Undo) -> DomainSpec:
@@ -70,6 +71,7 @@ def build_domain_spec(spec: VMSpec, ctx: BuildContext, undo: Undo) -> DomainSpec
         nics=list(spec.nics),
         kernel_boot=spec.kernel_boot,
         qemu_binary=ctx.qemu_binary,
+        tcg_tb_cache_mib=ctx.tcg_tb_cache_mib,
     )
     dspec.validate()  # name, uuid (filled in), cpu, memory, nics, kernel boot: before any file is made
     disk_dir = ctx.disks.owner_dir(owner)  # validates scope, key and namespace

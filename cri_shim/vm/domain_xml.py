@@ -127,6 +127,10 @@ def build_domain(spec: DomainSpec) -> ET.Element:
     feats = _sub(dom, "features")
     _sub(feats, "acpi")
     _sub(feats, "apic")
+    if spec.domain_type == "qemu" and spec.tcg_tb_cache_mib:
+        # TCG's translation cache: QEMU's default reserves 1 GiB and keeps what it filled resident
+        tcg = _sub(feats, "tcg")
+        _sub(tcg, "tb-cache", str(spec.tcg_tb_cache_mib), unit="MiB")
     if spec.domain_type == "kvm":
         _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="off")
     _sub(dom, "clock", offset="utc")

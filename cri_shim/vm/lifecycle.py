@@ -71,6 +71,7 @@ class DomainManager:
         disks: DiskManager | None = None,
         qemu_binary: Path = Path("/usr/bin/qemu-system-x86_64"),
         wrapper_dir: Path | None = None,
+        tcg_tb_cache_mib: int | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.uri = uri
@@ -80,6 +81,7 @@ class DomainManager:
         self.qemu_binary = qemu_binary
         # libvirt caches QEMU capabilities per emulator path: keep the wrapper at a stable path
         self.wrapper_dir = wrapper_dir if wrapper_dir is not None else self.state_dir / "bin"
+        self.tcg_tb_cache_mib = tcg_tb_cache_mib
         self._conn = Connection(uri)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -138,6 +140,7 @@ class DomainManager:
                     self.domain_type,
                     self.qemu_binary,
                     self.wrapper_dir,
+                    self.tcg_tb_cache_mib,
                 )
                 dspec = build_domain_spec(spec, ctx, undo)
                 dom = self._conn.define(domain_xml.build_domain_xml(dspec), spec.name)

@@ -156,6 +156,8 @@ class DomainSpec:
     qemu_binary: Path = Path("/usr/bin/qemu-system-x86_64")
     scsi_controller: bool = True
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: TCG's translation cache in MiB (QEMU's ``-accel tcg,tb-size``); None: QEMU's default (1 GiB)
+    tcg_tb_cache_mib: int | None = None
 
     def validate(self) -> None:
         check_name("name", self.name)
@@ -174,6 +176,13 @@ class DomainSpec:
         if self.domain_type not in DOMAIN_TYPES:
             raise ValidationError(
                 "domainType", f"{self.domain_type!r}", "use 'kvm' or 'qemu' (from the probe)"
+            )
+        tb = self.tcg_tb_cache_mib
+        if tb is not None and (isinstance(tb, bool) or not isinstance(tb, int) or not 1 <= tb <= 2048):
+            raise ValidationError(
+                "tcgTbCacheMiB",
+                f"{tb!r}",
+                "use a whole number of MiB from 1 to 2048, or none for QEMU's default",
             )
         for i, d in enumerate(self.disks):
             d.validate(f"disks[{i}]")

@@ -410,6 +410,15 @@ def test_a_domain_that_vanished_is_an_exit_and_the_factory_names_bad_options(env
         factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "max_disk_bytes": "huge"})
     with pytest.raises(ValueError, match=r"backends\.kvm\.options\.max_volumes: 0 is not a positive number"):
         factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "max_volumes": 0})
+    for bad in (-1, 4096, "32"):
+        with pytest.raises(ValueError, match=r"options\.tcg_tb_cache_mib: .* from 1 to 2048, or 0"):
+            factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "tcg_tb_cache_mib": bad})
+    qemu_default = factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y"})
+    assert (
+        qemu_default.tcg_tb_cache_mib == 0 and factory.domain_manager(qemu_default).tcg_tb_cache_mib is None
+    )
+    small = factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "tcg_tb_cache_mib": 32})
+    assert factory.domain_manager(small).tcg_tb_cache_mib == 32
     no_host_disks = factory.parse_options(
         "kvm", {"state_dir": "/x", "cni_conflist": "/y", "host_disk_root": ""}
     )

@@ -239,3 +239,15 @@ def test_every_domain_has_the_guest_agent_channel_on_a_virtio_serial_controller(
     assert agent.get("type") == "unix"
     assert agent.find("source").attrib == {"mode": "bind"}  # libvirt picks the socket's path
     assert agent.find("target").attrib == {"type": "virtio", "name": AGENT_CHANNEL}
+
+
+def test_tcg_translation_cache_is_sized_only_under_tcg_and_bounded():
+    root = ET.fromstring(build_domain_xml(base_spec(tcg_tb_cache_mib=32)))
+    assert root.find("features/tcg/tb-cache").attrib == {"unit": "MiB"}
+    assert root.findtext("features/tcg/tb-cache") == "32"
+    assert ET.fromstring(build_domain_xml(base_spec())).find("features/tcg") is None  # QEMU's default
+    kvm = ET.fromstring(build_domain_xml(base_spec(domain_type="kvm", tcg_tb_cache_mib=32)))
+    assert kvm.find("features/tcg") is None
+    for bad in (0, 4096, "32", True):
+        with pytest.raises(ValidationError, match=r"tcgTbCacheMiB.*from 1 to 2048"):
+            build_domain_xml(base_spec(tcg_tb_cache_mib=bad))
