@@ -413,12 +413,10 @@ def test_a_domain_that_vanished_is_an_exit_and_the_factory_names_bad_options(env
     for bad in (-1, 4096, "32"):
         with pytest.raises(ValueError, match=r"options\.tcg_tb_cache_mib: .* from 1 to 2048, or 0"):
             factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "tcg_tb_cache_mib": bad})
-    qemu_default = factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y"})
-    assert (
-        qemu_default.tcg_tb_cache_mib == 0 and factory.domain_manager(qemu_default).tcg_tb_cache_mib is None
-    )
-    small = factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "tcg_tb_cache_mib": 32})
-    assert factory.domain_manager(small).tcg_tb_cache_mib == 32
+    default = factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y"})
+    assert factory.domain_manager(default).tcg_tb_cache_mib == 16
+    qemus = factory.parse_options("kvm", {"state_dir": "/x", "cni_conflist": "/y", "tcg_tb_cache_mib": 0})
+    assert factory.domain_manager(qemus).tcg_tb_cache_mib is None
     no_host_disks = factory.parse_options(
         "kvm", {"state_dir": "/x", "cni_conflist": "/y", "host_disk_root": ""}
     )
