@@ -85,6 +85,8 @@ def up(only: list[str] | None = None) -> None:
     for d in (paths.state, paths.pids, paths.logs, paths.etc, paths.data, paths.run):
         d.mkdir(parents=True, exist_ok=True)
     leftovers.CreatedPaths(paths).record_before_up()
+    if (paths.pki / "admin.crt").exists():  # a cluster another checkout brought up: its kubeconfig
+        pki.kubeconfig(paths, "admin", paths.kubeconfig)  # here too, before a component needs it
     wanted = [BY_NAME[n] for n in only] if only else COMPONENTS
     t0 = time.monotonic()
     for c in wanted:
