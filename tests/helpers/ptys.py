@@ -13,7 +13,7 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 class PtyClient:
@@ -75,3 +75,17 @@ class PtyClient:
                 self.proc.wait(10)
         with contextlib.suppress(OSError):
             os.close(self.controller)
+
+
+@contextlib.contextmanager
+def console_pty() -> Iterator[tuple[int, str]]:
+    """(the guest side, the path) of a pty standing in for a VM's serial console: the test holds
+    the master as QEMU does; the path is what an attach opens."""
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    os.close(slave)
+    try:
+        yield master, path
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(master)

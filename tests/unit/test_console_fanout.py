@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from helpers.ptys import console_pty
 
 from cri_shim.console_fanout import ConsoleFanout
 from cri_shim.streaming import open_pty
@@ -18,13 +19,9 @@ from cri_shim.streaming import open_pty
 
 @pytest.fixture
 def console():
-    """(the guest side, the path): a pty whose master plays QEMU."""
-    master, slave = os.openpty()
-    path = os.ttyname(slave)
-    os.close(slave)
-    yield master, path
-    with contextlib.suppress(OSError):
-        os.close(master)
+    """(the guest side, the path): a pty whose master plays the VM (QEMU holds the master)."""
+    with console_pty() as c:
+        yield c
 
 
 def read_until(tap, want: bytes, timeout: float = 5) -> bytes:

@@ -5,12 +5,12 @@ test_cri_streaming_bounds.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 
 import pytest
+from helpers.ptys import console_pty
 from spdy_client import Client
 
 from cri_shim import spdy
@@ -28,12 +28,8 @@ def server():
 @pytest.fixture
 def console():
     """(the guest side, the path): a pty whose master plays the VM (QEMU holds the master)."""
-    master, slave = os.openpty()
-    path = os.ttyname(slave)
-    os.close(slave)
-    yield master, path
-    with contextlib.suppress(OSError):
-        os.close(master)
+    with console_pty() as c:
+        yield c
 
 
 def opener(path: str):

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 import pytest
 import streaming_attacks as attacks
+from helpers.ptys import console_pty
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spdy_client import Client, bomb_block, compressed_block, control_frame, data_frame, syn_stream_frame
@@ -58,14 +59,10 @@ def traced_peak() -> Iterator[list[int]]:
 
 
 @pytest.fixture
-def console() -> Iterator[tuple[int, str]]:
-    """(the guest side, the path): a pty whose master plays the VM."""
-    master, slave = os.openpty()
-    path = os.ttyname(slave)
-    os.close(slave)
-    yield master, path
-    with contextlib.suppress(OSError):
-        os.close(master)
+def console():
+    """(the guest side, the path): a pty whose master plays the VM (QEMU holds the master)."""
+    with console_pty() as c:
+        yield c
 
 
 @pytest.fixture
