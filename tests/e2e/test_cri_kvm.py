@@ -198,14 +198,11 @@ def test_crictl_runs_a_vm_pod_that_boots_answers_ping_and_leaves_nothing(cri, vm
     cri("start", cid)
     ps = json.loads(cri("ps", "--id", cid, "-o", "json").stdout)["containers"]
     assert [c["state"] for c in ps] == ["CONTAINER_RUNNING"]
-    wait(
-        "the guest to come up with the CNI result's address",
-        lambda: f"EDGEVIRT-GUEST: ip eth0 {ip}/24" in cri("logs", cid).stdout,
-        300,
-        2,
-    )
+    # "up" is the guest init's last line, written after it configured eth0: wait for it, then
+    # check the address it configured (waiting on the address line raced the "up" after it)
+    wait("the guest to come up", lambda: "EDGEVIRT-GUEST: up" in cri("logs", cid).stdout, 300, 2)
     logs = cri("logs", cid).stdout
-    assert "EDGEVIRT-GUEST: up" in logs
+    assert f"EDGEVIRT-GUEST: ip eth0 {ip}/24" in logs, logs
     ping = subprocess.run(
         ["ip", "netns", "exec", VM_LAN, "ping", "-c", "3", "-W", "2", ip],
         capture_output=True,
