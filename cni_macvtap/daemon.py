@@ -120,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"HOST:PORT of /healthz, /readyz and /metrics (default {DEFAULT_OPS_ADDRESS}; '' disables). "
         "When the default address is taken the daemon runs without it; an address given here must bind",
     )
+    parser.add_argument(
+        "--host-root",
+        default="",
+        help="where the node's root is mounted when the daemon runs in a container (e.g. /host): "
+        "CNI_PATH's directories and their symlinks are the node's, looked up under it (default: none)",
+    )
     parser.add_argument("--log-level", default="info", choices=daemon_log.LEVELS)
     parser.add_argument("--log-format", default="text", choices=daemon_log.FORMATS)
     return parser
@@ -151,7 +157,7 @@ def _open_ops(args: argparse.Namespace, census: Census) -> tuple[OpsEndpoint | N
 
 def main(argv: list[str] | None = None) -> int:
     """`macvtap daemon [--socket PATH] [--workers N] [--max-connections N] [--request-timeout S]
-    [--ops-address HOST:PORT] [--log-level L] [--log-format text|json]`."""
+    [--ops-address HOST:PORT] [--host-root DIR] [--log-level L] [--log-format text|json]`."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.workers < 1 or args.max_connections < 1 or not args.request_timeout > 0:
@@ -160,11 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         parse_address(args.ops_address or "")
     except ValueError as e:
         parser.error(str(e))
+    if args.host_root and not (args.host_root.startswith("/") and os.path.isdir(args.host_root)):
+        parser.error(
+            f"--host-root {args.host_root}: not an absolute path of a directory; mount the node's root there"
+        )
     daemon_log.configure(args.log_level, args.log_format, sys.stderr)
     notifier = Notifier.from_environment()
     server = Server(args.socket, args.max_connections, args.request_timeout)
     server.bind()
     ipam.IN_PROCESS = os.environ.get("MACVTAP_DAEMON_EXEC_IPAM", "") != "1"
+    ipam.HOST_ROOT = args.host_root.rstrip("/")
     census = Census(configured=args.workers)
     ops, metrics_path = None, None
     try:

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import hostroot
 from .errors import INCOMPATIBLE_VERSION, IPAM_FAILURE, NOT_AVAILABLE, CNIError
 
 TIMEOUT_S = 120
@@ -27,18 +28,29 @@ _needs_downgrade: dict[tuple[str, float], bool] = {}
 _guard = threading.Lock()
 
 
+HOST_ROOT = ""  # `macvtap daemon --host-root`: the node's root mounted there (a DaemonSet's container)
+
+
 def find_plugin(name: str, path: Sequence[str]) -> str:
     """Absolute path of an executable called name in the absolute CNI_PATH directories (a relative one
-    would resolve against the daemon's working directory, not the caller's: it is skipped)."""
+    would resolve against the daemon's working directory, not the caller's: it is skipped). With
+    HOST_ROOT set, the directories are the node's, looked up under that root (symlinks included)."""
     for d in path:
         if not d.startswith("/"):
             continue
         candidate = os.path.join(d, name)
+        if HOST_ROOT:
+            try:
+                candidate = hostroot.resolve(HOST_ROOT, candidate)
+            except OSError:
+                continue
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     raise CNIError(
         IPAM_FAILURE,
-        f"failed to find IPAM plugin {name!r} in CNI_PATH {list(path)}: install it there or fix ipam.type",
+        f"failed to find IPAM plugin {name!r} in CNI_PATH {list(path)}"
+        + (f" (the node's, under {HOST_ROOT})" if HOST_ROOT else "")
+        + ": install it there or fix ipam.type",
     )
 
 
