@@ -72,6 +72,14 @@ def test_the_daemonsets_run_what_the_image_and_the_plugin_expect() -> None:
         daemon[:2] == ["macvtap", "daemon"]
         and daemon[daemon.index("--socket") + 1] == defaults.DEFAULT_SOCKET
     )
+    # the IPAM plugins it runs are the node's (CNI_PATH and its symlinks), looked up under its root
+    host_root = daemon[daemon.index("--host-root") + 1]
+    mount = next(m for m in c["macvtap-daemon"]["volumeMounts"] if m["mountPath"] == host_root)
+    volume = next(v for v in node["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["hostPath"]["path"] == "/" and mount["readOnly"] is True
+    assert (
+        "mountPropagation" not in mount
+    )  # HostToContainer needs a shared root mount, not every node has one
     ops = daemon[daemon.index("--ops-address") + 1]
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         get = c["macvtap-daemon"][probe]["httpGet"]
