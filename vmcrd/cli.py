@@ -20,13 +20,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kubernetes import client
-
 from cri_shim import logsetup
 from cri_shim.ops_http import AddressError, OpsServer, parse_address
 
 from . import ops
-from .kube import api_client
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -114,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ac = api_client(args.kubeconfig)
     try:
         if args.mode == "node":
-            return run_node(args, ac, stop)
-        return run_cluster(args, ac, stop)
+            return run_node(args, stop)
+        return run_cluster(args, stop)
     except ops.OpsUnavailable as e:
         print(f"edgevirt-controller: {e}", file=sys.stderr)
         return 1
@@ -139,10 +135,15 @@ def stop_ops(server: OpsServer | None, readiness: ops.Readiness) -> None:
         server.stop()
 
 
-def run_cluster(args: argparse.Namespace, ac: client.ApiClient, stop: threading.Event) -> int:
+def run_cluster(args: argparse.Namespace, stop: threading.Event) -> int:
+    """Cluster mode, on the kubernetes client (its generated API classes: pods, the Lease)."""
+    from kubernetes import client
+
     from .controller import ClusterController
+    from .kube import api_client
     from .leader import LeaderElector
 
+    ac = api_client(args.kubeconfig)
     ctl = ClusterController(
         ac,
         namespace=args.namespace,
@@ -186,15 +187,24 @@ def stop_on_lost_lease(elector: LeaderElector, stop: threading.Event, lost: thre
         stop.wait(0.5)
 
 
-def run_node(args: argparse.Namespace, ac: client.ApiClient, stop: threading.Event) -> int:
+def run_node(args: argparse.Namespace, stop: threading.Event) -> int:
+    """Node mode, on the thin client of :mod:`cri_shim.kube_http`: it never imports the kubernetes
+    client (~30 MiB of resident memory on every node)."""
+    from cri_shim.kube_http import KubeConfigError, client_from_config
+
     from .node import DEFAULT_STATE_DIR, NodeController
 
     node = args.node or os.environ.get("NODE_NAME")
     if not node:
         print("edgevirt-controller: --mode node needs --node NAME (or $NODE_NAME)", file=sys.stderr)
         return 2
+    try:
+        kube = client_from_config(args.kubeconfig)
+    except KubeConfigError as e:
+        print(f"edgevirt-controller: {e}", file=sys.stderr)
+        return 2
     ctl = NodeController(
-        ac,
+        kube,
         node,
         namespace=args.namespace,
         state_dir=args.state_dir or DEFAULT_STATE_DIR,

@@ -17,10 +17,12 @@ import threading
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from cri_shim.kube_rest import ApiClientKubeApi
+
 from . import api, podspec, status
 from .api import KubeObject
 from .kube import EventRecorder, WorkQueue, api_message
-from .resources import VirtualMachines, vm_informers, vm_key, vm_pod_lister
+from .resources import VirtualMachines, vm_informers, vm_key, vm_pods_list_watch
 from .runner import RetryDelays, Runner
 from .strategy import Action, PodState, decide, pod_state
 
@@ -49,16 +51,17 @@ class ClusterController:
         runtime_class: str = podspec.RUNTIME_CLASS,
     ) -> None:
         self.runtime_class = runtime_class
-        self.vm_api = VirtualMachines(api_client)
+        rest = ApiClientKubeApi(api_client)  # VMs, pod list/watch, Events: plain JSON
+        self.vm_api = VirtualMachines(rest)
         self.core = client.CoreV1Api(api_client)
         self.namespace = namespace
         self.queue = WorkQueue()
-        self.events = EventRecorder(api_client, "edgevirt-controller", identity)
+        self.events = EventRecorder(rest, "edgevirt-controller", identity)
         self.create_errors: dict[str, str] = {}
         self.sandbox_errors: dict[str, tuple[str, str]] = {}  # VM key -> (pod uid, last message)
         self.reconciles = 0
         self.vms, self.pods = vm_informers(
-            self.queue, self.vm_api.lister(namespace), vm_pod_lister(self.core, namespace)
+            self.queue, self.vm_api.list_watch(namespace), vm_pods_list_watch(rest, namespace)
         )
         self.runner = Runner(
             "reconcile", self.queue, [self.vms, self.pods], self.reconcile, resync=resync, delays=RETRY

@@ -31,8 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubernetes import client
-
+from cri_shim.kube_rest import KubeApi
 from cri_shim.kvm.contract import to_volume_spec
 from cri_shim.vm import attached_volumes
 
@@ -99,7 +98,7 @@ def vm_node(vm: KubeObject) -> str | None:
 class NodeController:
     def __init__(
         self,
-        api_client: client.ApiClient,
+        kube: KubeApi | Any,
         node: str,
         namespace: str | None = None,
         state_dir: Path = DEFAULT_STATE_DIR,
@@ -108,7 +107,7 @@ class NodeController:
         containerd_socket: Path | None = None,
         containerd_root: Path | None = None,
     ) -> None:
-        self.vm_api = VirtualMachines(api_client)
+        self.vm_api = VirtualMachines(kube)  # a KubeApi (node mode: cri_shim.kube_http) or an ApiClient
         self.node = node
         self.namespace = namespace
         self.state_dir = state_dir
@@ -117,9 +116,9 @@ class NodeController:
         self.containerd_socket = containerd_socket
         self.containerd_root = containerd_root
         self.queue = WorkQueue()
-        self.events = EventRecorder(api_client, "edgevirt-controller-node", node)
+        self.events = EventRecorder(self.vm_api.api, "edgevirt-controller-node", node)
         self._manager: DomainManager | None = None
-        self.vms = Informer("virtualmachines", self.vm_api.lister(namespace), self.queue.add)
+        self.vms = Informer("virtualmachines", self.vm_api.list_watch(namespace), self.queue.add)
         self.runner = Runner(
             "node reconcile", self.queue, [self.vms], self.reconcile, resync=resync, delays=RETRY
         )

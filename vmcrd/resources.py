@@ -5,21 +5,28 @@ How to list (and watch) them, the two informers over them that feed cluster mode
 which VM a pod event is about, and the writes to a
 VirtualMachine: merge patches guarded by its resourceVersion (so a write based on a stale view is
 refused with 409 and retried), status patches of the fields a mode owns, the finalizer's removal.
+All of it is plain JSON through a :class:`~cri_shim.kube_rest.KubeApi`: node mode's thin client
+(:mod:`cri_shim.kube_http`) or cluster mode's kubernetes ``ApiClient`` behind the same protocol.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
+from urllib.parse import quote
 
-from kubernetes import client
+from cri_shim.kube_rest import MERGE_PATCH, KubeApi, kube_api
 
 from . import api, podspec
 from .api import KubeObject
-from .kube import Informer, WorkQueue
+from .kube import Informer, ListWatch, RestListWatch, WorkQueue
 
-#: ``list_fn`` of an :class:`~vmcrd.kube.Informer`: called with the list/watch keyword arguments.
-Lister = Callable[..., Any]
+
+def collection_path(prefix: str, plural: str, namespace: str | None) -> str:
+    """The path of a collection under an API ``prefix`` (``/api/v1``, ``/apis/GROUP/VERSION``): of
+    ``namespace``, or of all namespaces."""
+    if namespace:
+        return f"{prefix}/namespaces/{quote(namespace, safe='')}/{plural}"
+    return f"{prefix}/{plural}"
 
 
 def vm_key(vm: KubeObject) -> str:
@@ -41,39 +48,32 @@ def vm_key_of_pod(pod_key: str, pod: KubeObject | None) -> str | None:
 
 
 class VirtualMachines:
-    """The VirtualMachine resource, through the custom objects API."""
+    """The VirtualMachine resource, as plain JSON through a :class:`~cri_shim.kube_rest.KubeApi` (a
+    kubernetes ``ApiClient`` is wrapped in one)."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
-        self.custom = client.CustomObjectsApi(api_client)
+    PREFIX = f"/apis/{api.GROUP}/{api.VERSION}"
 
-    def lister(self, namespace: str | None) -> Lister:
+    def __init__(self, kube: KubeApi | Any) -> None:
+        self.api = kube_api(kube)
+
+    def list_watch(self, namespace: str | None) -> ListWatch:
         """List/watch the VMs of ``namespace`` (None: all namespaces)."""
-        custom = self.custom
+        return RestListWatch(self.api, collection_path(self.PREFIX, api.PLURAL, namespace))
 
-        def list_vms(**kw: Any) -> Any:
-            if namespace:
-                return custom.list_namespaced_custom_object(
-                    api.GROUP, api.VERSION, namespace, api.PLURAL, **kw
-                )
-            return custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL, **kw)
-
-        return list_vms
+    def path(self, vm: KubeObject) -> str:
+        m = vm["metadata"]
+        return f"{collection_path(self.PREFIX, api.PLURAL, m['namespace'])}/{quote(m['name'], safe='')}"
 
     def patch(self, vm: KubeObject, body: KubeObject) -> KubeObject:
         """Merge-patch ``vm`` as we saw it (its resourceVersion): 409 if it changed meanwhile."""
         m = vm["metadata"]
         body = {**body, "metadata": {**body.get("metadata", {}), "resourceVersion": m["resourceVersion"]}}
-        patched = self.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, m["namespace"], api.PLURAL, m["name"], body
-        )
-        return cast(KubeObject, patched)  # the custom objects API answers JSON as a dict
+        patched: KubeObject = self.api.request("PATCH", self.path(vm), body, content_type=MERGE_PATCH)
+        return patched
 
     def patch_status(self, vm: KubeObject, fields: KubeObject) -> None:
         """Merge-patch these status fields (each mode writes only the fields it owns, see status.py)."""
-        m = vm["metadata"]
-        self.custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, m["namespace"], api.PLURAL, m["name"], {"status": fields}
-        )
+        self.api.request("PATCH", self.path(vm) + "/status", {"status": fields}, content_type=MERGE_PATCH)
 
     def remove_finalizer(self, vm: KubeObject) -> None:
         """Drop :data:`api.FINALIZER` (node-local state is gone): the API server may delete the VM."""
@@ -81,20 +81,15 @@ class VirtualMachines:
         self.patch(vm, {"metadata": {"finalizers": fins}})
 
 
-def vm_pod_lister(core: client.CoreV1Api, namespace: str | None) -> Lister:
+def vm_pods_list_watch(kube: KubeApi, namespace: str | None) -> ListWatch:
     """List/watch the VM pods (label ``edgevirt.io/vm``) of ``namespace`` (cluster mode; node mode
     reads no pods)."""
-    label = podspec.LABEL_VM
-
-    def list_pods(**kw: Any) -> Any:
-        if namespace:
-            return core.list_namespaced_pod(namespace, label_selector=label, **kw)
-        return core.list_pod_for_all_namespaces(label_selector=label, **kw)
-
-    return list_pods
+    return RestListWatch(
+        kube, collection_path("/api/v1", "pods", namespace), {"labelSelector": podspec.LABEL_VM}
+    )
 
 
-def vm_informers(queue: WorkQueue, vms: Lister, pods: Lister) -> tuple[Informer, Informer]:
+def vm_informers(queue: WorkQueue, vms: ListWatch, pods: ListWatch) -> tuple[Informer, Informer]:
     """Cluster mode's caches: the VMs (a change queues the VM's key) and the VM pods (a change queues
     the key of the pod's VM)."""
 

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from kubernetes.client.exceptions import ApiException
+from cri_shim.kube_rest import api_error
 
 from .kube import Informer, WorkQueue
 
@@ -45,8 +45,8 @@ JOIN_TIMEOUT = 5.0
 class RetryDelays:
     """Seconds before a key whose reconcile failed is looked at again."""
 
-    conflict: float  # ApiException 409: our view was stale; the informer catches up at once
-    api_error: float  # any other ApiException
+    conflict: float  # an API error 409: our view was stale; the informer catches up at once
+    api_error: float  # any other API error (cri_shim.kube_rest.ApiError, the client's ApiException)
     error: float  # any other exception
 
 
@@ -117,21 +117,26 @@ class Runner:
         result = "ok"
         try:
             again = self.reconcile(key)
-        except ApiException as e:
-            conflict = e.status == 409
-            result = "conflict" if conflict else "api_error"
-            level = logging.INFO if conflict else logging.WARNING
-            log.log(level, "%s %s: API %s %s: retrying", self.name, key, e.status, e.reason)
-            self.queue.add_after(key, self.delays.conflict if conflict else self.delays.api_error)
-        except Exception:
-            result = "error"
-            log.exception("%s %s failed: retrying", self.name, key)
-            self.queue.add_after(key, self.delays.error)
+        except Exception as e:
+            result = self._retry(key, e)
         else:
             if again:
                 self.queue.add_after(key, again)
         if self.observe is not None:
             self.observe(time.monotonic() - started, result)
+
+    def _retry(self, key: str, e: Exception) -> str:
+        """Put ``key`` back after the delay its failure ``e`` asks for; the reconcile's result."""
+        err = api_error(e)
+        if err is None:
+            log.exception("%s %s failed: retrying", self.name, key)
+            self.queue.add_after(key, self.delays.error)
+            return "error"
+        conflict = err.status == 409
+        level = logging.INFO if conflict else logging.WARNING
+        log.log(level, "%s %s: API %s %s: retrying", self.name, key, err.status, err.reason)
+        self.queue.add_after(key, self.delays.conflict if conflict else self.delays.api_error)
+        return "conflict" if conflict else "api_error"
 
     def _resync_loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.resync):

@@ -43,9 +43,10 @@ current-context: x
 STEPS: dict[str, list[str]] = {
     "node": [
         "import vmcrd.cli",
-        "ac = vmcrd.kube.api_client(KUBECONFIG)",
+        # run_node's client: the thin one of cri_shim.kube_http (node mode never imports kubernetes)
+        "from cri_shim.kube_http import client_from_config; kube = client_from_config(KUBECONFIG)",
         "import vmcrd.node",
-        "ctl = vmcrd.node.NodeController(ac, 'n', state_dir=TMP)",
+        "ctl = vmcrd.node.NodeController(kube, 'n', state_dir=TMP)",
         "import vmcrd.ops; vmcrd.ops.instrument('node', ctl.runner, vm_filter=ctl.mine)",
         # the libvirt layer as NodeController.manager builds it on its first VM (DomainManager aside:
         # it connects to libvirtd)
