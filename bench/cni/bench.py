@@ -126,6 +126,9 @@ def main() -> int:
     ap.add_argument(
         "--write", action="store_true", help="replace the macvtap CNI section of bench/RESULTS.md"
     )
+    ap.add_argument(
+        "--workers", type=int, default=None, help="the daemon's --workers (default: its own, one per CPU)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench needs root (namespaces and links)")
@@ -136,7 +139,8 @@ def main() -> int:
         b.setup()
         daemon = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{b.host}", str(b.bin / "macvtap"), "daemon", "--socket",
-             str(tmp / "macvtap.sock")], stderr=subprocess.DEVNULL,
+             str(tmp / "macvtap.sock"), *([f"--workers={args.workers}"] if args.workers else [])],
+            stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_for("the macvtap daemon's socket", (tmp / "macvtap.sock").exists, 60, 0.05)
         time.sleep(0.5)
@@ -183,6 +187,7 @@ def main() -> int:
     table = "\n".join(lines)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cmd = "sudo .venv/bin/python bench/cni/bench.py " + " ".join(sys.argv[1:])
+    workers = f"--workers {args.workers}" if args.workers else "default one worker per CPU"
     rss_text = " + ".join(f"{kb / 1024:.1f}" for kb in rss)
     section = f"""## macvtap CNI
 
@@ -196,7 +201,7 @@ native thin client installed by deploy/cni/install-plugin.
 
 {table}
 
-Daemon RSS after the run (`macvtap daemon`, default one worker per CPU): {rss_text}
+Daemon RSS after the run (`macvtap daemon`, {workers}): {rss_text}
 = {sum(rss) / 1024:.1f} MiB (supervisor + workers).
 
 Reading it: the ratios come from calls alternated within one run; the 2-core machine was shared with
