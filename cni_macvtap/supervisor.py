@@ -1,7 +1,8 @@
 """The supervisor of `macvtap daemon`: keeps ``--workers`` worker processes running, knows which of
 them are ready, answers the ops endpoint, tells systemd when all are ready and stops them on SIGTERM.
 
-It never starts a thread or imports pyroute2, so forking from it stays safe. A worker reports that
+It never starts a thread or opens a netlink socket, so forking from it stays safe (it may have
+imported the workers' code, see cni_macvtap.daemon.preload_worker_code). A worker reports that
 it is warm and serving by writing its pid to a pipe the supervisor watches; a worker that dies is
 replaced and stops counting as ready. The loop waits on that pipe and on the ops socket, never
 longer than ``TICK_S``, so a dead worker is replaced within that time.

@@ -44,6 +44,18 @@ def daemon_rss_kb(pid: int) -> list[int]:
     return [status_kib(p) for p in [pid, *processes.children(pid)]]
 
 
+def daemon_pss_kb(pid: int) -> list[int]:
+    """Pss of the daemon process and of its children (pages shared after the fork count once)."""
+    return [pss_kib(p) for p in [pid, *processes.children(pid)]]
+
+
+def pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
 class Bench:
     def __init__(self, tmp: Path, iterations: int) -> None:
         self.tmp = tmp
@@ -129,18 +141,24 @@ def main() -> int:
     ap.add_argument(
         "--workers", type=int, default=None, help="the daemon's --workers (default: its own, one per CPU)"
     )
+    ap.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="the supervisor does not load the workers' code before forking (MACVTAP_DAEMON_NO_PRELOAD=1)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench needs root (namespaces and links)")
     tmp = Path(tempfile.mkdtemp(prefix="evbench-"))
     b = Bench(tmp, args.iterations)
     daemon = None
+    no_preload = {"MACVTAP_DAEMON_NO_PRELOAD": "1"} if args.no_preload else {}
     try:
         b.setup()
         daemon = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{b.host}", str(b.bin / "macvtap"), "daemon", "--socket",
              str(tmp / "macvtap.sock"), *([f"--workers={args.workers}"] if args.workers else [])],
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, env={**os.environ, **no_preload},
         )  # fmt: skip
         wait_for("the macvtap daemon's socket", (tmp / "macvtap.sock").exists, 60, 0.05)
         time.sleep(0.5)
@@ -156,6 +174,7 @@ def main() -> int:
             for k in kinds if r % 2 == 0 else list(reversed(kinds)):
                 bursts[k].append(b.burst(k[0], k[1], pods[k], r))
         rss = daemon_rss_kb(daemon.pid)
+        pss = daemon_pss_kb(daemon.pid)
         nsenter_ms = b.baseline_nsenter()
     finally:
         if daemon is not None:
@@ -188,6 +207,7 @@ def main() -> int:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cmd = "sudo .venv/bin/python bench/cni/bench.py " + " ".join(sys.argv[1:])
     workers = f"--workers {args.workers}" if args.workers else "default one worker per CPU"
+    workers += ", workers' code not preloaded" if args.no_preload else ""
     rss_text = " + ".join(f"{kb / 1024:.1f}" for kb in rss)
     section = f"""## macvtap CNI
 
@@ -202,7 +222,8 @@ native thin client installed by deploy/cni/install-plugin.
 {table}
 
 Daemon RSS after the run (`macvtap daemon`, {workers}): {rss_text}
-= {sum(rss) / 1024:.1f} MiB (supervisor + workers).
+= {sum(rss) / 1024:.1f} MiB; PSS {" + ".join(f"{kb / 1024:.1f}" for kb in pss)} = {sum(pss) / 1024:.1f} MiB
+(supervisor + workers; the workers share the code the supervisor loaded before forking).
 
 Reading it: the ratios come from calls alternated within one run; the 2-core machine was shared with
 other builds and test suites, so absolute figures move between runs (the reference ADD p50 ranged from
