@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 from helpers import daemonsets as ds
+from helpers.netns import wait_lossless_ping
 from helpers.waiting import wait_for as wait
 from kubernetes import client as kube
 from kubernetes import config as kube_config
@@ -233,13 +234,7 @@ def test_a_kvm_pod_runs_with_the_daemonsets_macvtap_daemon(deployed, cluster, vm
         assert outcome == [("ADD", 0, True)], daemon_log[-2000:]
         booted = lambda: "EDGEVIRT-GUEST: up" in cluster.kubectl("logs", name).stdout  # noqa: E731
         wait("kubectl logs to show the boot", booted, 300, 2)
-        ping = subprocess.run(
-            ["ip", "netns", "exec", VM_LAN, "ping", "-c", "3", "-W", "2", ip],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert ping.returncode == 0, ping.stdout + ping.stderr
+        wait_lossless_ping(VM_LAN, ip, 60)  # from the VM network's LAN
     finally:
         cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
 
