@@ -214,7 +214,11 @@ class ClusterController:
             self.core.delete_namespaced_pod(
                 pm["name"],
                 pm["namespace"],
-                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=pm["uid"])),
+                body=client.V1DeleteOptions(
+                    preconditions=client.V1Preconditions(uid=pm["uid"]),
+                    # the VM's current grace period, also when it changed since the pod was made
+                    grace_period_seconds=podspec.grace_period(vm.get("spec") or {}),
+                ),
             )
         except ApiException as e:
             if e.status in (404, 409):

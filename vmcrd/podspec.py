@@ -72,8 +72,18 @@ PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
 #: vCPUs per requested CPU, as KubeVirt's default cpuAllocationRatio: a 2-core edge node schedules
 #: 20 one-vCPU VMs by request (the guests share the cores; memory is not overcommitted).
 CPU_ALLOCATION_RATIO = 10
-#: Grace period of a VM pod: ACPI shutdown first, then destroy (docs/virtualmachine.md, lifecycle).
+#: Grace period of a VM pod without ``spec.terminationGracePeriodSeconds``: ACPI shutdown first, then
+#: destroy (docs/virtualmachine.md, lifecycle).
 GRACE_PERIOD_SECONDS = 30
+
+
+def grace_period(spec: dict[str, Any]) -> int:
+    """Seconds the guest gets to power off after ACPI shutdown before its QEMU is destroyed:
+    ``spec.terminationGracePeriodSeconds`` (the CRD allows 1..3600; 0 would make the API server drop
+    the pod before kubelet stopped it, so a second pod of the VM could start beside the first), else
+    :data:`GRACE_PERIOD_SECONDS`. Not a boot field: the controller passes it with each pod delete."""
+    value = spec.get("terminationGracePeriodSeconds")
+    return GRACE_PERIOD_SECONDS if value is None else max(1, int(value))
 
 #: Spec fields whose change needs a reboot (everything but hotpluggable volumes, paused, running,
 #: runStrategy). Hotpluggable volumes are mounted live by node mode. ``cloudInit`` includes
@@ -146,7 +156,7 @@ def build_pod(
     pod_spec: dict[str, Any] = {
         "runtimeClassName": runtime_class,
         "restartPolicy": api.restart_policy(spec),
-        "terminationGracePeriodSeconds": GRACE_PERIOD_SECONDS,
+        "terminationGracePeriodSeconds": grace_period(spec),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "containers": [_container(spec)],

@@ -29,6 +29,9 @@ import yaml
 from helpers.controller import ControllerProcess
 from helpers.metrics import sample
 from helpers.waiting import wait_for
+from kubernetes import client as kube
+from kubernetes import config as kube_config
+from kubernetes import watch as kube_watch
 
 # the installed controllers stand aside: these tests run their own (conftest installed_controllers_paused)
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_controllers_paused")]
@@ -244,7 +247,23 @@ def test_stop_deletes_pod_and_always_recreates_a_deleted_pod(installed, ns, cont
     # the VM was placed on a node by now: the new pod is pinned there
     terms = second["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchFields"][0]["values"] == [k.node]
-    k.patch("vm", "web", {"spec": {"running": False}}, namespace=ns)
+    # the stop deletes the pod with the VM's grace period as it is now (no restart needed for it)
+    core = kube.CoreV1Api(kube_config.new_client_from_config(str(k.paths.kubeconfig)))
+    since = core.list_namespaced_pod(ns).metadata.resource_version
+    k.patch("vm", "web", {"spec": {"running": False, "terminationGracePeriodSeconds": 7}}, namespace=ns)
+    deleting = None
+    for ev in kube_watch.Watch().stream(
+        core.list_namespaced_pod,
+        ns,
+        field_selector="metadata.name=web-vm",
+        resource_version=since,
+        timeout_seconds=60,
+    ):
+        if ev["object"].metadata.deletion_timestamp is not None:
+            deleting = ev["object"].metadata
+            break
+    assert deleting is not None, "no deletion of web-vm seen within 60 s"
+    assert deleting.deletion_grace_period_seconds == 7
     wait_for("the VM pod gone", lambda: get(k, ns, "pod", "web-vm") is None)
     vm = wait_for(
         "status Stopped",

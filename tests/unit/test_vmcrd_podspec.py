@@ -158,6 +158,15 @@ def test_a_changed_secret_reference_changes_the_spec_hash():
     assert podspec.ANN_CLOUD_INIT_USER_DATA not in ann
 
 
+@given(st.one_of(st.none(), st.integers(min_value=-5, max_value=3600)))
+def test_the_pod_grace_period_is_the_vms_never_zero_and_not_a_boot_field(grace):
+    spec = {"image": "x"} if grace is None else {"image": "x", "terminationGracePeriodSeconds": grace}
+    got = podspec.build_pod(make_vm(spec), None)["spec"]["terminationGracePeriodSeconds"]
+    assert got == (podspec.GRACE_PERIOD_SECONDS if grace is None else max(1, grace)) >= 1
+    assert podspec.grace_period(spec) == got
+    assert podspec.spec_hash(spec) == podspec.spec_hash({"image": "x"})  # a change needs no restart
+
+
 @given(specs, st.booleans(), st.booleans())
 def test_spec_hash_ignores_run_state_pause_and_hotplug(spec, running, paused):
     h = podspec.spec_hash(spec)
