@@ -8,7 +8,9 @@ guest has booted (its console says so) and ``--settle`` seconds passed, per VM:
 
 - memory: QEMU's VmRSS minus the resident part of the guest's RAM mapping (the mapping in
   /proc/PID/smaps whose size is the guest's memory: what the guest touched, which the pod's memory
-  limit already pays for), plus (libvirtd + virtlogd VmRSS) / N, their share;
+  limit already pays for), plus (libvirtd + virtlogd VmRSS) / N, their share; and the same with
+  PSS, where QEMU's shared pages (its binary and libraries, mapped by every QEMU on the node) are
+  split among the processes mapping them, so N VMs add up to what the node really holds;
 - CPU: QEMU's own threads (all but the vCPU threads, ``CPU n/TCG`` or ``CPU n/KVM``) over an idle
   ``--window`` of seconds, in millicores; and the same threads' CPU from QEMU's start to the guest
   being up, which a start costs once.
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO / "deploy" / "images"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from benchkit import pct, status_kib  # noqa: E402
+from benchkit import pct, smaps_rollup_kib, status_kib  # noqa: E402
 from helpers.shim import Shim as ShimProcess  # noqa: E402
 from helpers.vm_env import VM_IMAGE as IMAGE  # noqa: E402
 from helpers.waiting import wait_for  # noqa: E402
@@ -78,18 +80,22 @@ def qemu_pid(domain: str) -> int:
     raise FileNotFoundError(f"no pid file of domain {domain} under /run/libvirt/qemu")
 
 
-def guest_ram_rss_kib(pid: int, memory_mib: int) -> tuple[int, int]:
-    """(resident KiB, number of mappings) of the guest RAM: the mappings of the guest's size (QEMU
-    may round a RAM block up to its alignment, hence the small margin; one is expected)."""
-    want, size, total, found = memory_mib * 1024, 0, 0, 0
+def guest_ram_kib(pid: int, memory_mib: int) -> tuple[int, int, int]:
+    """(resident KiB, proportional KiB, number of mappings) of the guest RAM: the mappings of the
+    guest's size (QEMU may round a RAM block up to its alignment, hence the small margin; one is
+    expected). Guest RAM is private to its QEMU, so both figures agree."""
+    want, size, rss, pss, found = memory_mib * 1024, 0, 0, 0, 0
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         key, _, value = line.partition(":")
         if key == "Size":
             size = int(value.split()[0])
-        elif key == "Rss" and want <= size <= want + 4096:
-            total += int(value.split()[0])
-            found += 1
-    return total, found
+        elif key in ("Rss", "Pss") and want <= size <= want + 4096:
+            if key == "Rss":
+                rss += int(value.split()[0])
+                found += 1
+            else:
+                pss += int(value.split()[0])
+    return rss, pss, found
 
 
 def own_thread_ticks(pid: int) -> int:
@@ -186,14 +192,21 @@ def measure(args: argparse.Namespace, shim: Shim, accel: str) -> dict[str, list[
             (own_thread_ticks(vm.pid) - before[vm.pid]) / CLK_TCK / args.window * 1000 for vm in vms
         ]
         daemons = {n: sum(status_kib(p) for p in pids_named(n)) for n in ("libvirtd", "virtlogd")}
+        daemons_pss = {
+            n: sum(smaps_rollup_kib(p)["Pss"] for p in pids_named(n)) for n in ("libvirtd", "virtlogd")
+        }
         share = (daemons["libvirtd"] + daemons["virtlogd"]) / len(vms)
+        share_pss = (daemons_pss["libvirtd"] + daemons_pss["virtlogd"]) / len(vms)
         rows = []
         for vm in vms:
-            rss, (guest, mappings) = status_kib(vm.pid), guest_ram_rss_kib(vm.pid, args.memory)
+            rss, pss = status_kib(vm.pid), smaps_rollup_kib(vm.pid)["Pss"]
+            guest, guest_pss, mappings = guest_ram_kib(vm.pid, args.memory)
             assert mappings == 1, (
                 f"{mappings} mappings of the guest's size in QEMU {vm.pid}: which is its RAM?"
             )
-            rows.append((rss, guest, rss - guest, rss - guest + share))
+            rows.append(
+                (rss, guest, rss - guest, rss - guest + share, pss - guest_pss, pss - guest_pss + share_pss)
+            )
         for vm in vms:  # one at a time: the loop's time is the guest's alone
             wait_for(
                 f"the guest agent of {vm.cid[:12]}",
@@ -211,7 +224,9 @@ def measure(args: argparse.Namespace, shim: Shim, accel: str) -> dict[str, list[
     finally:
         for vm in vms:
             shim.remove(vm)
-    report(args, accel, rows, daemons, idle_mcores, [t / CLK_TCK for t in boot_ticks], boot_mcores)
+    report(
+        args, accel, rows, daemons, daemons_pss, idle_mcores, [t / CLK_TCK for t in boot_ticks], boot_mcores
+    )
     boots = [vm.boot_s for vm in vms]
     print(
         f"boot (s): {', '.join(f'{x:.2f}' for x in boots)}; "
@@ -220,12 +235,13 @@ def measure(args: argparse.Namespace, shim: Shim, accel: str) -> dict[str, list[
     return {
         "overhead": [r[3] / 1024 for r in rows],
         "own": [r[2] / 1024 for r in rows],
+        "overhead_pss": [r[5] / 1024 for r in rows],
         "boot": boots,
         "loop": loops,
     }
 
 
-def report(args, accel, rows, daemons, idle_mcores, boot_cpu, boot_mcores) -> None:
+def report(args, accel, rows, daemons, daemons_pss, idle_mcores, boot_cpu, boot_mcores) -> None:
     def mib(kib: float) -> str:
         return f"{kib / 1024:.1f} MiB"
 
@@ -241,12 +257,20 @@ def report(args, accel, rows, daemons, idle_mcores, boot_cpu, boot_mcores) -> No
     line("QEMU VmRSS", col(0), mib)
     line("guest RAM resident (touched by the guest)", col(1), mib)
     line("QEMU's own memory (VmRSS - guest RAM)", col(2), mib)
-    line(f"+ (libvirtd + virtlogd) / {args.vms} = **overhead**", col(3), mib)
+    line(f"+ (libvirtd + virtlogd) / {args.vms} = **overhead (RSS)**", col(3), mib)
+    line("QEMU's own memory, PSS (its shared pages split among the QEMUs sharing them)", col(4), mib)
+    line(f"+ (libvirtd + virtlogd PSS) / {args.vms} = **overhead (PSS)**", col(5), mib)
     line(f"QEMU's own threads, idle ({args.window:g} s)", idle_mcores, lambda x: f"{x:.1f} m")
     line("QEMU's own threads, start to guest up", boot_cpu, lambda x: f"{x:.2f} CPU-s")
     line("QEMU's own threads, start to guest up, on average", boot_mcores, lambda x: f"{x:.0f} m")
-    print(f"\nlibvirtd {mib(daemons['libvirtd'])}, virtlogd {mib(daemons['virtlogd'])} (VmRSS with the VMs)")
-    print("per VM (VmRSS, guest RAM, own, overhead): " + "; ".join(" ".join(mib(x) for x in r) for r in rows))
+    print(
+        f"\nlibvirtd {mib(daemons['libvirtd'])}, virtlogd {mib(daemons['virtlogd'])} (VmRSS with the VMs); "
+        f"PSS {mib(daemons_pss['libvirtd'])}, {mib(daemons_pss['virtlogd'])}"
+    )
+    print(
+        "per VM (VmRSS, guest RAM, own, overhead, own PSS, overhead PSS): "
+        + "; ".join(" ".join(mib(x) for x in r) for r in rows)
+    )
     print("idle own-thread CPU (m): " + ", ".join(f"{x:.1f}" for x in idle_mcores))
 
 
@@ -295,12 +319,16 @@ def main() -> int:
         finally:
             proc.close()
     if len(results) > 1:
-        print("\n| tcg_tb_cache_mib | overhead p50 | QEMU's own p50 | boot p50 | CPU loop p50 |")
-        print("|---|---|---|---|---|")
+        print(
+            "\n| tcg_tb_cache_mib | overhead p50 (RSS) | overhead p50 (PSS) | QEMU's own p50 (RSS) "
+            "| boot p50 | CPU loop p50 |"
+        )
+        print("|---|---|---|---|---|---|")
         for tb, r in results.items():
             name = "0 (QEMU's default, 1 GiB)" if tb == 0 else str(tb)
             print(
-                f"| {name} | {pct(r['overhead'], 50):.1f} MiB | {pct(r['own'], 50):.1f} MiB "
+                f"| {name} | {pct(r['overhead'], 50):.1f} MiB | {pct(r['overhead_pss'], 50):.1f} MiB "
+                f"| {pct(r['own'], 50):.1f} MiB "
                 f"| {pct(r['boot'], 50):.2f} s | {pct(r['loop'], 50):.2f} s |"
             )
     return 0
