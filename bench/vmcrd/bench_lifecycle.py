@@ -42,6 +42,7 @@ import libvirt
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "deploy" / "local"))
 sys.path.insert(0, str(REPO / "deploy" / "images"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
@@ -75,12 +76,13 @@ class Bench:
             api.GROUP, api.VERSION, self.ns, api.PLURAL, name, {"spec": spec}
         )
 
-    def create(self, name: str) -> None:
+    def create(self, name: str, **spec: object) -> None:
+        """A stopped VM of the test disk, 256 MiB; ``spec`` adds or overrides spec fields."""
         body = {
             "apiVersion": api.API_VERSION,
             "kind": api.KIND,
             "metadata": {"name": name},
-            "spec": {"running": False, "image": IMAGE, "memory": "256Mi"},
+            "spec": {"running": False, "image": IMAGE, "memory": "256Mi", **spec},
         }
         self.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, body)
 
