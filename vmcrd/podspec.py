@@ -85,6 +85,7 @@ def grace_period(spec: dict[str, Any]) -> int:
     value = spec.get("terminationGracePeriodSeconds")
     return GRACE_PERIOD_SECONDS if value is None else max(1, int(value))
 
+
 #: Spec fields whose change needs a reboot (everything but hotpluggable volumes, paused, running,
 #: runStrategy). Hotpluggable volumes are mounted live by node mode. ``cloudInit`` includes
 #: ``userDataSecretRef``: another Secret means another seed, made at boot.
