@@ -15,11 +15,14 @@ import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..console_fanout import ConsoleFanout, Tap
-from ..streaming import StreamingServer, open_pty
 from ..vm.console_log import ConsoleLogConverter
 from .records import ContainerRecord
+
+if TYPE_CHECKING:  # the streaming server and the console fan-out are imported on the first Attach
+    from ..console_fanout import ConsoleFanout, Tap
+    from ..streaming import StreamingServer
 
 
 class ConsoleLogs:
@@ -82,16 +85,29 @@ class ConsoleAttach:
         self.address = address
         self._console_pty = console_pty
         self._server: StreamingServer | None = None
+        self._consoles: ConsoleFanout | None = None
         self._lock = threading.Lock()
-        self.consoles = ConsoleFanout(open_pty)
 
     @property
     def server(self) -> StreamingServer:
         with self._lock:
             if self._server is None:
+                from ..streaming import StreamingServer
+
                 host, _, port = self.address.rpartition(":")
                 self._server = StreamingServer(host or "127.0.0.1", int(port or 0))
             return self._server
+
+    @property
+    def consoles(self) -> ConsoleFanout:
+        """The consoles' readers, shared by every client attached to one (made on first use)."""
+        with self._lock:
+            if self._consoles is None:
+                from ..console_fanout import ConsoleFanout
+                from ..streaming import open_pty
+
+                self._consoles = ConsoleFanout(open_pty)
+            return self._consoles
 
     def url(self, domain: str, *, stdin: bool, stdout: bool, stderr: bool, tty: bool) -> str:
         """A one-time URL that bridges the client to ``domain``'s serial console."""
@@ -107,4 +123,6 @@ class ConsoleAttach:
         with self._lock:
             if self._server is not None:
                 self._server.close()
-        self.consoles.close()
+            consoles, self._consoles = self._consoles, None
+        if consoles is not None:
+            consoles.close()

@@ -19,20 +19,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ..errors import BackendError, invalid
-from ..exec_session import ExecProcess
-from ..streaming import StreamingServer
-from ..vm import guest_exec
-from ..vm.agent import GuestAgent
 from ..vm.errors import AgentError, AgentUnavailable, ExecTimedOut, VMError
-from ..vm.guest_exec import ExecResult
-from ..vm.guest_scripts import SETUP_FAILED
-from ..vm.guest_session import GuestProcess, Guests, SessionSpec
 from .public_errors import vm_error
+
+if TYPE_CHECKING:  # the streaming server and the guest sessions are imported on the first exec
+    from ..exec_session import ExecProcess
+    from ..streaming import StreamingServer
+    from ..vm.agent import GuestAgent
+    from ..vm.guest_exec import ExecResult
+    from ..vm.guest_session import GuestProcess, Guests, SessionSpec
 
 log = logging.getLogger("edgevirt-cri.kvm")
 
@@ -100,6 +100,8 @@ class GuestExec:
         """Run ``cmd`` in the guest to its end (``timeout`` seconds; 0: none)."""
         if not cmd:
             raise BackendError(grpc.StatusCode.INVALID_ARGUMENT, "cmd: empty; name the command to run")
+        from ..vm import guest_exec
+
         agent = self.agent(domain)
         try:
             return guest_exec.run(agent, list(cmd), timeout or None)
@@ -122,6 +124,8 @@ class GuestExec:
         argv = list(cmd)
 
         def launch(rows: int, cols: int) -> ExecProcess:
+            from ..vm.guest_session import SessionSpec
+
             spec = SessionSpec(
                 argv, stdin=stdin, stderr="port" if stderr else "none", tty=tty, rows=rows, cols=cols
             )
@@ -131,6 +135,8 @@ class GuestExec:
 
     def start(self, domain: str, spec: SessionSpec) -> GuestProcess:
         """A started :class:`GuestProcess` (raises VMError naming what failed)."""
+        from ..vm.guest_session import GuestProcess
+
         assert self.guests is not None
         self.sweep(domain)
         proc = GuestProcess(self.guests, domain, spec)
@@ -171,6 +177,8 @@ class GuestExecProcess:
         self.proc.resize(rows, cols)
 
     def wait(self, stop: threading.Event) -> int | str | None:
+        from ..vm.guest_scripts import SETUP_FAILED
+
         try:
             st = self.proc.wait(stop)
         except VMError as e:

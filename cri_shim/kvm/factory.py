@@ -45,14 +45,13 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..vm.containerd_images import DEFAULT_SOCKET as DEFAULT_CONTAINERD_SOCKET
 from ..vm.containerd_source import DEFAULT_ROOT as DEFAULT_CONTAINERD_ROOT
 from ..vm.containerd_source import ContainerdSource
 from ..vm.disks import DiskManager
 from ..vm.errors import ValidationError, VMError
-from ..vm.guest_session import Guests
 from ..vm.images import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, ImageStore
 from ..vm.lifecycle import DomainManager
 from ..vm.nics import DEFAULT_DEVICE_DIR
@@ -63,6 +62,9 @@ from .handler import KvmHandler
 from .sandbox_net import IpNetns, Netns, SandboxNetwork
 from .translate import Limits
 from .userdata import DEFAULT_KUBELET_ROOT
+
+if TYPE_CHECKING:  # the guest sessions are imported on the first exec
+    from ..vm.guest_session import Guests
 
 REQUIRED = ("state_dir", "cni_conflist")
 #: TCG's translation cache per VM (MiB); 0: QEMU's default (1 GiB). bench/RESULTS.md "Per-VM

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client.registry import Collector
@@ -43,7 +43,6 @@ from ..backends.base import TypedBackend
 from ..errors import BackendError, invalid, unimplemented
 from ..vm import image_metrics
 from ..vm.errors import ValidationError, VMError
-from ..vm.guest_session import Guests
 from . import pod_disks, replies, translate, userdata
 from .cni_exec import CNIError
 from .console import ConsoleAttach, ConsoleLogs
@@ -55,6 +54,9 @@ from .public_errors import Redactor, vm_error
 from .records import ContainerRecord, SandboxRecord, container_store, sandbox_store
 from .sandbox_net import SandboxNetwork
 from .sandboxes import SandboxLifecycle
+
+if TYPE_CHECKING:  # the guest sessions are imported on the first exec
+    from ..vm.guest_session import Guests
 
 log = logging.getLogger("edgevirt-cri.kvm")
 

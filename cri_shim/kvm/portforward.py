@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..portforward_session import Forward
 from ..vm.errors import VMError
-from ..vm.guest_session import GuestProcess, SessionSpec
 from .exec import GuestExec
+
+if TYPE_CHECKING:  # imported on the first port-forward
+    from ..portforward_session import Forward
+    from ..vm.guest_session import GuestProcess, SessionSpec
 
 #: the guest command of one forwarded connection
 NC = ("nc", "127.0.0.1")
 
 
 def forward_spec(port: int) -> SessionSpec:
+    from ..vm.guest_session import SessionSpec
+
     return SessionSpec([*NC, str(port)], stdin=True, stderr="captured")
 
 
