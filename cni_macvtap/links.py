@@ -19,11 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from . import netns
+from . import netns, package_init
 from .errors import LINK_FAILURE, TRY_AGAIN, CNIError
+
+package_init.skip_init("pyroute2")  # IPRoute alone, not every pyroute2 API (cni_macvtap.package_init)
+from pyroute2.iproute.linux import IPRoute  # noqa: E402
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 
 T = TypeVar("T")
 MACVTAP_MODES = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8, "source": 16}

@@ -28,10 +28,13 @@ import json
 from collections.abc import Iterable
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
+from . import package_init
+
+package_init.skip_init("prometheus_client")  # not its HTTP exposition nor default collectors
+from prometheus_client.metrics import Counter, Histogram  # noqa: E402
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric  # noqa: E402
+from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
+from prometheus_client.registry import Collector, CollectorRegistry  # noqa: E402
 
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 NOT_SERVED = ("busy", "other_netns", "malformed", "timeout")

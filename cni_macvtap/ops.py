@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported by the daemon before prometheus_client may be (cni_macvtap.metrics_files)
-    from prometheus_client import CollectorRegistry
+    from prometheus_client.registry import CollectorRegistry
 
 log = logging.getLogger("macvtap-daemon")
 

@@ -14,6 +14,7 @@ preload_worker_code()
 assert threading.active_count() == 1, threading.enumerate()
 assert sorted(os.listdir('/proc/self/fd')) == fds, (fds, os.listdir('/proc/self/fd'))
 assert 'pyroute2.iproute' in sys.modules and 'cni_macvtap.add' in sys.modules
+assert 'pyroute2.ndb.main' not in sys.modules  # IPRoute only (cni_macvtap.package_init)
 assert gc.get_freeze_count() > 0
 print('ok')
 """
