@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import protos
@@ -53,9 +52,8 @@ def status(router: Router, request: bytes, timeout: float = 10.0) -> bytes:
     if len(backends) == 1:
         answers = {backends[0]: _backend_status(backends[0], request, timeout)}
     else:
-        with ThreadPoolExecutor(max_workers=len(backends)) as pool:
-            results = pool.map(lambda b: _backend_status(b, request, timeout), backends)
-            answers = dict(zip(backends, results, strict=True))
+        results = router.each_backend(lambda b: _backend_status(b, request, timeout))
+        answers = dict(zip(backends, results, strict=True))
     out = api.StatusResponse()
     default_resp, default_err = answers[router.default]
     for cond_type in ("RuntimeReady", "NetworkReady"):

@@ -5,6 +5,7 @@ that is down, UNIMPLEMENTED from a backend lacking a method, and Version/Status 
 from __future__ import annotations
 
 import json
+import threading
 
 import grpc
 import pytest
@@ -269,6 +270,24 @@ def test_status_is_not_ready_when_the_default_backend_is_down(tmp_path):
     assert conds["RuntimeReady"].status is False and conds["NetworkReady"].status is False
     assert "containerd" in conds["RuntimeReady"].message
     assert sorted(h.name for h in st.runtime_handlers) == ["kvm"]
+
+
+def test_status_asks_the_backends_on_long_lived_threads_not_new_ones_per_call(tmp_path, monkeypatch):
+    # kubelet asks Status every 5 s: a thread started and ended per call leaves allocator memory
+    # behind each time (edgevirt-cri grew idle in issue 12's long run)
+    r, _ctd, _vm = make_router(tmp_path)
+    _status(r)  # the router's fan-out threads start on first use
+    started = []
+    real_start = threading.Thread.start
+
+    def counting_start(self):
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    for _ in range(20):
+        _status(r)
+    assert len(started) <= 2, started  # at most the pool growing to one thread per backend
 
 
 def test_removes_of_unknown_ids_succeed_as_cri_requires(tmp_path):
