@@ -6,7 +6,9 @@ the list's resourceVersion with bookmarks (through a :class:`ListWatch`: plain J
 resumed from the last version seen; ``410 Gone`` (expired version) or any other error leads to a
 fresh list, after which keys that vanished meanwhile are handed to the handler too. Objects are
 kept as plain dicts (camelCase, as the API serves them), which is also cheaper than the client's
-model classes.
+model classes; an informer with a ``transform`` keeps only what that makes of each object (cluster
+mode's Nodes: their Ready condition and cordon, :func:`vmcrd.placement.node_facts`) and calls the
+handler only when that changed.
 """
 
 from __future__ import annotations
@@ -173,7 +175,9 @@ class ClientListWatch:
 class Informer:
     """A cache of one resource kept by list + watch; calls ``handler(key)`` on every change.
     ``source`` is a :class:`ListWatch`, or a list function of the kubernetes client (wrapped in
-    :class:`ClientListWatch`)."""
+    :class:`ClientListWatch`). With ``transform`` the cache holds ``transform(object)`` (which must
+    keep ``metadata.name`` and ``metadata.namespace``) instead of the object, and a watch event
+    that leaves it as it was calls no handler."""
 
     def __init__(
         self,
@@ -181,11 +185,13 @@ class Informer:
         source: ListWatch | Callable[..., Any],
         handler: Callable[[str], None],
         watch_timeout: int = 240,
+        transform: Callable[[KubeObject], KubeObject] | None = None,
     ) -> None:
         self.name = name
         self.source = cast(ListWatch, source) if hasattr(source, "watch") else ClientListWatch(source)
         self.handler = handler
         self.watch_timeout = watch_timeout
+        self.transform = transform
         self.cache: dict[str, KubeObject] = {}
         self.lock = threading.Lock()
         self.synced = threading.Event()
@@ -205,7 +211,7 @@ class Informer:
 
     def relist(self) -> str:
         body = self.source.list()
-        fresh = {key_of(o): o for o in body.get("items") or []}
+        fresh = {key_of(o): self._kept(o) for o in body.get("items") or []}
         with self.lock:
             gone = set(self.cache) - set(fresh)
             self.cache = fresh
@@ -221,6 +227,9 @@ class Informer:
         for k in list(fresh) + sorted(gone):
             self.handler(k)
         return str(body["metadata"]["resourceVersion"])
+
+    def _kept(self, obj: KubeObject) -> KubeObject:
+        return obj if self.transform is None else self.transform(obj)
 
     def watch(self, rv: str, stop: threading.Event) -> None:
         """Watch from ``rv`` until ``stop``; raises :class:`Gone` on 410."""
@@ -243,6 +252,9 @@ class Informer:
                         if typ == "DELETED":
                             self.cache.pop(k, None)
                         else:
+                            obj = self._kept(obj)
+                            if self.transform is not None and self.cache.get(k) == obj:
+                                continue  # nothing of what is kept changed
                             self.cache[k] = obj
                     self.handler(k)
                     if stop.is_set():
