@@ -40,6 +40,10 @@ STOPPED, STARTING, RUNNING, STOPPING, PAUSED, FAILED = (
     "Failed",
 )
 ERROR_IMAGE, UNSCHEDULABLE, CRASH_LOOP = "ErrorImage", "Unschedulable", "CrashLoop"
+#: The VM's node stopped reporting (or its Node is gone): what its pod says is stale (vmcrd.placement).
+NODE_UNREACHABLE = "NodeUnreachable"
+#: The VM's pod waits for the node it is pinned to: cordoned, not Ready or unreachable (vmcrd.placement).
+WAITING_FOR_NODE = "WaitingForNode"
 
 COND_READY, COND_PAUSED, COND_RESTART_REQUIRED, COND_FAILURE = (
     "Ready",

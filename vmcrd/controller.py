@@ -4,8 +4,14 @@ One reconcile per VM key, level-triggered and idempotent (safe to repeat after a
 point): read the VM and its pod from the informers' caches, make sure the finalizer is there,
 ``strategy.decide`` what to do with the pod, do it, and write the status (only when it changed),
 with an Event for each transition. The pod name is deterministic (``<vm>-vm``), so a controller
-restarted after ``kill -9`` cannot make a second pod: the API server refuses the duplicate name.
-The loop around it (informers, resync, workers, retries, leader gating) is :mod:`vmcrd.runner`.
+restarted after ``kill -9`` cannot make a second pod: the API server refuses the duplicate name,
+also while the old pod is still terminating (and ``decide`` waits for that one anyway). A new pod
+is pinned to ``spec.nodeName``, else to the node the VM lives on (``status.nodeName``).
+
+The informers hold the VMs, the VM pods and the Nodes' facts (Ready condition and cordon only,
+:mod:`vmcrd.placement`), which the status reads: a VM on an unreachable node is NodeUnreachable,
+one waiting for its cordoned node WaitingForNode. The loop around it (informers, resync, workers,
+retries, leader gating) is :mod:`vmcrd.runner`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from cri_shim.kube_rest import ApiClientKubeApi
 from . import api, podspec, status
 from .api import KubeObject
 from .kube import EventRecorder, WorkQueue, api_message
-from .resources import VirtualMachines, vm_informers, vm_key, vm_pods_list_watch
+from .placement import NodesByName
+from .resources import (
+    VirtualMachines,
+    node_informer,
+    nodes_list_watch,
+    vm_informers,
+    vm_key,
+    vm_pods_list_watch,
+)
 from .runner import RetryDelays, Runner
 from .strategy import Action, PodState, decide, pod_state
 
@@ -63,8 +77,14 @@ class ClusterController:
         self.vms, self.pods = vm_informers(
             self.queue, self.vm_api.list_watch(namespace), vm_pods_list_watch(rest, namespace)
         )
+        self.nodes = node_informer(self.queue, self.vms, nodes_list_watch(rest))
         self.runner = Runner(
-            "reconcile", self.queue, [self.vms, self.pods], self.reconcile, resync=resync, delays=RETRY
+            "reconcile",
+            self.queue,
+            [self.vms, self.pods, self.nodes],
+            self.reconcile,
+            resync=resync,
+            delays=RETRY,
         )
 
     def run(self, stop: threading.Event, leading: threading.Event | None = None, workers: int = 2) -> None:
@@ -229,7 +249,7 @@ class ClusterController:
     def _write_status(
         self, vm: KubeObject, pod: KubeObject | None, create_error: str, sandbox_error: str = ""
     ) -> None:
-        new = status.compute(vm, pod, create_error, sandbox_error)
+        new = status.compute(vm, pod, create_error, sandbox_error, NodesByName(self.nodes))
         if not status.differs(vm, new):
             return
         self.vm_api.patch_status(vm, new)

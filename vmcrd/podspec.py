@@ -32,6 +32,12 @@ probe makes kubelet end the VM container; whether it runs again follows the pod'
 (above), so a VM with runStrategy Always is restarted by kubelet in the same sandbox. Probes are boot
 fields: a pod's probes cannot change, so a changed probe takes a restart (and only a VM that has
 probes hashes them, so the spec hash of one without stays as it was).
+
+Once the VM has a node the pod is pinned there by a required node affinity (its disks are
+node-local), and it tolerates the node lifecycle controller's NoExecute taints
+``node.kubernetes.io/unreachable`` and ``node.kubernetes.io/not-ready`` forever
+(:data:`TOLERATIONS`): a node that stops reporting does not get its VM evicted after the default
+300 s, so the same QEMU still runs when the kubelet returns (:mod:`vmcrd.placement`).
 """
 
 from __future__ import annotations
@@ -84,6 +90,14 @@ def grace_period(spec: dict[str, Any]) -> int:
     :data:`GRACE_PERIOD_SECONDS`. Not a boot field: the controller passes it with each pod delete."""
     value = spec.get("terminationGracePeriodSeconds")
     return GRACE_PERIOD_SECONDS if value is None else max(1, int(value))
+
+
+#: The node lifecycle controller's taints of a node that stopped reporting (unreachable: Ready
+#: Unknown) or reports NotReady, tolerated with no ``tolerationSeconds``, i.e. forever: the VM stays
+#: on its node (its disks are there) instead of being evicted after the DefaultTolerationSeconds
+#: admission plugin's 300 s. NoExecute only: the scheduler still puts no new pod on such a node.
+NODE_LOSS_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+TOLERATIONS = tuple({"key": key, "operator": "Exists", "effect": "NoExecute"} for key in NODE_LOSS_TAINTS)
 
 
 #: Spec fields whose change needs a reboot (everything but hotpluggable volumes, paused, running,
@@ -160,6 +174,7 @@ def build_pod(
         "terminationGracePeriodSeconds": grace_period(spec),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        "tolerations": [dict(t) for t in TOLERATIONS],
         "containers": [_container(spec)],
     }
     secret_ref = (spec.get("cloudInit") or {}).get("userDataSecretRef")
@@ -257,6 +272,34 @@ def _node_affinity(node: str) -> dict[str, Any]:
             }
         }
     }
+
+
+def pinned_node(pod: dict[str, Any]) -> str | None:
+    """The node the pod is pinned to by :func:`_node_affinity` (None: the scheduler picks)."""
+    affinity = ((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    for term in required.get("nodeSelectorTerms") or []:
+        for field in term.get("matchFields") or []:
+            values = field.get("values") or []
+            if field.get("key") == "metadata.name" and field.get("operator") == "In" and len(values) == 1:
+                return str(values[0])
+    return None
+
+
+def tolerates_node_loss(pod: dict[str, Any]) -> bool:
+    """The pod tolerates every taint of :data:`NODE_LOSS_TAINTS` forever (a pod made before the VM
+    pods had :data:`TOLERATIONS` carries the 300 s ones the API server added)."""
+    tolerations = (pod.get("spec") or {}).get("tolerations") or []
+
+    def forever(key: str) -> bool:
+        return any(
+            (t.get("key") == key or (not t.get("key") and t.get("operator") == "Exists"))
+            and t.get("effect") in ("NoExecute", None, "")
+            and t.get("tolerationSeconds") is None
+            for t in tolerations
+        )
+
+    return all(forever(key) for key in NODE_LOSS_TAINTS)
 
 
 def owned_by(pod: dict[str, Any], vm: dict[str, Any]) -> bool:

@@ -1,10 +1,11 @@
-"""What the controller modes read and write: VirtualMachines (both modes) and their VM pods
-(cluster mode; node mode reads no pods).
+"""What the controller modes read and write: VirtualMachines (both modes), their VM pods and the
+Nodes (cluster mode; node mode reads no pods and no Nodes).
 
-How to list (and watch) them, the two informers over them that feed cluster mode's work queue with VM keys,
-which VM a pod event is about, and the writes to a
-VirtualMachine: merge patches guarded by its resourceVersion (so a write based on a stale view is
-refused with 409 and retried), status patches of the fields a mode owns, the finalizer's removal.
+How to list (and watch) them, the informers over them that feed cluster mode's work queue with VM
+keys (a Node's change queues the VMs that live or are pinned there), which VM a pod event is
+about, and the writes to a VirtualMachine: merge patches guarded by its resourceVersion (so a write
+based on a stale view is refused with 409 and retried), status patches of the fields a mode owns,
+the finalizer's removal.
 All of it is plain JSON through a :class:`~cri_shim.kube_rest.KubeApi`: node mode's thin client
 (:mod:`cri_shim.kube_http`) or cluster mode's kubernetes ``ApiClient`` behind the same protocol.
 """
@@ -16,7 +17,7 @@ from urllib.parse import quote
 
 from cri_shim.kube_rest import MERGE_PATCH, KubeApi, kube_api
 
-from . import api, podspec
+from . import api, placement, podspec
 from .api import KubeObject
 from .kube import Informer, ListWatch, RestListWatch, WorkQueue
 
@@ -100,3 +101,21 @@ def vm_informers(queue: WorkQueue, vms: ListWatch, pods: ListWatch) -> tuple[Inf
 
     pod_informer = Informer("pods", pods, on_pod)
     return Informer("virtualmachines", vms, queue.add), pod_informer
+
+
+def nodes_list_watch(kube: KubeApi) -> ListWatch:
+    """List/watch the Nodes (cluster mode: their Ready condition and cordon, :mod:`vmcrd.placement`)."""
+    return RestListWatch(kube, "/api/v1/nodes")
+
+
+def node_informer(queue: WorkQueue, vms: Informer, nodes: ListWatch) -> Informer:
+    """Cluster mode's Node facts (:func:`vmcrd.placement.node_facts`, not whole Nodes); a change of
+    them queues the VMs that live on that node or are pinned to it."""
+
+    def on_node(key: str) -> None:
+        name = key.split("/", 1)[1]
+        for vm in vms.values():
+            if name in placement.vm_nodes(vm):
+                queue.add(vm_key(vm))
+
+    return Informer("nodes", nodes, on_node, transform=placement.node_facts)

@@ -6,9 +6,11 @@ Ownership of status fields (each has one writer, so merge patches never fight):
   ``observedGeneration``;
 * node mode: ``accel``, ``domainState``, ``volumes``.
 
-The Paused condition is derived by cluster mode from node mode's ``domainState``. Each change of
-printableStatus, and a RestartRequired that turns True, is also told as an Event
-(:func:`transition_events`).
+The Paused condition is derived by cluster mode from node mode's ``domainState``. What the VM's
+node is doing (unreachable, cordoned, not Ready) comes from cluster mode's Node facts through
+:mod:`vmcrd.placement`; every function here is pure (``nodes`` None: no Node facts, the pod's word
+alone). Each change of printableStatus, a RestartRequired that turns True and a change of node
+are also told as Events (:func:`transition_events`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from . import api, podspec
+from . import api, placement, podspec
 from .api import KubeObject
+from .placement import Nodes
 from .strategy import PodState, pod_state, wants_running
 
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -34,7 +37,15 @@ RESTART_MESSAGES = {
         "runStrategy changed while the VM runs: its pod restarts the guest by the old strategy "
         "(a pod's restartPolicy cannot change); restart the VM to apply (kubectl vm restart NAME)"
     ),
+    "PodOutdated": (
+        "the VM pod was made by an earlier edgevirt-controller: it lacks the tolerations that keep it "
+        "on its node while the node is unreachable (Kubernetes would evict it after 300 s); restart "
+        "the VM to apply (kubectl vm restart NAME)"
+    ),
 }
+#: printableStatus values whose transition Event carries the status message (the Ready condition's)
+#: although they are no failure.
+TOLD_WITH_MESSAGE = {api.STOPPING, api.NODE_UNREACHABLE, api.WAITING_FOR_NODE}
 #: printableStatus -> (Event type, Event reason) of a transition into it.
 PRINTABLE_EVENTS = {
     api.STOPPED: ("Normal", "Stopped"),
@@ -46,6 +57,8 @@ PRINTABLE_EVENTS = {
     api.ERROR_IMAGE: ("Warning", "ErrorImage"),
     api.UNSCHEDULABLE: ("Warning", "Unschedulable"),
     api.CRASH_LOOP: ("Warning", "CrashLoop"),
+    api.NODE_UNREACHABLE: ("Warning", "NodeUnreachable"),
+    api.WAITING_FOR_NODE: ("Normal", "WaitingForNode"),
 }
 
 
@@ -91,10 +104,17 @@ def guest_running(pod: KubeObject) -> bool:
 
 
 def printable(
-    vm: KubeObject, pod: KubeObject | None, create_error: str = "", sandbox_error: str = ""
+    vm: KubeObject,
+    pod: KubeObject | None,
+    create_error: str = "",
+    sandbox_error: str = "",
+    nodes: Nodes | None = None,
 ) -> tuple[str, str]:
     """(printableStatus, message) of a VM given its pod (or None). ``sandbox_error``: kubelet's last
-    FailedCreatePodSandBox message for a pod still Pending (kubelet keeps retrying: still Starting)."""
+    FailedCreatePodSandBox message for a pod still Pending (kubelet keeps retrying: still Starting).
+    ``nodes``: cluster mode's Node facts (:mod:`vmcrd.placement`); a pod on a node that stopped
+    reporting is NodeUnreachable whatever it says, one waiting for its cordoned or not Ready node is
+    WaitingForNode."""
     spec = vm.get("spec") or {}
     strategy = api.run_strategy(spec)
     request = (vm["metadata"].get("annotations") or {}).get(api.STATE_REQUEST, "")
@@ -108,15 +128,21 @@ def printable(
             return api.STARTING, "creating the VM pod"
         return api.STOPPED, ""
     assert pod is not None
+    lost = placement.node_lost(pod, nodes)
+    if lost and state in (PodState.ACTIVE, PodState.TERMINATING):
+        return lost
     if state is PodState.TERMINATING:
-        return api.STOPPING, "the VM pod is shutting down"
+        return api.STOPPING, _stopping_message(pod)
     if state is PodState.SUCCEEDED:
         return api.STOPPED, "the guest shut down"
     if state is PodState.FAILED:
         return api.FAILED, (pod.get("status") or {}).get("message", "") or "the VM pod failed"
+    waiting = placement.waiting_for_node(pod, nodes)
+    if waiting:
+        return waiting
     sched = _pod_condition(pod, "PodScheduled")
     if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
-        return api.UNSCHEDULABLE, sched.get("message", "")
+        return api.UNSCHEDULABLE, placement.unschedulable_message(pod, sched.get("message", ""))
     reason, message = _waiting_reason(pod)
     if reason in IMAGE_ERRORS:
         return api.ERROR_IMAGE, f"{reason}: {message}".rstrip(": ")
@@ -134,10 +160,26 @@ def printable(
     return api.STARTING, "waiting for the VM pod to run"
 
 
+def _stopping_message(pod: KubeObject) -> str:
+    """Why a VM pod is shutting down, as far as the pod tells (its DisruptionTarget condition)."""
+    disruption = _pod_condition(pod, "DisruptionTarget") or {}
+    if disruption.get("status") != "True":
+        return "the VM pod is shutting down"
+    if disruption.get("reason") == "EvictionByEvictionAPI":
+        return (
+            "the VM pod was evicted (kubectl drain, or another eviction): the guest is shutting down; "
+            "if its runStrategy starts it again, its next pod waits for the same node"
+        )
+    why = ": ".join(p for p in (disruption.get("reason"), disruption.get("message")) if p)
+    return f"the VM pod is shutting down ({why})"
+
+
 def restart_required(vm: KubeObject, pod: KubeObject | None) -> str:
     """Why the running pod must be made again to follow the VM's spec ("" when it need not): it was
-    built from another boot spec (BootSpecChanged), or kubelet restarts it by another policy than the
-    runStrategy now says (RunStrategyChanged: a pod's restartPolicy cannot change)."""
+    built from another boot spec (BootSpecChanged), kubelet restarts it by another policy than the
+    runStrategy now says (RunStrategyChanged: a pod's restartPolicy cannot change), or it lacks the
+    tolerations that keep it on an unreachable node (PodOutdated: made by an earlier controller; a
+    pod's tolerations are not the controller's to patch)."""
     if pod_state(pod) is not PodState.ACTIVE:
         return ""
     assert pod is not None
@@ -148,6 +190,8 @@ def restart_required(vm: KubeObject, pod: KubeObject | None) -> str:
     policy = (pod.get("spec") or {}).get("restartPolicy")
     if policy is not None and policy != api.restart_policy(spec):
         return "RunStrategyChanged"
+    if not podspec.tolerates_node_loss(pod):
+        return "PodOutdated"
     return ""
 
 
@@ -198,23 +242,35 @@ def set_condition(
 
 
 def compute(
-    vm: KubeObject, pod: KubeObject | None, create_error: str = "", sandbox_error: str = ""
+    vm: KubeObject,
+    pod: KubeObject | None,
+    create_error: str = "",
+    sandbox_error: str = "",
+    nodes: Nodes | None = None,
 ) -> dict[str, Any]:
-    """The cluster-mode part of the VM's status (a full replacement of those fields)."""
+    """The cluster-mode part of the VM's status (a full replacement of those fields): a pure function
+    of the VM, its pod, the errors met making it and the Node facts (see :func:`printable`)."""
     old = vm.get("status") or {}
     gen = int(vm["metadata"].get("generation") or 0)
-    pstatus, message = printable(vm, pod, create_error, sandbox_error)
+    pstatus, message = printable(vm, pod, create_error, sandbox_error, nodes)
     # the node the VM was actually placed on (its disks are there); a pin alone is not a placement
     node = ((pod or {}).get("spec") or {}).get("nodeName") or old.get("nodeName")
     ips = [p["ip"] for p in ((pod or {}).get("status") or {}).get("podIPs") or [] if p.get("ip")]
     if pod_state(pod) is not PodState.ACTIVE:
         ips = []
     conds = [dict(c) for c in old.get("conditions") or []]
-    _set_ready(conds, pstatus, message, pod, gen)
+    _set_ready(conds, pstatus, message, pod, gen, placement.not_ready(pod or {}, nodes))
     paused = pstatus == api.PAUSED
-    set_condition(
-        conds, api.COND_PAUSED, paused, "Suspended" if paused else "NotPaused", message if paused else "", gen
-    )
+    if pstatus != api.NODE_UNREACHABLE or condition_status(old, api.COND_PAUSED) is None:
+        # an unreachable node tells nothing new about the guest: Paused stays as it was
+        set_condition(
+            conds,
+            api.COND_PAUSED,
+            paused,
+            "Suspended" if paused else "NotPaused",
+            message if paused else "",
+            gen,
+        )
     rr = restart_required(vm, pod)
     set_condition(
         conds,
@@ -246,10 +302,20 @@ def compute(
 
 
 def _set_ready(
-    conds: list[dict[str, Any]], pstatus: str, message: str, pod: KubeObject | None, gen: int
+    conds: list[dict[str, Any]],
+    pstatus: str,
+    message: str,
+    pod: KubeObject | None,
+    gen: int,
+    node_not_ready: str = "",
 ) -> None:
-    """Ready: the guest runs and its pod is Ready. A running guest whose pod is not Ready (the node
-    has not reported lately) says so with reason PodNotReady."""
+    """Ready: the guest runs and its pod is Ready. A running guest whose node reports NotReady says
+    so with reason NodeNotReady (``node_not_ready``: the message), one whose pod is not Ready (the
+    node has not reported lately, and we know no better) with reason PodNotReady; otherwise the
+    reason is the printableStatus (NodeUnreachable, WaitingForNode, ...)."""
+    if pstatus == api.RUNNING and node_not_ready:
+        set_condition(conds, api.COND_READY, False, "NodeNotReady", node_not_ready, gen)
+        return
     if pstatus == api.RUNNING and not pod_ready(pod):
         pod_cond = _pod_condition(pod or {}, "Ready") or {}
         why = pod_cond.get("message") or (
@@ -289,8 +355,13 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
             ),
             "",
         )
+        if not msg and new["printableStatus"] in TOLD_WITH_MESSAGE:
+            msg = next((c.get("message") or "" for c in new["conditions"] if c["type"] == api.COND_READY), "")
         change = f"{old.get('printableStatus') or 'New'} -> {new['printableStatus']}"
         out.append((etype, reason, change + (f": {msg}" if msg else "")))
+    was, now_on = old.get("nodeName"), new.get("nodeName")
+    if was and now_on and was != now_on:
+        out.append(("Normal", "NodeChanged", placement.moved_message(was, now_on)))
     before, after = int(old.get("restartCount") or 0), int(new.get("restartCount") or 0)
     if new.get("podName") and new.get("podName") == old.get("podName") and after > before:
         ended = new.get("lastTermination") or {}

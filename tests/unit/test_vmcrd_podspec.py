@@ -233,9 +233,10 @@ def test_oci_reference_detection():
 
 
 def pod(phase: str = "Pending", **extra) -> dict:
+    """A VM pod bound to n1, as the controller makes them now (with the node-loss tolerations)."""
     p = {
         "metadata": {"name": "web-vm", "annotations": {}},
-        "spec": {"nodeName": "n1"},
+        "spec": {"nodeName": "n1", "tolerations": [dict(t) for t in podspec.TOLERATIONS]},
         "status": {"phase": phase},
     }
     p["status"].update(extra)
