@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -182,7 +183,7 @@ def test_vm_network_conflist_is_what_the_macvtap_plugin_accepts(paths: Paths):
             {
                 "subnet": "10.245.0.0/24",
                 "rangeStart": "10.245.0.10",
-                "rangeEnd": "10.245.0.250",
+                "rangeEnd": "10.245.0.129",
                 "gateway": "10.245.0.1",
             }
         ]
@@ -281,3 +282,23 @@ def test_unix_listening_reads_the_socket_table():
     assert not health.unix_listening(Path("/run/edgevirt/connected.sock"), table)  # not listening
     assert health.unix_listening(Path("/run/with space.sock"), table)
     assert not health.unix_listening(Path("/run/edgevirt"), table)
+
+
+def test_second_node_identity_differs_where_two_nodes_on_one_machine_must(monkeypatch, paths: Paths):
+    from localcluster.paths import NODE_ENV, this_node
+
+    monkeypatch.delenv(NODE_ENV, raising=False)
+    one = this_node()
+    monkeypatch.setenv(NODE_ENV, "2")
+    two = this_node()
+    assert (one.index, two.index) == (1, 2)
+    assert two.name == "edgevirt-local-2" and one.name != two.name
+    assert one.pod_cidr != two.pod_cidr and one.cgroup_root != two.cgroup_root
+    # the VM ranges share the LAN's subnet but not an address
+    first = {ipaddress.ip_address(a) for a in one.vm_range}
+    second = {ipaddress.ip_address(a) for a in two.vm_range}
+    assert max(first) < min(second)
+    [[rng]] = json.loads(configs.vm_network(paths).read_text())["plugins"][0]["ipam"]["ranges"]
+    assert (rng["rangeStart"], rng["rangeEnd"]) == two.vm_range
+    kubelet = configs.kubelet(paths, two.name).read_text()
+    assert "address: 10.243.0.2\n" in kubelet and "cgroupRoot: /edgevirt-node2\n" in kubelet

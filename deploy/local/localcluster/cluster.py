@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 
-from . import images, leftovers, pki
-from .components import BY_NAME, COMPONENTS, PROCESSES, Component, Setup, which_missing
+from . import images, leftovers, nodeinstall, pki, secondnode
+from .components import Component, Setup, by_name, components, processes, which_missing
 from .health import port_in_use
-from .paths import Paths, node_name
+from .paths import Paths, node_name, this_node
 from .procs import wait_for
 
 
@@ -74,8 +74,9 @@ def node_ready(paths: Paths) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
 
-def up(only: list[str] | None = None) -> None:
-    """Start what is not running, in order; wait for the node to be Ready."""
+def up(only: list[str] | None = None, nodes: int | None = None) -> None:
+    """Start what is not running, in order; wait for the node to be Ready. ``nodes`` 2 adds the second
+    node (secondnode.py), 1 removes it, None leaves it as it is."""
     if os.geteuid() != 0:
         raise ClusterError("deploy/local/up needs root (network namespaces, containerd, kubelet, libvirtd)")
     missing = which_missing()
@@ -87,7 +88,7 @@ def up(only: list[str] | None = None) -> None:
     leftovers.CreatedPaths(paths).record_before_up()
     if (paths.pki / "admin.crt").exists():  # a cluster another checkout brought up: its kubeconfig
         pki.kubeconfig(paths, "admin", paths.kubeconfig)  # here too, before a component needs it
-    wanted = [BY_NAME[n] for n in only] if only else COMPONENTS
+    wanted = [by_name()[n] for n in only] if only else components()
     t0 = time.monotonic()
     for c in wanted:
         say(f"{c.name}: {c.ensure(paths) if isinstance(c, Setup) else _start(c, paths)}")
@@ -99,9 +100,27 @@ def up(only: list[str] | None = None) -> None:
     if only is None or "kubelet" in only:
         say(f"waiting for node {node_name()} to be Ready")
         wait_for(
-            f"node {node_name()} Ready", lambda: node_ready(paths), 180, BY_NAME["kubelet"].process(paths), 1
+            f"node {node_name()} Ready", lambda: node_ready(paths), 180, _kubelet(paths).process(paths), 1
         )
         say(f"node {node_name()} is Ready ({time.monotonic() - t0:.1f}s); kubeconfig: {paths.kubeconfig}")
+    if this_node().index == 1 and nodes == 2:
+        secondnode.ensure(paths)
+    elif this_node().index == 1 and nodes == 1 and secondnode.exists():
+        gone = secondnode.remove(paths, _kubectl_ok(paths))
+        say(f"removed the second node: {', '.join(gone)}")
+
+
+def _kubelet(paths: Paths) -> Component:
+    c = by_name()["kubelet"]
+    assert isinstance(c, Component)
+    return c
+
+
+def _kubectl_ok(paths: Paths):
+    """kubectl as a predicate for secondnode.remove (None when the API server is not up)."""
+    if not by_name()["kube-apiserver"].process(paths).running():  # type: ignore[union-attr]
+        return None
+    return lambda *args: kubectl(paths, *args, check=False).returncode == 0
 
 
 def _remove_pods(paths: Paths) -> None:
@@ -111,7 +130,7 @@ def _remove_pods(paths: Paths) -> None:
     endpoints = [
         (name, sock)
         for name, sock in (("edgevirt-cri", paths.cri_sock), ("containerd", paths.containerd_sock))
-        if BY_NAME[name].process(paths).running()
+        if by_name()[name].process(paths).running()  # type: ignore[union-attr]
     ]
     for name, sock in endpoints:
         crictl = [paths.tool("crictl"), "--runtime-endpoint", f"unix://{sock}", "--timeout", "30s"]
@@ -125,14 +144,17 @@ def down(purge: bool = False) -> list[str]:
     """Stop exactly what up started (by pid, reverse order) and remove what the cluster left.
     Returns what was still found afterwards (empty when the machine is clean)."""
     paths = Paths.default()
-    kubelet = BY_NAME["kubelet"].process(paths)
+    if this_node().index == 1 and secondnode.exists():
+        gone = secondnode.remove(paths, _kubectl_ok(paths))
+        say(f"removed the second node: {', '.join(gone)}")
+    kubelet = _kubelet(paths).process(paths)
     if kubelet.stop():
         say("kubelet: stopped")
     _remove_pods(paths)
     doms = leftovers.remove_domains()
     if doms:
         say(f"libvirt: removed domains {', '.join(doms)}")
-    for c in reversed(COMPONENTS):
+    for c in reversed(components()):
         if isinstance(c, Setup):
             gone = c.remove(paths)
             if gone:
@@ -175,8 +197,8 @@ def down(purge: bool = False) -> list[str]:
 
 def remaining(paths: Paths) -> list[str]:
     """Everything of the cluster still on the machine."""
-    left = [f"process {c.name}" for c in PROCESSES if c.process(paths).running()]
-    for c in COMPONENTS:
+    left = [f"process {c.name}" for c in processes() if c.process(paths).running()]
+    for c in components():
         if isinstance(c, Setup):
             left += c.leftovers(paths)
     left += [f"shim pid {p}" for p in leftovers.shims(paths)]
@@ -185,13 +207,15 @@ def remaining(paths: Paths) -> list[str]:
     left += [f"link {leftovers.POD_BRIDGE}"] if leftovers.bridge_exists() else []
     left += [f"domain {d}" for d in leftovers.edgevirt_domains()]
     left += [f"device node {n}" for n in leftovers.tap_nodes(paths.macvtap_device_dir)]
+    if this_node().index == 1:
+        left += [f"node 2: {x}" for x in secondnode.leftovers()]
     return left
 
 
 def status() -> int:
     paths = Paths.default()
     rc = 0
-    for c in COMPONENTS:
+    for c in components():
         if isinstance(c, Setup):
             desc = _safe_value(lambda c=c: c.describe(paths))
             if desc is None:
@@ -208,6 +232,10 @@ def status() -> int:
             state = "stopped" + (" (exited: pid file left)" if proc.exited_early() else "")
             rc = 3
         print(f"{c.name:26} {state}")
+    if this_node().index == 1:
+        node2 = secondnode.leftovers()
+        state = f"present ({len(node2)} parts; up --nodes 1 removes it)" if node2 else "none"
+        print(f"{'second node':26} {state}")
     return rc
 
 
@@ -222,15 +250,30 @@ def _safe_value(f):
         return None
 
 
+def _take_nodes(argv: list[str]) -> int | None:
+    """Remove ``--nodes N`` (or ``--nodes=N``) from argv; N must be 1 or 2."""
+    for i, arg in enumerate(argv):
+        if arg == "--nodes" or arg.startswith("--nodes="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i : i + (1 if "=" in arg else 2)]
+            if value not in ("1", "2"):
+                raise ClusterError(f"--nodes {value or '(missing)'}: the local cluster has 1 or 2 nodes")
+            if this_node().index != 1:
+                raise ClusterError("--nodes is for the host side (node 1), not inside node 2")
+            return int(value)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv else "status"
     try:
         if cmd == "up":
-            unknown = [a for a in argv if a not in BY_NAME]
+            nodes = _take_nodes(argv)
+            unknown = [a for a in argv if a not in by_name()]
             if unknown:
-                raise ClusterError(f"unknown component(s) {unknown}; known: {', '.join(BY_NAME)}")
-            up(argv or None)
+                raise ClusterError(f"unknown component(s) {unknown}; known: {', '.join(by_name())}")
+            up(argv or None, nodes)
             return 0
         if cmd == "down":
             left = down(purge="--purge" in argv)
@@ -241,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if cmd == "status":
             return status()
-        print("usage: localcluster up [COMPONENT...] | down [--purge] | status", file=sys.stderr)
+        if cmd == "node-venv":  # secondnode.py: the node venv alone, with the host's network
+            say(f"node-install: {nodeinstall.ensure_venv(Paths.default())}")
+            return 0
+        usage = "usage: localcluster up [--nodes 1|2] [COMPONENT...] | down [--purge] | status"
+        print(usage, file=sys.stderr)
         return 2
     except (ClusterError, TimeoutError, RuntimeError, FileNotFoundError) as e:
         say(f"error: {e}")

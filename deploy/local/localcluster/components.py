@@ -21,6 +21,7 @@ from .paths import (
     SERVICE_CIDR,
     Paths,
     node_name,
+    this_node,
 )
 from .procs import Process
 
@@ -211,7 +212,8 @@ def _older_install(p: Paths, pid: int) -> bool:
 def _cri_prepare(p: Paths) -> None:
     p.cri_sock.parent.mkdir(parents=True, exist_ok=True)
     p.cri_state.mkdir(parents=True, exist_ok=True)
-    _apply_runtimeclasses(p)
+    if this_node().index == 1:  # cluster-wide objects: the first node's up applies them
+        _apply_runtimeclasses(p)
 
 
 RUNTIMECLASSES = REPO / "deploy" / "manifests" / "runtimeclasses.yaml"
@@ -311,6 +313,7 @@ def _kubelet_argv(p: Paths) -> list[str]:
         f"--kubeconfig={_kubeconfig(p, 'kubelet')}",
         f"--root-dir={p.kubelet_dir}",
         f"--hostname-override={node}",
+        *([f"--node-ip={this_node().node_ip}"] if this_node().node_ip else []),
         "--v=1",
     ]
 
@@ -410,6 +413,66 @@ COMPONENTS: list[Component | Setup] = [
 
 BY_NAME = {c.name: c for c in COMPONENTS}
 PROCESSES: list[Component] = [c for c in COMPONENTS if isinstance(c, Component)]
+
+
+# --- the second node (secondnode.py runs these inside its namespaces) ---
+def _node2_vmnet_ensure(p: Paths) -> str:
+    """Node 2's VM network: its master (the veth to the LAN netns) is made by the host side
+    (secondnode.py, which reaches both namespaces); here only its conflist, with node 2's range."""
+    if not vmnet.master_exists():
+        raise vmnet.VMNetError(
+            f"link {vmnet.VM_MASTER} is missing in node 2's network namespace: run deploy/local/up --nodes 2"
+        )
+    configs.vm_network(p)
+    return f"master {vmnet.VM_MASTER} (made by the host side); conflist {p.vm_cni_conflist}"
+
+
+def _node2_vmnet_describe(p: Paths) -> str | None:
+    ok = vmnet.master_exists() and p.vm_cni_conflist.exists()
+    return f"{vmnet.VM_MASTER}; conflist {p.vm_cni_conflist}" if ok else None
+
+
+def _node2_vmnet_remove(p: Paths) -> list[str]:
+    if p.vm_cni_data_dir.exists():
+        shutil.rmtree(p.vm_cni_data_dir, ignore_errors=True)
+        return [f"{p.vm_cni_data_dir} (host-local leases, macvtap records)"]
+    return []
+
+
+#: What a node runs (the rest is the control plane, on node 1). Node 2's own network plumbing (its
+#: route to the API server and the registry, its VM network master) is made from the host side.
+NODE_COMPONENTS = (
+    "containerd",
+    "vm-network",
+    "node-install",
+    "virtlogd",
+    "libvirtd",
+    "macvtap-daemon",
+    "edgevirt-cri",
+    "kubelet",
+)
+NODE2_VMNET = Setup(
+    "vm-network",
+    _node2_vmnet_ensure,
+    _node2_vmnet_describe,
+    _node2_vmnet_remove,
+    lambda p: [str(p.vm_cni_data_dir)] if p.vm_cni_data_dir.exists() else [],
+)
+
+
+def components() -> list[Component | Setup]:
+    """The components of the node this process serves, in start order (node 1: the whole cluster)."""
+    if this_node().index == 1:
+        return COMPONENTS
+    return [NODE2_VMNET if n == NODE2_VMNET.name else BY_NAME[n] for n in NODE_COMPONENTS]
+
+
+def by_name() -> dict[str, Component | Setup]:
+    return {c.name: c for c in components()}
+
+
+def processes() -> list[Component]:
+    return [c for c in components() if isinstance(c, Component)]
 
 
 def which_missing() -> list[str]:

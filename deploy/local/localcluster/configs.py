@@ -9,13 +9,12 @@ from .paths import (
     MIRRORED_REGISTRIES,
     PAUSE_IMAGE,
     POD_BRIDGE,
-    POD_CIDR,
     REGISTRY_ADDR,
     VM_CIDR,
     VM_GATEWAY,
     VM_MASTER,
-    VM_RANGE,
     Paths,
+    this_node,
 )
 
 # Where the kvm handler looks for CNI plugins: macvtap (deploy/cni/install-plugin) first, then
@@ -140,7 +139,7 @@ def pod_network(paths: Paths) -> Path:
                 "ipam": {
                     "type": "host-local",
                     "dataDir": str(paths.cni_data_dir / "host-local"),
-                    "ranges": [[{"subnet": POD_CIDR}]],
+                    "ranges": [[{"subnet": this_node().pod_cidr}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                 },
             },
@@ -155,6 +154,7 @@ def vm_network(paths: Paths) -> Path:
     with its leases and the plugin's records under the state dir, so `down` removes them. The MAC
     comes from the pod (capability "mac"), so a VM keeps its address across restarts."""
     data = paths.vm_cni_data_dir
+    start, end = this_node().vm_range  # the nodes share the LAN: each hands out its own addresses
     conf = {
         "cniVersion": "1.0.0",
         "name": "edgevirt-vm",
@@ -174,8 +174,8 @@ def vm_network(paths: Paths) -> Path:
                         [
                             {
                                 "subnet": VM_CIDR,
-                                "rangeStart": VM_RANGE[0],
-                                "rangeEnd": VM_RANGE[1],
+                                "rangeStart": start,
+                                "rangeEnd": end,
                                 "gateway": VM_GATEWAY,
                             }
                         ]
@@ -190,14 +190,17 @@ def vm_network(paths: Paths) -> Path:
 
 def kubelet(paths: Paths, node: str, runtime_endpoint: Path | None = None) -> Path:
     """kubelet: cgroupfs driver (no systemd here), cgroup v1 allowed, swap tolerated, served on
-    127.0.0.1 only, x509 + webhook authn/authz against the API server. Its CRI endpoint is
-    `runtime_endpoint` (the cluster passes edgevirt-cri's socket), containerd's by default."""
+    127.0.0.1 only (the second node: on its own address, in its own netns), x509 + webhook
+    authn/authz against the API server. Its CRI endpoint is `runtime_endpoint` (the cluster passes
+    edgevirt-cri's socket), containerd's by default."""
     endpoint = runtime_endpoint or paths.containerd_sock
+    node = this_node()
     return _write(
         paths.etc / "kubelet.yaml",
         f"""apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: 127.0.0.1
+address: {node.kubelet_address}
+cgroupRoot: {node.cgroup_root}
 port: 10250
 healthzBindAddress: 127.0.0.1
 healthzPort: 10248

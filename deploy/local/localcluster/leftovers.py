@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from . import health
-from .paths import POD_BRIDGE, Paths
+from .paths import POD_BRIDGE, Paths, this_node
 
 # Domains created by edgevirt carry this name prefix (the kvm handler and the controller use it).
 DOMAIN_PREFIX = "edgevirt-"
@@ -108,18 +108,21 @@ def remove_stale_socket(path: Path) -> bool:
 
 
 def shims(paths: Paths) -> list[int]:
-    """containerd shim processes that belong to our containerd (by its socket address)."""
+    """containerd shim processes that belong to our containerd: by its socket address, in our mount
+    namespace (the second node's containerd has the same socket path in its own)."""
     pids = []
     sock = str(paths.containerd_sock)
+    mine = os.stat("/proc/self/ns/mnt").st_ino
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
+            ours = argv and b"containerd-shim" in argv[0] and sock.encode() in argv
+            if ours and os.stat(proc / "ns" / "mnt").st_ino == mine:
+                pids.append(int(proc.name))
         except OSError:
             continue
-        if argv and b"containerd-shim" in argv[0] and sock.encode() in argv:
-            pids.append(int(proc.name))
     return pids
 
 
@@ -136,8 +139,10 @@ def kubelet_cgroups() -> list[Path]:
     found: list[Path] = []
     if not CGROUP_ROOT.exists():
         return found
+    root = this_node().cgroup_root.strip("/")
+    names = KUBELET_CGROUPS if not root else tuple(f"{root}/{n}" for n in KUBELET_CGROUPS)
     for hierarchy in CGROUP_ROOT.iterdir():
-        for name in KUBELET_CGROUPS:
+        for name in names:
             top = hierarchy / name
             if top.is_dir():
                 found.extend(Path(p) for p, _, _ in os.walk(top))

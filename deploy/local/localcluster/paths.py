@@ -25,8 +25,13 @@ VERSIONS = _versions()
 
 
 def node_name() -> str:
-    """The Node's name: the host name when it resolves to loopback (so the API server reaches the
-    kubelet on 127.0.0.1 by name), else "localhost"."""
+    """The Node's name of the node this process serves (:func:`this_node`)."""
+    return this_node().name
+
+
+def first_node_name() -> str:
+    """The first Node's name: the host name when it resolves to loopback (so the API server reaches
+    the kubelet on 127.0.0.1 by name), else "localhost"."""
     name = socket.gethostname().lower()
     try:
         addrs = {info[4][0] for info in socket.getaddrinfo(name, None)}
@@ -173,8 +178,62 @@ VM_LAN_NETNS = "edgevirt-vmnet"
 VM_LAN_IF = "eth0"
 VM_CIDR = "10.245.0.0/24"
 VM_GATEWAY = "10.245.0.1"
-VM_RANGE = ("10.245.0.10", "10.245.0.250")
+VM_RANGE = ("10.245.0.10", "10.245.0.129")  # node 1's share; node 2 hands out .130-.249
 VM_IMAGE_ROOTS = ("/var/lib/edgevirt/images",)
 # Upstream registries whose names the local registry stands in for (containerd mirrors them).
 MIRRORED_REGISTRIES = ("docker.io", "registry.k8s.io", "quay.io", "ghcr.io", "gcr.io")
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
+
+
+# --- the second node (deploy/local/up --nodes 2, secondnode.py) ---
+#: which node a process of the local cluster serves: unset or 1 the first, 2 the second (set by
+#: secondnode.py for everything it runs inside the second node's namespaces)
+NODE_ENV = "EDGEVIRT_LOCAL_NODE"
+#: node 2's link to the host: veth NODE2_HOST_IF (host, NODE2_HOST_ADDR) <-> eth0 in netns NODE2_NETNS
+NODE2_NETNS = "edgevirt-node2"
+NODE2_HOST_IF = "evnode2"
+NODE2_HOST_ADDR = "10.243.0.1"
+NODE2_ADDR = "10.243.0.2"
+NODE2_LINK_PREFIX = 30
+NODE2_NAME = "edgevirt-local-2"
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What differs between the local cluster's nodes. Everything else (paths, ports, sockets) is the
+    same string on both: the second node runs in its own network and mount namespaces, where the
+    same paths are its own directories."""
+
+    index: int
+    name: str
+    pod_cidr: str
+    vm_range: tuple[str, str]
+    #: where kubelet serves (the API server reaches it there, by name: /etc/hosts for node 2)
+    kubelet_address: str
+    #: kubelet's cgroupRoot: the nodes share the machine's cgroup hierarchies, not their pods' cgroups
+    cgroup_root: str
+    #: kubelet's --node-ip (None: kubelet's own choice)
+    node_ip: str | None
+
+
+def this_node() -> NodeIdentity:
+    """The identity of the node this process serves (:data:`NODE_ENV`)."""
+    if os.environ.get(NODE_ENV, "1") == "2":
+        return NodeIdentity(
+            index=2,
+            name=NODE2_NAME,
+            pod_cidr="10.244.1.0/24",
+            vm_range=("10.245.0.130", "10.245.0.249"),
+            kubelet_address=NODE2_ADDR,
+            cgroup_root="/edgevirt-node2",
+            node_ip=NODE2_ADDR,
+        )
+    return NodeIdentity(
+        index=1,
+        name=first_node_name(),
+        pod_cidr=POD_CIDR,
+        vm_range=VM_RANGE,
+        kubelet_address="127.0.0.1",
+        cgroup_root="/",
+        node_ip=None,
+    )

@@ -80,7 +80,6 @@ def ensure(paths: Paths) -> None:
     if not (pki / "sa.key").exists():
         _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
         _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
-    node = node_name()
     _client(
         pki,
         "apiserver",
@@ -94,14 +93,21 @@ def ensure(paths: Paths) -> None:
     _client(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", ca, cakey)
     _client(pki, "controller-manager", "/CN=system:kube-controller-manager", ca, cakey)
     _client(pki, "scheduler", "/CN=system:kube-scheduler", ca, cakey)
+    kubelet_certs(pki, ca, cakey, node_name(), "127.0.0.1")
+
+
+def kubelet_certs(pki: Path, ca: Path, cakey: Path, node: str, address: str) -> None:
+    """A node's kubelet certificates in `pki`: its client one (the Node authorizer's
+    system:node:<name>) and its serving one, for its name and the address it serves on."""
     _client(pki, "kubelet", f"/O=system:nodes/CN=system:node:{node}", ca, cakey)
+    extra = ",DNS:localhost" if address == "127.0.0.1" else ""
     _client(
         pki,
         "kubelet-serving",
         f"/O=system:nodes/CN=system:node:{node}",
         ca,
         cakey,
-        sans=f"IP:127.0.0.1,DNS:localhost,DNS:{node}",
+        sans=f"IP:{address}{extra},DNS:{node}",
     )
 
 

@@ -1,6 +1,8 @@
 """The VM network of the local cluster: kvm pods get a macvtap NIC whose master is VM_MASTER (evvm0),
 one end of a veth pair; the other end is VM_LAN_IF (eth0) inside the netns VM_LAN_NETNS
-(edgevirt-vmnet), which plays the node's LAN and the VMs' gateway (10.245.0.1/24). Host to guest
+(edgevirt-vmnet), which plays the node's LAN and the VMs' gateway: a bridge LAN_BRIDGE (lan0) there
+holds the gateway address (10.245.0.1/24) and the nodes' ports (eth0 for node 1, eth1 for node 2's
+master, added by secondnode.py), so VMs on both nodes share one LAN. Host to guest
 over the master itself does not work with macvtap, so tests reach VMs from that netns:
 `ip netns exec edgevirt-vmnet ping 10.245.0.x`.
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from .paths import VM_CIDR, VM_GATEWAY, VM_LAN_IF, VM_LAN_NETNS, VM_MASTER
 
 NETNS_DIR = Path("/run/netns")
+LAN_BRIDGE = "lan0"
 GATEWAY_CIDR = f"{VM_GATEWAY}/{VM_CIDR.split('/')[1]}"
 
 
@@ -95,11 +98,23 @@ def ensure() -> str:
         _ip("link", "add", VM_MASTER, "type", "veth", "peer", "name", VM_LAN_IF, "netns", VM_LAN_NETNS)
         did.append(f"veth {VM_MASTER} <-> {VM_LAN_NETNS}/{VM_LAN_IF}")
     _ip("link", "set", "lo", "up", netns=VM_LAN_NETNS)
-    _ip("addr", "replace", GATEWAY_CIDR, "dev", VM_LAN_IF, netns=VM_LAN_NETNS)
-    _ip("link", "set", VM_LAN_IF, "up", netns=VM_LAN_NETNS)
+    if _link(LAN_BRIDGE, netns=VM_LAN_NETNS) is None:
+        _ip("link", "add", LAN_BRIDGE, "type", "bridge", netns=VM_LAN_NETNS)
+        did.append(f"bridge {VM_LAN_NETNS}/{LAN_BRIDGE}")
+    # an earlier layout kept the gateway on the port itself: it moves to the bridge
+    _ip("addr", "flush", "dev", VM_LAN_IF, netns=VM_LAN_NETNS)
+    attach_port(VM_LAN_IF)
+    _ip("addr", "replace", GATEWAY_CIDR, "dev", LAN_BRIDGE, netns=VM_LAN_NETNS)
+    _ip("link", "set", LAN_BRIDGE, "up", netns=VM_LAN_NETNS)
     _ip("link", "set", VM_MASTER, "up")
-    where = f"{VM_MASTER} <-> {VM_LAN_NETNS}/{VM_LAN_IF} {GATEWAY_CIDR}"
+    where = f"{VM_MASTER} <-> {VM_LAN_NETNS}/{VM_LAN_IF} in {LAN_BRIDGE} {GATEWAY_CIDR}"
     return f"made {', '.join(did)} ({where})" if did else f"already set up ({where})"
+
+
+def attach_port(ifname: str) -> None:
+    """Put the LAN netns' link `ifname` (a node's port) into the LAN bridge and up."""
+    _ip("link", "set", ifname, "master", LAN_BRIDGE, netns=VM_LAN_NETNS)
+    _ip("link", "set", ifname, "up", netns=VM_LAN_NETNS)
 
 
 def describe() -> str | None:
@@ -107,15 +122,16 @@ def describe() -> str | None:
     master = _link(VM_MASTER)
     if master is None or not _is_ours(master) or "UP" not in master.get("flags", []):
         return None
-    addrs = _ip("-j", "addr", "show", "dev", VM_LAN_IF, netns=VM_LAN_NETNS, check=False).stdout
+    addrs = _ip("-j", "addr", "show", "dev", LAN_BRIDGE, netns=VM_LAN_NETNS, check=False).stdout
     try:
         info = json.loads(addrs)[0]
     except (ValueError, IndexError):
         return None
     have = {f"{a['local']}/{a['prefixlen']}" for a in info.get("addr_info", [])}
-    if GATEWAY_CIDR not in have or "UP" not in info.get("flags", []):
+    port = _link(VM_LAN_IF, netns=VM_LAN_NETNS) or {}
+    if GATEWAY_CIDR not in have or "UP" not in info.get("flags", []) or port.get("master") != LAN_BRIDGE:
         return None
-    return f"{VM_MASTER} <-> {VM_LAN_NETNS}/{VM_LAN_IF} {GATEWAY_CIDR}"
+    return f"{VM_MASTER} <-> {VM_LAN_NETNS}/{VM_LAN_IF} in {LAN_BRIDGE} {GATEWAY_CIDR}"
 
 
 def remove() -> list[str]:
