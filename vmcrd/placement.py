@@ -141,7 +141,39 @@ def waiting_for_node(pod: KubeObject, nodes: Nodes | None) -> tuple[str, str] | 
             f"node {name} is {state}{_ready_detail(facts)}: the VM starts there once the node is "
             f"Ready; it is pinned to {name} (its disks are node-local); to move it, see {MOVE_DOCS}"
         )
+    if _only_cordon_kept_it(_unschedulable_message(pod)):
+        # uncordoned a moment ago: the scheduler's verdict is from before, its retry comes
+        return api.WAITING_FOR_NODE, (
+            f"node {name} takes pods again (uncordoned): waiting for the scheduler to place the VM pod there"
+        )
     return None
+
+
+#: The scheduler's NodeUnschedulable plugin's reason for a cordoned node in its Unschedulable message.
+CORDONED_REASON = "node(s) were unschedulable"
+#: ... and NodeAffinity's for the other nodes (the pod is pinned to one)
+AFFINITY_REASONS = ("didn't match Pod's node affinity/selector", "didn't satisfy plugin(s) [NodeAffinity]")
+
+
+def _only_cordon_kept_it(message: str) -> bool:
+    """The scheduler's message ("0/2 nodes are available: 1 node(s) didn't satisfy plugin(s)
+    [NodeAffinity], 1 node(s) were unschedulable. preemption: ...") gives a cordon as the only reason
+    besides node affinity: for a pod pinned to one node, that node was cordoned when it tried."""
+    if "nodes are available: " not in message:
+        return False
+    reasons = message.split("nodes are available: ", 1)[1].split(". ", 1)[0].rstrip(".").split(", ")
+    kinds = [
+        "cordon" if CORDONED_REASON in r else "affinity" if any(a in r for a in AFFINITY_REASONS) else "other"
+        for r in reasons
+    ]
+    return "cordon" in kinds and "other" not in kinds
+
+
+def _unschedulable_message(pod: KubeObject) -> str:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return str(cond.get("message") or "") if cond.get("reason") == "Unschedulable" else ""
+    return ""
 
 
 def unschedulable_message(pod: KubeObject, scheduler_message: str) -> str:

@@ -313,11 +313,24 @@ def test_an_evicted_pod_says_so_and_its_successor_waits_for_the_cordoned_node():
     assert "node n1 is cordoned (unschedulable)" in ready["message"]
     assert "kubectl uncordon n1" in ready["message"] and "docs/virtualmachine.md" in ready["message"]
     assert s["nodeName"] == "n1" and s["ipAddresses"] == []
-    # uncordoned: the scheduler's next word decides (here it has not tried again yet)
+    # uncordoned: the scheduler's verdict is from before (it found only the cordon in the way) and
+    # its retry comes: still waiting, no Unschedulable in between (seen on a real drain + uncordon)
     up = nodes(node("n1"), node("n2"))
-    assert status.printable(vm, successor, nodes=up)[0] == api.UNSCHEDULABLE
+    pstatus, msg = status.printable(vm, successor, nodes=up)
+    assert pstatus == api.WAITING_FOR_NODE and "node n1 takes pods again (uncordoned)" in msg
     successor["status"]["conditions"] = []
     assert status.printable(vm, successor, nodes=up)[0] == api.STARTING
+    # a verdict with another reason than the cordon is the scheduler's word
+    successor["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/2 nodes are available: 1 Insufficient memory, 1 node(s) were unschedulable. "
+            "preemption: 0/2 nodes are available: 2 Preemption is not helpful for scheduling.",
+        }
+    ]
+    assert status.printable(vm, successor, nodes=up)[0] == api.UNSCHEDULABLE
 
 
 @pytest.mark.parametrize(("ready", "word"), [("Unknown", "unreachable"), ("False", "not Ready")])
