@@ -149,8 +149,10 @@ def waiting_for_node(pod: KubeObject, nodes: Nodes | None) -> tuple[str, str] | 
     return None
 
 
-#: The scheduler's NodeUnschedulable plugin's reason for a cordoned node in its Unschedulable message.
-CORDONED_REASON = "node(s) were unschedulable"
+#: The scheduler's reasons for a cordoned node in its Unschedulable message: the NodeUnschedulable
+#: plugin's, and TaintToleration's for the taint the node lifecycle controller mirrors the cordon
+#: with (removed a moment after the uncordon, so a retry in between names it)
+CORDONED_REASONS = ("node(s) were unschedulable", "{node.kubernetes.io/unschedulable: }")
 #: ... and NodeAffinity's for the other nodes (the pod is pinned to one)
 AFFINITY_REASONS = ("didn't match Pod's node affinity/selector", "didn't satisfy plugin(s) [NodeAffinity]")
 
@@ -163,7 +165,11 @@ def _only_cordon_kept_it(message: str) -> bool:
         return False
     reasons = message.split("nodes are available: ", 1)[1].split(". ", 1)[0].rstrip(".").split(", ")
     kinds = [
-        "cordon" if CORDONED_REASON in r else "affinity" if any(a in r for a in AFFINITY_REASONS) else "other"
+        "cordon"
+        if any(c in r for c in CORDONED_REASONS)
+        else "affinity"
+        if any(a in r for a in AFFINITY_REASONS)
+        else "other"
         for r in reasons
     ]
     return "cordon" in kinds and "other" not in kinds

@@ -318,6 +318,13 @@ def test_an_evicted_pod_says_so_and_its_successor_waits_for_the_cordoned_node():
     up = nodes(node("n1"), node("n2"))
     pstatus, msg = status.printable(vm, successor, nodes=up)
     assert pstatus == api.WAITING_FOR_NODE and "node n1 takes pods again (uncordoned)" in msg
+    # a retry between the uncordon and the removal of the cordon's taint names the taint
+    successor["status"]["conditions"][0]["message"] = (
+        "0/2 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, "
+        "1 node(s) had untolerated taint {node.kubernetes.io/unschedulable: }. preemption: "
+        "0/2 nodes are available: 2 Preemption is not helpful for scheduling."
+    )
+    assert status.printable(vm, successor, nodes=up)[0] == api.WAITING_FOR_NODE
     successor["status"]["conditions"] = []
     assert status.printable(vm, successor, nodes=up)[0] == api.STARTING
     # a verdict with another reason than the cordon is the scheduler's word
