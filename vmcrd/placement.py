@@ -39,8 +39,9 @@ MOVE_DOCS = "docs/virtualmachine.md, Nodes"
 def node_facts(node: KubeObject) -> KubeObject:
     """What cluster mode keeps of a Node (the node informer's transform): its name, its Ready
     condition (status, reason, message, lastTransitionTime: not the heartbeat, which changes with
-    every report) and its cordon (``spec.unschedulable``). A Ready condition that is missing (a node
-    registering) counts as Unknown."""
+    every report), its cordon (``spec.unschedulable``) and the keys of its scheduling taints
+    (NoSchedule, NoExecute) but those that mirror the Ready condition. A Ready condition that is
+    missing (a node registering) counts as Unknown."""
     conditions = (node.get("status") or {}).get("conditions") or []
     ready: KubeObject = next((c for c in conditions if c.get("type") == "Ready"), {})
     return {
@@ -50,7 +51,21 @@ def node_facts(node: KubeObject) -> KubeObject:
         "message": ready.get("message") or "",
         "since": ready.get("lastTransitionTime") or "",
         "unschedulable": bool((node.get("spec") or {}).get("unschedulable")),
+        "taints": sorted(
+            {
+                str(t.get("key"))
+                for t in (node.get("spec") or {}).get("taints") or []
+                if t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") not in LIFECYCLE_TAINTS
+            }
+        ),
     }
+
+
+#: Taints the node lifecycle controller mirrors the Ready condition with (the facts have that
+#: already; VM pods tolerate the NoExecute ones, :data:`vmcrd.podspec.TOLERATIONS`)
+LIFECYCLE_TAINTS = frozenset(podspec.NODE_LOSS_TAINTS)
+#: ... and the one it mirrors the cordon with
+CORDON_TAINT = "node.kubernetes.io/unschedulable"
 
 
 class NodesByName(Mapping[str, KubeObject]):
@@ -141,7 +156,7 @@ def waiting_for_node(pod: KubeObject, nodes: Nodes | None) -> tuple[str, str] | 
             f"node {name} is {state}{_ready_detail(facts)}: the VM starts there once the node is "
             f"Ready; it is pinned to {name} (its disks are node-local); to move it, see {MOVE_DOCS}"
         )
-    if _only_cordon_kept_it(_unschedulable_message(pod)):
+    if _only_cordon_kept_it(_unschedulable_message(pod), facts):
         # uncordoned a moment ago: the scheduler's verdict is from before, its retry comes
         return api.WAITING_FOR_NODE, (
             f"node {name} takes pods again (uncordoned): waiting for the scheduler to place the VM pod there"
@@ -149,30 +164,32 @@ def waiting_for_node(pod: KubeObject, nodes: Nodes | None) -> tuple[str, str] | 
     return None
 
 
-#: The scheduler's reasons for a cordoned node in its Unschedulable message: the NodeUnschedulable
-#: plugin's, and TaintToleration's for the taint the node lifecycle controller mirrors the cordon
-#: with (removed a moment after the uncordon, so a retry in between names it)
-CORDONED_REASONS = ("node(s) were unschedulable", "{node.kubernetes.io/unschedulable: }")
-#: ... and NodeAffinity's for the other nodes (the pod is pinned to one)
+#: The scheduler's reason for a cordoned node in its Unschedulable message (NodeUnschedulable), for
+#: a node with a taint the pod does not tolerate (TaintToleration: the cordon's own taint stays a
+#: moment after the uncordon), and NodeAffinity's for the other nodes (the pod is pinned to one).
+CORDONED_REASON = "node(s) were unschedulable"
+TAINT_REASONS = ("untolerated taint",)
 AFFINITY_REASONS = ("didn't match Pod's node affinity/selector", "didn't satisfy plugin(s) [NodeAffinity]")
 
 
-def _only_cordon_kept_it(message: str) -> bool:
+def _only_cordon_kept_it(message: str, facts: KubeObject) -> bool:
     """The scheduler's message ("0/2 nodes are available: 1 node(s) didn't satisfy plugin(s)
-    [NodeAffinity], 1 node(s) were unschedulable. preemption: ...") gives a cordon as the only reason
-    besides node affinity: for a pod pinned to one node, that node was cordoned when it tried."""
+    [NodeAffinity], 1 node(s) had untolerated taint(s). preemption: ...") gives only the cordon (or
+    a taint, while the pinned node now has none but the cordon's) besides node affinity: for a pod
+    pinned to a node that takes pods again, that verdict is from before the uncordon."""
     if "nodes are available: " not in message:
         return False
     reasons = message.split("nodes are available: ", 1)[1].split(". ", 1)[0].rstrip(".").split(", ")
-    kinds = [
-        "cordon"
-        if any(c in r for c in CORDONED_REASONS)
-        else "affinity"
-        if any(a in r for a in AFFINITY_REASONS)
-        else "other"
-        for r in reasons
-    ]
-    return "cordon" in kinds and "other" not in kinds
+    kinds = set()
+    for r in reasons:
+        if CORDONED_REASON in r:
+            kinds.add("cordon")
+        elif any(t in r for t in TAINT_REASONS):
+            kinds.add("taint")
+        elif not any(a in r for a in AFFINITY_REASONS):
+            kinds.add("other")
+    blocking = [t for t in facts.get("taints") or [] if t != CORDON_TAINT]
+    return bool(kinds) and kinds <= {"cordon", "taint"} and not ("taint" in kinds and blocking)
 
 
 def _unschedulable_message(pod: KubeObject) -> str:
