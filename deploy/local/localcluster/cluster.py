@@ -104,7 +104,14 @@ def up(only: list[str] | None = None, nodes: int | None = None) -> None:
         )
         say(f"node {node_name()} is Ready ({time.monotonic() - t0:.1f}s); kubeconfig: {paths.kubeconfig}")
     if this_node().index == 1 and nodes == 2:
-        secondnode.ensure(paths)
+        existed = secondnode.exists()
+        try:
+            secondnode.ensure(paths)
+        except BaseException:
+            if not existed:  # a node 2 made now and failing halfway leaves nothing behind
+                gone = secondnode.remove(paths, _kubectl_ok(paths))
+                say(f"the second node failed to come up; removed what was made of it: {', '.join(gone)}")
+            raise
     elif this_node().index == 1 and nodes == 1 and secondnode.exists():
         gone = secondnode.remove(paths, _kubectl_ok(paths))
         say(f"removed the second node: {', '.join(gone)}")
