@@ -302,3 +302,36 @@ def test_second_node_identity_differs_where_two_nodes_on_one_machine_must(monkey
     assert (rng["rangeStart"], rng["rangeEnd"]) == two.vm_range
     kubelet = configs.kubelet(paths, two.name).read_text()
     assert "address: 10.243.0.2\n" in kubelet and "cgroupRoot: /edgevirt-node2\n" in kubelet
+
+
+def test_up_takes_one_or_two_nodes_and_says_so_otherwise(monkeypatch):
+    from localcluster import cluster
+    from localcluster.paths import NODE_ENV
+
+    monkeypatch.delenv(NODE_ENV, raising=False)
+    for argv, nodes, rest in (
+        (["--nodes", "2"], 2, []),
+        (["--nodes=1", "kubelet"], 1, ["kubelet"]),
+        (["kubelet"], None, ["kubelet"]),
+    ):
+        assert cluster._take_nodes(argv) == nodes and argv == rest
+    for bad in (["--nodes", "3"], ["--nodes"], ["--nodes=two"]):
+        with pytest.raises(cluster.ClusterError, match="the local cluster has 1 or 2 nodes"):
+            cluster._take_nodes(bad)
+    monkeypatch.setenv(NODE_ENV, "2")
+    with pytest.raises(cluster.ClusterError, match="not inside node 2"):
+        cluster._take_nodes(["--nodes", "2"])
+
+
+def test_the_second_node_reaches_only_the_api_server_and_the_registry_on_the_hosts_loopback():
+    from localcluster import secondnode
+
+    host = secondnode._host_rules()
+    [dnat] = [r for t, c, r in host if c == secondnode.HOST_NAT_CHAIN]
+    assert dnat[dnat.index("--dports") + 1] == "6443,5000" and dnat[-1] == "127.0.0.1"
+    assert dnat[dnat.index("-i") + 1] == "evnode2"
+    [drop] = [r for t, c, r in host if c == secondnode.HOST_FW_CHAIN]
+    assert drop[-2:] == ["-j", "DROP"] and "DNAT" in drop[drop.index("--ctstate") + 1]
+    inside = secondnode._node_rules()
+    targets = {r[r.index("--to-destination") + 1] for t, c, r in inside if "DNAT" in r}
+    assert targets == {"10.243.0.1", "10.243.0.1:6443"}  # the host's end of the link, nothing else
