@@ -107,7 +107,7 @@ def test_busybox_pod_runs_logs_execs_and_leaves_nothing(cluster):
     assert pod["metadata"]["uid"] not in mounts, "a volume mount of the deleted pod is left"
 
 
-VM_MASTER, VM_LAN_NETNS, VM_GATEWAY = "evvm0", "edgevirt-vmnet", "10.245.0.1"
+VM_MASTER, VM_LAN_NETNS, VM_LAN_BRIDGE, VM_GATEWAY = "evvm0", "edgevirt-vmnet", "lan0", "10.245.0.1"
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -125,8 +125,11 @@ def _assert_vm_network_up(cluster) -> None:
     master = json.loads(_ip("-d", "-j", "link", "show", "dev", VM_MASTER).stdout)[0]
     assert master["linkinfo"]["info_kind"] == "veth" and "UP" in master["flags"], master
     assert not [a for a in master.get("addr_info", []) if a.get("family") == "inet"], "evvm0 has no IP"
-    addrs = _ip("netns", "exec", VM_LAN_NETNS, "ip", "-4", "addr", "show", "dev", "eth0").stdout
+    # The gateway sits on the LAN bridge, with node 1's side of the veth as one of its ports.
+    addrs = _ip("netns", "exec", VM_LAN_NETNS, "ip", "-4", "addr", "show", "dev", VM_LAN_BRIDGE).stdout
     assert f"inet {VM_GATEWAY}/24" in addrs, addrs
+    port = json.loads(_ip("-n", VM_LAN_NETNS, "-j", "link", "show", "dev", "eth0").stdout)[0]
+    assert port.get("master") == VM_LAN_BRIDGE and "UP" in port["flags"], port
     lo = _ip("netns", "exec", VM_LAN_NETNS, "ip", "link", "show", "lo").stdout
     assert "UP" in lo, lo
     ping = _ip("netns", "exec", VM_LAN_NETNS, "busybox", "ping", "-c1", "-W2", VM_GATEWAY)
@@ -144,7 +147,7 @@ def test_vm_network_is_up_and_shown_by_status(cluster):
         timeout=120,
     ).stdout
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert "set up (evvm0 <-> edgevirt-vmnet/eth0 10.245.0.1/24)" in lines["vm-network"], out
+    assert "set up (evvm0 <-> edgevirt-vmnet/eth0 in lan0 10.245.0.1/24)" in lines["vm-network"], out
     assert "running" in lines["macvtap-daemon"], out
 
 
