@@ -1,8 +1,9 @@
 """`macvtap daemon`: the resident process that keeps pyroute2 and netlink sockets warm for the plugin.
 
-A supervisor (cni_macvtap.supervisor) pre-forks one worker per CPU (--workers), all accepting on the
-shared socket (one GIL each, so a burst of calls uses every core), restarts any worker that dies and
-stops them all on SIGTERM. The supervisor itself never starts a thread or opens a netlink socket, so
+A supervisor (cni_macvtap.supervisor) forks workers on demand, up to one per CPU (--workers), all
+accepting on the shared socket (one GIL each, so a burst of calls uses every core); a worker idle for
+--idle-exit seconds exits, so an idle node keeps the supervisor alone (--min-workers keep some
+running); SIGTERM stops them all. The supervisor itself never starts a thread or opens a netlink socket, so
 forking from it is safe. It does import what the workers run (pyroute2 and the verbs' modules, which
 start no thread and open nothing) and freezes those objects out of the garbage collector before the
 first fork (:func:`preload_worker_code`): the workers then share those pages with it instead of each
@@ -32,10 +33,14 @@ from .server import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, Server
 from .supervisor import Census, ReadyPipe, Supervisor
 
 DEFAULT_OPS_ADDRESS = "127.0.0.1:9642"
+#: a worker started on demand exits after this many seconds without a call: longer than the gaps
+#: within a burst of pod starts, short enough that a node at rest soon holds the supervisor alone
+IDLE_EXIT_S = 60.0
 
 
-def _serve_worker(server: Server, pipe: ReadyPipe | None, with_metrics: bool) -> None:
-    """One worker: warm up, say so, then accept on the shared socket until SIGTERM."""
+def _serve_worker(server: Server, pipe: ReadyPipe | None, with_metrics: bool, slot: int) -> None:
+    """One worker: warm up, say so, then accept on the shared socket until SIGTERM or, when started
+    on demand, until it has been idle for ``server.idle_exit`` (then it says it retires)."""
 
     def on_signal(signum: int, _frame: object) -> None:
         server.request_stop()
@@ -44,12 +49,14 @@ def _serve_worker(server: Server, pipe: ReadyPipe | None, with_metrics: bool) ->
     signal.signal(signal.SIGINT, on_signal)
     server.warm()
     if with_metrics:
-        from .metrics import RequestMetrics  # after the fork: the values' files carry this pid
+        from .metrics import RequestMetrics  # after the fork
 
-        server.metrics = RequestMetrics()
+        server.metrics = RequestMetrics(slot)  # its files are the slot's: a later worker there continues them
     if pipe is not None:
+        server.on_busy = pipe.busy
         pipe.announce()
-    server.serve()
+    if server.serve() and pipe is not None:
+        pipe.retiring()
 
 
 def preload_worker_code() -> None:
@@ -66,16 +73,23 @@ def preload_worker_code() -> None:
 
 
 def _spawner(
-    server: Server, pipe: ReadyPipe, ops: OpsEndpoint | None, with_metrics: bool
-) -> Callable[[], int]:
-    def spawn() -> int:
+    server: Server,
+    pipe: ReadyPipe,
+    ops: OpsEndpoint | None,
+    with_metrics: bool,
+    minimum: int,
+    idle_exit: float,
+) -> Callable[[int], int]:
+    def spawn(slot: int) -> int:
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 if ops is not None:
                     os.close(ops.fileno())  # the supervisor's socket, not the worker's
-                _serve_worker(server, pipe, with_metrics)
+                if slot >= minimum:
+                    server.idle_exit = idle_exit
+                _serve_worker(server, pipe, with_metrics, slot)
             except BaseException as exc:  # a worker must never fall back into the supervisor's loop
                 log.error("worker %d failed: %r", os.getpid(), exc)
                 code = 1
@@ -99,7 +113,7 @@ def _serve_alone(server: Server, census: Census, ops: OpsEndpoint | None, notifi
     if ops is not None:
         from .metrics import RequestMetrics
 
-        server.metrics = RequestMetrics()
+        server.metrics = RequestMetrics(0)
         ops.serve_in_thread()
     census.ready_pids.add(os.getpid())
     notifier.notify(READY)
@@ -116,7 +130,22 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="worker processes (default: one per CPU); 1 serves from this process",
+        help="worker processes at most, started as calls come (default: one per CPU); 1 serves from "
+        "this process",
+    )
+    parser.add_argument(
+        "--min-workers",
+        type=int,
+        default=0,
+        help="worker processes that always run (default 0: an idle daemon is its supervisor alone, and "
+        "the first call after an idle spell waits for a worker to start, a few milliseconds)",
+    )
+    parser.add_argument(
+        "--idle-exit",
+        type=float,
+        default=IDLE_EXIT_S,
+        help=f"seconds without a call after which a worker beyond --min-workers exits "
+        f"(default {IDLE_EXIT_S:g})",
     )
     parser.add_argument(
         "--max-connections",
@@ -173,12 +202,17 @@ def _open_ops(args: argparse.Namespace, census: Census) -> tuple[OpsEndpoint | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`macvtap daemon [--socket PATH] [--workers N] [--max-connections N] [--request-timeout S]
+    """`macvtap daemon [--socket PATH] [--workers N] [--min-workers N] [--idle-exit S] [--max-connections N]
+    [--request-timeout S]
     [--ops-address HOST:PORT] [--host-root DIR] [--log-level L] [--log-format text|json]`."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.workers < 1 or args.max_connections < 1 or not args.request_timeout > 0:
         parser.error("--workers and --max-connections must be at least 1, --request-timeout above 0")
+    if not 0 <= args.min_workers <= args.workers:
+        parser.error(f"--min-workers {args.min_workers}: must be between 0 and --workers ({args.workers})")
+    if not args.idle_exit > 0:
+        parser.error(f"--idle-exit {args.idle_exit:g}: must be above 0 seconds")
     try:
         parse_address(args.ops_address or "")
     except ValueError as e:
@@ -193,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     server.bind()
     ipam.IN_PROCESS = os.environ.get("MACVTAP_DAEMON_EXEC_IPAM", "") != "1"
     ipam.HOST_ROOT = args.host_root.rstrip("/")
-    census = Census(configured=args.workers)
+    census = Census(configured=args.workers, minimum=1 if args.workers == 1 else args.min_workers)
     ops, metrics_path = None, None
     try:
         ops, metrics_path = _open_ops(args, census)
@@ -205,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("MACVTAP_DAEMON_NO_PRELOAD", "") != "1":  # "1": for the bench's A/B only
                 preload_worker_code()
             pipe = ReadyPipe()
-            spawn = _spawner(server, pipe, ops, ops is not None)
-            Supervisor(spawn, census, pipe, ops, notifier).run(args.socket)
+            spawn = _spawner(server, pipe, ops, ops is not None, args.min_workers, args.idle_exit)
+            Supervisor(spawn, census, pipe, ops, notifier, server.fileno()).run(args.socket)
             pipe.close()
     finally:
         server.stop()

@@ -11,13 +11,16 @@ metric                                         type       labels
 ``macvtap_daemon_requests_not_served_total``   counter    ``reason``: ``busy`` and ``other_netns``
                                                           (handed back to run in the client),
                                                           ``malformed``, ``timeout``
-``macvtap_daemon_workers``                     gauge      ``state``: ``configured``, ``ready``
-``macvtap_daemon_worker_restarts_total``       counter    workers that died and were replaced
+``macvtap_daemon_workers``                     gauge      ``state``: ``configured`` (at most),
+                                                          ``minimum`` (always running), ``ready``
+``macvtap_daemon_worker_restarts_total``       counter    workers that died without retiring
 =============================================  =========  =========================================
 
 The workers are separate processes, so the values live in prometheus_client's multiprocess files
 (``<socket>.metrics/``, emptied when the daemon starts, removed when it stops; see
-cni_macvtap.metrics_files): each worker writes its own, the supervisor sums them when scraped.
+cni_macvtap.metrics_files): each worker writes its own, the supervisor sums them when scraped. The
+files are named by the worker's slot, not its pid (prometheus_client's ``process_identifier``):
+workers come and go with the calls, and a worker in a slot continues the counts of the one before.
 ``PROMETHEUS_MULTIPROC_DIR`` must be set before prometheus_client is first imported, which is why
 the daemon imports this module only after cni_macvtap.metrics_files.enable().
 """
@@ -31,10 +34,12 @@ from typing import Protocol
 from . import package_init
 
 package_init.skip_init("prometheus_client")  # not its HTTP exposition nor default collectors
+from prometheus_client import values  # noqa: E402
 from prometheus_client.metrics import Counter, Histogram  # noqa: E402
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric  # noqa: E402
 from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
 from prometheus_client.registry import Collector, CollectorRegistry  # noqa: E402
+from prometheus_client.values import MultiProcessValue  # noqa: E402
 
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 NOT_SERVED = ("busy", "other_netns", "malformed", "timeout")
@@ -56,9 +61,10 @@ def cni_error_code(out: bytes) -> str:
 
 
 class RequestMetrics:
-    """A worker's metrics; made in the worker after the fork (its files carry the worker's pid)."""
+    """A worker's metrics; made in the worker after the fork, in the files of its ``slot``."""
 
-    def __init__(self) -> None:
+    def __init__(self, slot: int) -> None:
+        values.ValueClass = MultiProcessValue(lambda: slot)  # type: ignore[no-untyped-call]  # untyped
         self.duration = Histogram(
             "macvtap_cni_request_duration_seconds",
             "CNI calls served by the macvtap daemon, by command (seconds)",
@@ -98,6 +104,8 @@ class WorkerCensus(Protocol):
     @property
     def configured(self) -> int: ...
     @property
+    def minimum(self) -> int: ...
+    @property
     def ready(self) -> int: ...
     @property
     def restarts(self) -> int: ...
@@ -111,13 +119,18 @@ class SupervisorCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         workers = GaugeMetricFamily(
-            "macvtap_daemon_workers", "Worker processes, configured and ready (serving)", labels=["state"]
+            "macvtap_daemon_workers",
+            "Worker processes: at most (configured), always running (minimum) and ready (serving now)",
+            labels=["state"],
         )
         workers.add_metric(["configured"], self._census.configured)
+        workers.add_metric(["minimum"], self._census.minimum)
         workers.add_metric(["ready"], self._census.ready)
         yield workers
         yield CounterMetricFamily(
-            "macvtap_daemon_worker_restarts", "Workers that died and were replaced", self._census.restarts
+            "macvtap_daemon_worker_restarts",
+            "Workers that died without retiring (crashed or killed)",
+            self._census.restarts,
         )
 
 

@@ -1,7 +1,10 @@
 """The unix-socket server of one `macvtap daemon` worker: accepts connections, reads one request each,
 runs it through plugin.run and answers.
 
-Each connection gets its own thread. Each request carries its own environment and stdin, so two
+Each connection gets its own thread. A worker started on demand (cni_macvtap.supervisor) is given
+``idle_exit``: serve() returns once no call has been under way for that long, and ``on_busy``, called
+(at most every ``BUSY_NOTE_EVERY_S``) when a second call arrives while one is under way, so the
+supervisor can start another worker for the burst. Each request carries its own environment and stdin, so two
 containers' calls never share state beyond the locked host netlink socket; operations on the same
 attachment are serialised by the attachment lock (cni_macvtap.locks). A request from a process in
 another network namespace is sent back to run in-process (the daemon only acts on the namespace it
@@ -22,6 +25,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from . import namespaces, plugin, wire
@@ -32,6 +36,8 @@ from .errors import DECODING_FAILURE, CNIError
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT_S = 10.0
 BUSY_LOG_EVERY_S = 10.0
+BUSY_NOTE_EVERY_S = 0.5
+ACCEPT_TICK_S = 0.5  # how often serve() looks at its stop flag and its idle time
 
 
 class Metrics(Protocol):
@@ -79,6 +85,12 @@ class Server:
         self._busy_count = 0
         self._busy_logged = float("-inf")
         self.metrics: Metrics | None = None  # set in the worker (after the fork) when metrics are on
+        self.idle_exit: float | None = None  # seconds without a call after which serve() returns
+        self.on_busy: Callable[[], None] | None = None  # a second call arrived while one is under way
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._last_active = time.monotonic()
+        self._busy_noted = float("-inf")
 
     def bind(self) -> None:
         """Create the socket (mode 0600); refuse when another daemon already answers there."""
@@ -94,18 +106,27 @@ class Server:
         sock.listen(128)
         self._sock = sock
 
+    def fileno(self) -> int:
+        """The listening socket's descriptor (the supervisor watches it while no worker runs)."""
+        assert self._sock is not None
+        return self._sock.fileno()
+
     def warm(self) -> None:
         """Import pyroute2 and open the host netlink socket before the first request."""
         namespaces.host_links().default_route_link()
 
-    def serve(self) -> None:
-        """Accept until stop() is called; a connection beyond the limit is handed back at once."""
+    def serve(self) -> bool:
+        """Accept until stop() is called (returns False) or, with ``idle_exit``, until no call has been
+        under way for that long (returns True); a connection beyond the limit is handed back at once."""
         assert self._sock is not None
-        self._sock.settimeout(0.5)
+        self._sock.settimeout(ACCEPT_TICK_S)
+        self._last_active = time.monotonic()
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
             except TimeoutError:
+                if self._idle_for_long():
+                    return True
                 continue
             except OSError as exc:
                 if self._stop.is_set():
@@ -115,11 +136,36 @@ class Server:
             if not self._slots.acquire(blocking=False):
                 self._hand_back(conn)
                 continue
+            self._call_started()
             try:
                 threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
             except RuntimeError:  # no thread to be had: the client does the work itself
+                self._call_done()
                 self._slots.release()
                 self._hand_back(conn)
+        return False
+
+    def _idle_for_long(self) -> bool:
+        if self.idle_exit is None:
+            return False
+        with self._in_flight_lock:
+            return self._in_flight == 0 and time.monotonic() - self._last_active >= self.idle_exit
+
+    def _call_started(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight += 1
+            concurrent = self._in_flight >= 2
+            now = time.monotonic()
+            note = concurrent and self.on_busy is not None and now - self._busy_noted >= BUSY_NOTE_EVERY_S
+            if note:
+                self._busy_noted = now
+        if note and self.on_busy is not None:
+            self.on_busy()
+
+    def _call_done(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
+            self._last_active = time.monotonic()
 
     def request_stop(self) -> None:
         """Make serve() return (safe from a signal handler)."""
@@ -151,6 +197,7 @@ class Server:
             with conn:
                 self._handle(conn)
         finally:
+            self._call_done()
             self._slots.release()
 
     def _handle(self, conn: socket.socket) -> None:

@@ -12,9 +12,11 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.cni_env import MASTER, REPO, Topology, links, sh, topology, tree
@@ -396,35 +398,77 @@ def test_a_daemon_in_another_netns_hands_the_call_back(tmp_path: Path) -> None:
         assert b"ADD c1/eth0" not in err  # the daemon never did the work
 
 
-def test_a_killed_daemon_worker_is_replaced(dtopo: Topology) -> None:
-    assert dtopo.daemon is not None
-    if (os.cpu_count() or 1) == 1:
-        pytest.skip("one CPU: the daemon serves from a single process, there is no worker to replace")
-    workers = children(dtopo.daemon.pid)
-    assert len(workers) == os.cpu_count()
-    os.kill(workers[0], 9)
-    wait_for(
-        "the daemon to replace the worker",
-        lambda: "starting a new one" in dtopo.daemon_log(),
-        60,
-        0.1,
-        explain=dtopo.daemon_log,
-    )
-    netns = dtopo.new_pod()
-    conf = dtopo.conf()
-    for cid in ("after1", "after2", "after3", "after4"):  # whichever worker accepts, the calls succeed
-        res = run(dtopo, "ADD", conf, netns=netns, container_id=cid, ifname=f"e-{cid}")
-        assert res.code == 0, res.stdout + res.stderr
-    for cid in ("after1", "after2", "after3", "after4"):
-        assert run(dtopo, "DEL", conf, netns=netns, container_id=cid, ifname=f"e-{cid}").code == 0
-    assert workers[0] not in children(dtopo.daemon.pid)
-    assert len(children(dtopo.daemon.pid)) == len(workers)
-    dtopo.assert_clean()
+def _add_del(t: Topology, netns: str, cids: list[str], parallel: int = 1) -> None:
+    """ADD then DEL of each container id (``parallel`` calls at a time); every call succeeds."""
+    conf = t.conf()
+    with ThreadPoolExecutor(parallel) as pool:
+        for command in ("ADD", "DEL"):
+
+            def call(cid: str, command: str = command) -> Any:
+                return run(t, command, conf, netns=netns, container_id=cid, ifname=f"e-{cid}")
+
+            results = list(pool.map(call, cids))
+            assert all(r.code == 0 for r in results), [r.stdout + r.stderr for r in results if r.code]
+
+
+def test_workers_start_on_demand_and_retire_when_idle(tmp_path: Path) -> None:
+    """No worker while idle; a call starts one, a burst a second, and both exit after --idle-exit;
+    a worker killed mid-life is not replaced until a call needs it."""
+    with topology(tmp_path) as t:
+        t.use_daemon = True  # type: ignore[attr-defined]
+        t.start_daemon("--workers", "2", "--idle-exit", "2")
+        assert t.daemon is not None
+        supervisor = t.daemon.pid
+        assert children(supervisor) == []  # idle: the supervisor alone
+        netns = t.new_pod()
+        _add_del(t, netns, ["one"])
+        [first] = children(supervisor)
+        _add_del(t, netns, [f"b{i}" for i in range(12)], parallel=6)
+        assert len(children(supervisor)) == 2, t.daemon_log()  # the burst made the first say it is busy
+        wait_for(
+            "the idle workers to exit", lambda: children(supervisor) == [], 60, 0.1, explain=t.daemon_log
+        )
+        assert t.daemon_log().count("retired (idle)") == 2 and "exited" not in t.daemon_log()
+        _add_del(t, netns, ["again"])  # a call after the idle spell starts a worker again
+        [worker] = children(supervisor)
+        assert worker != first
+        os.kill(worker, 9)
+        wait_for(
+            "the supervisor to see it", lambda: "the next call starts a new one" in t.daemon_log(), 60, 0.1
+        )
+        assert children(supervisor) == []
+        _add_del(t, netns, ["after-kill"])
+        assert len(children(supervisor)) == 1
+        t.assert_clean()
+
+
+def test_min_workers_always_run_and_a_killed_one_is_replaced(tmp_path: Path) -> None:
+    with topology(tmp_path) as t:
+        t.use_daemon = True  # type: ignore[attr-defined]
+        t.start_daemon("--workers", "2", "--min-workers", "2", "--idle-exit", "1")
+        assert t.daemon is not None
+        supervisor = t.daemon.pid
+        wait_for("two workers", lambda: len(children(supervisor)) == 2, 60, 0.1, explain=t.daemon_log)
+        workers = children(supervisor)
+        os.kill(workers[0], 9)
+        wait_for(
+            "the daemon to replace the worker",
+            lambda: "starting a new one" in t.daemon_log(),
+            60,
+            0.1,
+            explain=t.daemon_log,
+        )
+        netns = t.new_pod()
+        _add_del(t, netns, ["after1", "after2", "after3", "after4"], parallel=2)  # whichever worker accepts
+        wait_for("two workers again", lambda: len(children(supervisor)) == 2, 60, 0.1, explain=t.daemon_log)
+        assert workers[0] not in children(supervisor)
+        time.sleep(2.5)  # longer than --idle-exit: workers that always run stay
+        assert len(children(supervisor)) == 2 and "retired" not in t.daemon_log()
+        t.assert_clean()
 
 
 def test_the_daemon_does_not_leak_file_descriptors(dtopo: Topology) -> None:
     assert dtopo.daemon is not None
-    procs = children(dtopo.daemon.pid) or [dtopo.daemon.pid]
     netns = dtopo.new_pod()
     conf = dtopo.conf()
 
@@ -438,10 +482,13 @@ def test_the_daemon_does_not_leak_file_descriptors(dtopo: Topology) -> None:
             p: sorted(os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")) for p in procs
         }
 
-    cycle("warm", 4)  # every worker has opened what it keeps (netlink socket, lock file)
+    cycle("warm", 4)  # the worker these calls started has opened what it keeps (netlink socket, lock file)
+    procs = [dtopo.daemon.pid, *children(dtopo.daemon.pid)]
+    assert len(procs) == 2  # sequential calls: one worker
     before = fds()
     cycle("fd", 20)
     after = fds()
+    assert children(dtopo.daemon.pid) == procs[1:]  # the same worker served them all
     assert {p: len(v) for p, v in after.items()} == {p: len(v) for p, v in before.items()}, (before, after)
     dtopo.assert_clean()
 

@@ -1,6 +1,6 @@
 """The macvtap daemon's operational side without namespaces: JSON and text logs, sd_notify, the ops
 endpoint (thread and poll modes), the workers' census and ready pipe, the multiprocess metrics of
-forked workers summed by the supervisor, the server's metric hooks, and that the plugin's client
+forked workers summed by the supervisor (in files per worker slot), the server's metric hooks, and that the plugin's client
 path never loads prometheus_client."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cni_macvtap.metrics import cni_error_code, command_label
 from cni_macvtap.ops import OpsEndpoint, parse_address
 from cni_macvtap.sd_notify import READY, Notifier
 from cni_macvtap.server import Server
-from cni_macvtap.supervisor import Census, ReadyPipe
+from cni_macvtap.supervisor import NOTE_BUSY, NOTE_READY, NOTE_RETIRING, Census, ReadyPipe
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ def _endpoint(census: Census) -> OpsEndpoint:
 
 
 def test_the_endpoint_in_a_thread():
-    census = Census(configured=2)
+    census = Census(configured=2, minimum=2)
     ops = _endpoint(census)
     ops.serve_in_thread()
     url = f"http://127.0.0.1:{ops.address[1]}"
@@ -118,7 +118,7 @@ def test_the_endpoint_in_a_thread():
 
 
 def test_the_endpoint_polled_from_a_loop_without_threads_of_its_own():
-    ops = _endpoint(Census(configured=1, ready_pids={1}))
+    ops = _endpoint(Census(configured=1, minimum=1, ready_pids={1}))
     result: list[tuple[int, str]] = []
     client_thread = threading.Thread(
         target=lambda: result.append(get(f"http://127.0.0.1:{ops.address[1]}/readyz"))
@@ -139,12 +139,18 @@ def test_census_and_ready_pipe():
     try:
         assert pipe.drain() == []
         pipe.announce()
-        pipe.announce()
-        assert pipe.drain() == [os.getpid(), os.getpid()]
+        pipe.busy()
+        pipe.retiring()
+        me = os.getpid()
+        assert pipe.drain() == [(me, NOTE_READY), (me, NOTE_BUSY), (me, NOTE_RETIRING)]
+        for _ in range(100_000):  # a supervisor that is behind never blocks a worker: notes are dropped
+            pipe.busy()
+        assert 0 < len(pipe.drain()) < 100_000
     finally:
         pipe.close()
-    census = Census(configured=2, ready_pids={5})
+    census = Census(configured=2, minimum=2, ready_pids={5})
     assert census.readiness() == (False, "1 of 2 workers ready")
+    assert Census(configured=2).readiness() == (True, "")  # on demand: ready with no worker at all
 
 
 def test_labels_and_cni_error_codes():
@@ -171,20 +177,20 @@ from prometheus_client import generate_latest
 from cni_macvtap.metrics import RequestMetrics, exposition_registry
 from cni_macvtap.supervisor import Census
 pids = []
-for worker in range(2):
+for worker, slot in ((0, 0), (1, 1), (2, 1)):  # the third worker follows the second in slot 1
     pid = os.fork()
     if pid == 0:
-        m = RequestMetrics()
+        m = RequestMetrics(slot)
         for _ in range(worker + 1):
             m.observe("ADD", 0.003, 0, b"")
         m.observe("DEL", 0.001, 1, json.dumps({"code": 11, "msg": "try again"}).encode())
         m.count_not_served("busy")
         os._exit(0)
-    pids.append(pid)
-for pid in pids:
     os.waitpid(pid, 0)
-census = Census(configured=2, ready_pids=set(pids), restarts=1)
+    pids.append(pid)
+census = Census(configured=2, minimum=1, ready_pids=set(pids[1:]), restarts=1)
 sys.stdout.write(generate_latest(exposition_registry(path, census)).decode())
+print("files: " + " ".join(sorted(os.listdir(path))))
 metrics_files.disable(path)
 assert not os.path.exists(path) and metrics_files.ENV not in os.environ
 """
@@ -202,15 +208,18 @@ def test_forked_workers_values_are_summed_by_the_supervisor(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = set(r.stdout.splitlines())
     for expected in (
-        'macvtap_cni_request_duration_seconds_count{command="ADD"} 3.0',
-        'macvtap_cni_request_duration_seconds_bucket{command="ADD",le="0.005"} 3.0',
+        'macvtap_cni_request_duration_seconds_count{command="ADD"} 6.0',
+        'macvtap_cni_request_duration_seconds_bucket{command="ADD",le="0.005"} 6.0',
         'macvtap_cni_request_duration_seconds_bucket{command="ADD",le="0.002"} 0.0',
-        'macvtap_cni_request_duration_seconds_count{command="DEL"} 2.0',
-        'macvtap_cni_request_errors_total{code="11",command="DEL"} 2.0',
-        'macvtap_daemon_requests_not_served_total{reason="busy"} 2.0',
+        'macvtap_cni_request_duration_seconds_count{command="DEL"} 3.0',
+        'macvtap_cni_request_errors_total{code="11",command="DEL"} 3.0',
+        'macvtap_daemon_requests_not_served_total{reason="busy"} 3.0',
         'macvtap_daemon_workers{state="configured"} 2.0',
+        'macvtap_daemon_workers{state="minimum"} 1.0',
         'macvtap_daemon_workers{state="ready"} 2.0',
         "macvtap_daemon_worker_restarts_total 1.0",
+        # one file per slot and kind, however many workers came and went
+        "files: counter_0.db counter_1.db histogram_0.db histogram_1.db",
     ):
         assert expected in lines, (expected, r.stdout)
 
