@@ -6,7 +6,9 @@ owner: a VM whose finalizer an administrator removed by hand, or a pod that name
 (the admission policy reserves that annotation, but the node holds on its own). Every
 :data:`GC_INTERVAL` seconds node mode lists the VM disk folders of this node and removes those whose
 (namespace, UID) is no VirtualMachine in the API server, once they are older than :data:`GRACE` (a VM
-just created may not be in the informer yet) and no domain of theirs runs here. Plain kvm pods' disks
+just created may not be in the informer yet) and no domain of theirs runs here. The folders are listed
+with the disk layer alone: libvirt (the DomainManager, ~12 MiB once loaded, and a connection) is
+needed only when such a folder exists, so a node that never ran a VM never loads it. Plain kvm pods' disks
 are the kvm handler's (removed with the pod) and never touched here.
 """
 
@@ -22,7 +24,7 @@ from .api import KubeObject
 from .kube import Informer
 
 if TYPE_CHECKING:
-    from cri_shim.vm import DomainManager
+    from cri_shim.vm import DiskManager, DomainManager
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,14 @@ class DiskCollector:
 
     def __init__(
         self,
+        disks: Callable[[], DiskManager],
         manager: Callable[[], DomainManager],
         vms: Informer,
         namespace: str | None = None,
         interval: float = GC_INTERVAL,
         grace: float = GRACE,
     ) -> None:
+        self.disks = disks
         self.manager = manager
         self.vms = vms
         self.namespace = namespace
@@ -63,15 +67,19 @@ class DiskCollector:
         if not self.vms.synced.is_set():
             return []
         now = time.time() if now is None else now
-        mgr = self.manager()
-        removed = []
-        for ns, uid in orphans(mgr.disks.vm_disk_owners(), self.vms.values(), self.namespace):
-            folder = mgr.disks.dir_for("vm", uid, ns)
+        disks = self.disks()
+        old_enough = []
+        for ns, uid in orphans(disks.vm_disk_owners(), self.vms.values(), self.namespace):
             try:
-                if now - folder.stat().st_mtime < self.grace:
-                    continue
+                if now - disks.dir_for("vm", uid, ns).stat().st_mtime >= self.grace:
+                    old_enough.append((ns, uid))
             except FileNotFoundError:
                 continue
+        if not old_enough:
+            return []  # nothing to judge: no libvirt needed
+        mgr = self.manager()
+        removed = []
+        for ns, uid in old_enough:
             if any(mgr.state(d).phase in ("running", "paused") for d in mgr.vm_domains(ns, uid)):
                 continue  # in use: whoever runs it, its disks stay
             mgr.remove_vm(ns, uid)

@@ -43,7 +43,7 @@ from .resources import VirtualMachines
 from .runner import RetryDelays, Runner
 
 if TYPE_CHECKING:
-    from cri_shim.vm import DomainManager
+    from cri_shim.vm import DiskManager, DomainManager
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class NodeController:
         self.containerd_root = containerd_root
         self.queue = WorkQueue()
         self.events = EventRecorder(self.vm_api.api, "edgevirt-controller-node", node)
+        self._disks: DiskManager | None = None
         self._manager: DomainManager | None = None
         self.vms = Informer("virtualmachines", self.vm_api.list_watch(namespace), self.queue.add)
         self.runner = Runner(
@@ -124,20 +125,31 @@ class NodeController:
         )
 
     @property
+    def disks(self) -> DiskManager:
+        """The VM disk layer alone (no libvirt): what the disk collector lists."""
+        if self._disks is None:
+            from cri_shim.vm import DiskManager
+
+            self._disks = DiskManager(self.state_dir, host_disk_roots=[HOST_DISK_ROOT])
+        return self._disks
+
+    @property
     def manager(self) -> DomainManager:
-        """The libvirt layer's DomainManager (connected lazily: cleanup of disks needs no libvirt)."""
+        """The libvirt layer's DomainManager, built on first use (a VM of this node to act on, or
+        unowned disks to judge): a node without VMs never loads libvirt."""
         if self._manager is None:
-            from cri_shim.vm import DiskManager, DomainManager, ImageStore
+            from cri_shim.vm import DomainManager, ImageStore
             from cri_shim.vm.containerd_source import DEFAULT_ROOT, ContainerdSource
 
-            disks = DiskManager(self.state_dir, host_disk_roots=[HOST_DISK_ROOT])
             source = ContainerdSource(self.containerd_socket, self.containerd_root or DEFAULT_ROOT)
             images = ImageStore(self.state_dir, container_disks=source)
-            self._manager = DomainManager(self.state_dir, uri=self.libvirt_uri, disks=disks, images=images)
+            self._manager = DomainManager(
+                self.state_dir, uri=self.libvirt_uri, disks=self.disks, images=images
+            )
         return self._manager
 
     def run(self, stop: threading.Event) -> None:
-        DiskCollector(lambda: self.manager, self.vms, self.namespace).start(stop)
+        DiskCollector(lambda: self.disks, lambda: self.manager, self.vms, self.namespace).start(stop)
         self.runner.run(stop)
 
     def mine(self, vm: KubeObject) -> bool:
@@ -170,9 +182,11 @@ class NodeController:
         """Move the VM's disks of the layout of before namespaces into its namespace's folder, while no
         domain of it exists (a defined domain names its disk files by path: they stay where they are
         until the domain is gone)."""
+        if not self.disks.has_legacy_vm_disks(uid):
+            return  # the common case: known without libvirt
         mgr = self.manager
         try:
-            unused = mgr.has_legacy_vm_disks(uid) and not mgr.vm_domains(namespace, uid)
+            unused = not mgr.vm_domains(namespace, uid)
             if unused and mgr.adopt_legacy_vm_disks(namespace, uid):
                 log.info("moved the disks of %s/%s to their namespace's folder", namespace, uid)
         except Exception as e:  # libvirt away: try again on the next reconcile

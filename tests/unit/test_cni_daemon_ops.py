@@ -1,7 +1,7 @@
 """The macvtap daemon's operational side without namespaces: JSON and text logs, sd_notify, the ops
 endpoint (thread and poll modes), the workers' census and ready pipe, the multiprocess metrics of
-forked workers summed by the supervisor (in files per worker slot), the server's metric hooks, and that the plugin's client
-path never loads prometheus_client."""
+forked workers summed by the supervisor (in files per worker slot), the server's metric hooks, and
+that the plugin's client path never loads prometheus_client."""
 
 from __future__ import annotations
 

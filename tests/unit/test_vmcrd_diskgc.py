@@ -4,12 +4,16 @@ layout (cri_shim.vm.DiskManager) and a stand-in for libvirt."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from cri_shim.vm import DiskManager, DiskOwner
 from vmcrd.diskgc import DiskCollector, orphans
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def vm(ns: str, uid: str) -> dict:
@@ -67,7 +71,7 @@ def test_collects_old_unowned_disks_that_no_running_domain_uses(tmp_path: Path):
         os.utime(disks.dir_for("vm", uid, ns), (old, old))
     mgr = FakeManager(disks, running={("a", "busy"): "running"})
     informer = FakeInformer([vm("a", "owned")])
-    gc = DiskCollector(lambda: mgr, informer, namespace=None, grace=600)  # type: ignore[arg-type]
+    gc = DiskCollector(lambda: disks, lambda: mgr, informer, namespace=None, grace=600)  # type: ignore[arg-type,return-value]
     assert gc.collect_once(now=old + 10_000) == []  # not synced yet: judges nothing
     informer.synced.set()
     assert gc.collect_once(now=old + 10_000) == [("a", "gone"), ("b", "gone")]
@@ -77,6 +81,49 @@ def test_collects_old_unowned_disks_that_no_running_domain_uses(tmp_path: Path):
     # watching one namespace only: the other namespace's disks are not its to judge
     disks.empty_disk(DiskOwner("vm", "gone2", "b"), "d", "1Mi")
     os.utime(disks.dir_for("vm", "gone2", "b"), (old, old))
-    gc_a = DiskCollector(lambda: mgr, informer, namespace="a", grace=600)  # type: ignore[arg-type]
+    gc_a = DiskCollector(lambda: disks, lambda: mgr, informer, namespace="a", grace=600)  # type: ignore[arg-type,return-value]
     assert gc_a.collect_once(now=old + 10_000) == []
     assert ("b", "gone2") in disks.vm_disk_owners()
+
+
+def test_libvirt_is_needed_only_when_there_are_unowned_disks_to_judge(tmp_path: Path):
+    """A node without VM disks, or with only owned or young ones, never builds the DomainManager
+    (libvirt's module and a connection): the collector lists the folders with the disk layer alone."""
+    disks = DiskManager(tmp_path / "state")
+    built: list[FakeManager] = []
+
+    def manager() -> FakeManager:
+        built.append(FakeManager(disks, running={}))
+        return built[-1]
+
+    informer = FakeInformer([vm("a", "owned")])
+    informer.synced.set()
+    gc = DiskCollector(lambda: disks, manager, informer, grace=600)  # type: ignore[arg-type,return-value]
+    now = 1_000_000.0
+    assert gc.collect_once(now=now) == [] and built == []  # no disks at all
+    disks.empty_disk(DiskOwner("vm", "owned", "a"), "d", "1Mi")
+    disks.empty_disk(DiskOwner("vm", "young", "a"), "d", "1Mi")
+    os.utime(disks.dir_for("vm", "owned", "a"), (now - 10_000, now - 10_000))
+    os.utime(disks.dir_for("vm", "young", "a"), (now - 10, now - 10))
+    assert gc.collect_once(now=now) == [] and built == []  # owned, or too young to judge
+    os.utime(disks.dir_for("vm", "young", "a"), (now - 10_000, now - 10_000))
+    assert gc.collect_once(now=now) == [("a", "young")] and len(built) == 1
+
+
+def test_a_node_controller_that_collected_on_an_empty_node_has_not_loaded_libvirt(tmp_path: Path):
+    code = f"""
+import sys, threading
+from pathlib import Path
+from vmcrd.node import NodeController
+from vmcrd.diskgc import DiskCollector
+class Kube:  # never called: the informer is not started
+    pass
+ctl = NodeController(Kube(), "n", state_dir=Path({str(tmp_path / "state")!r}))
+ctl.vms.synced.set()
+gc = DiskCollector(lambda: ctl.disks, lambda: ctl.manager, ctl.vms)
+assert gc.collect_once() == []
+print("libvirt" in sys.modules, ctl._manager is None)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]

@@ -155,6 +155,18 @@ def test_nothing_is_done_unless_cluster_mode_reports_the_vm_running(tmp_path, pr
     assert mgr.calls == [] and ctl.vm_api.status == []
 
 
+@pytest.mark.parametrize("printable", ["Stopped", "Starting", "Stopping", "Failed", "CrashLoop", None])
+def test_a_vm_of_this_node_that_is_not_running_needs_no_libvirt(tmp_path, printable):
+    """Node mode builds its libvirt layer (the libvirt module and a connection) only when a VM of its
+    node runs, or its disks are in the layout of before namespaces (tests/unit/test_vmcrd_diskgc.py:
+    the disk collector likewise)."""
+    vm = make_vm({"nodeName": NODE, "printableStatus": printable})
+    ctl = controller(vm, FakeManager("running"), tmp_path)
+    ctl._manager = None
+    assert ctl.reconcile("ns/web") is None
+    assert ctl._manager is None
+
+
 @pytest.mark.parametrize("phase", [None, "shutoff"])
 def test_a_running_vm_whose_domain_is_not_up_yet_is_looked_at_again(tmp_path, phase):
     vm = make_vm({"nodeName": NODE, "printableStatus": "Running"})
