@@ -8,7 +8,8 @@ processes of this host too):
 - ``edgevirt-cri``: the CRI server kubelet talks to;
 - ``macvtap daemon``: the CNI daemon (a supervisor and its workers, summed);
 - ``edgevirt-controller --mode node``: the node-mode controller;
-- ``python3 -m cri_shim.node.label_loop`` and its pass ``edgevirt-node label --once``: the labeller.
+- ``/bin/busybox sh /usr/local/lib/edgevirt/label-loop`` and its pass ``edgevirt-node label --once``: the
+  labeller.
 
 Per component: processes, threads, VmRSS and PSS (``/proc/PID/smaps_rollup``: a page shared by N
 processes counts 1/N in each, so PSS sums to what the node really spends), and the largest private
@@ -64,11 +65,16 @@ COMPONENTS: list[tuple[str, bool, Callable[[list[str]], bool]]] = [
     ("edgevirt-cri", True, lambda a: a[0] == "edgevirt-cri"),
     ("macvtap daemon", True, lambda a: a[0] == "macvtap" and "daemon" in a[1:2]),
     ("node-mode controller", True, lambda a: a[0] == "edgevirt-controller" and mode_is(a, "node")),
-    # the labeller: its stdlib loop (python3 -m cri_shim.node.label_loop) and a pass under way
+    # the labeller: its busybox sh loop (/usr/local/lib/edgevirt/label-loop), a pass under way and
+    # the pass's busybox timeout watcher
     (
         "labeller",
         True,
-        lambda a: (a[0] == "edgevirt-node" and "label" in a[1:2]) or "cri_shim.node.label_loop" in a[:3],
+        lambda a: (
+            (a[0] == "edgevirt-node" and "label" in a[1:2])
+            or any(x.endswith("/label-loop") for x in a[:3])
+            or (a[:2] == ["busybox", "timeout"] and "edgevirt-node" in a[2:4])
+        ),
     ),
     ("cluster-mode controller", False, lambda a: a[0] == "edgevirt-controller" and mode_is(a, "cluster")),
 ]

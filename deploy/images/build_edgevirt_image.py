@@ -9,7 +9,8 @@ give the same digest. Three layers, each cached under ~/.cache/edgevirt/image/la
 2. python-deps: the wheels pinned in edgevirt-image.lock (image_pydeps.py),
 3. edgevirt: the edgevirt wheel (edgevirt_wheel.py; CRI stubs generated at build time) and the
    daemon-only static macvtap CNI client (macvtap_static.py) that the edgevirt-node DaemonSet copies
-   into the host's CNI bin dir (/usr/local/lib/edgevirt/cni/macvtap).
+   into the host's CNI bin dir (/usr/local/lib/edgevirt/cni/macvtap), and the labeller's loop
+   (label-loop.sh, run by the image's busybox sh: /usr/local/lib/edgevirt/label-loop).
 
 Each layer's SOURCE_DATE_EPOCH (every file's mtime) is the time of the last commit that touched its
 inputs (or $SOURCE_DATE_EPOCH), so a commit elsewhere does not rebuild it. Default user nonroot
@@ -63,8 +64,11 @@ KEEP_LAYOUTS = 3  # older image layouts, their layers and unused rootfs trees ar
 # Inputs of each layer besides its data (for its epoch and key): the code that writes it.
 BASE_CODE = (f"{REL}/edgevirt-image.packages", f"{REL}/image_rootfs.py", f"{REL}/oci_layout.py")
 DEPS_CODE = (f"{REL}/edgevirt-image.lock", f"{REL}/image_pydeps.py", f"{REL}/oci_layout.py")
+#: the labeller's loop (busybox sh), shipped as a file of the edgevirt layer
+LABEL_LOOP_SOURCE, LABEL_LOOP_PATH = f"{REL}/label-loop.sh", "usr/local/lib/edgevirt/label-loop"
 APP_CODE = (
-    f"{REL}/image_pydeps.py", f"{REL}/oci_layout.py", f"{REL}/macvtap_static.py", macvtap_static.SOURCE
+    f"{REL}/image_pydeps.py", f"{REL}/oci_layout.py", f"{REL}/macvtap_static.py", macvtap_static.SOURCE,
+    LABEL_LOOP_SOURCE,
 )  # fmt: skip
 
 
@@ -161,8 +165,9 @@ def build_layers(repo: Path, icache: Path, rootfs: Path, spec: image_rootfs.Spec
         ("edgevirt",
          _hash(wheel.read_bytes(), native.read_bytes(), _files_text(repo, APP_CODE), str(app_epoch)),
          lambda out: _staged_layer([wheel], out, app_epoch,
-                                   f"wheel: {wheel.name} + {macvtap_static.IMAGE_PATH}",
-                                   {macvtap_static.IMAGE_PATH: native})),
+                                   f"wheel: {wheel.name} + {macvtap_static.IMAGE_PATH} + {LABEL_LOOP_PATH}",
+                                   {macvtap_static.IMAGE_PATH: native,
+                                    LABEL_LOOP_PATH: repo / LABEL_LOOP_SOURCE})),
     ]  # fmt: skip
     layers = []
     for name, key, make in plan:
