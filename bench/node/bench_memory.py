@@ -8,8 +8,8 @@ processes of this host too):
 - ``edgevirt-cri``: the CRI server kubelet talks to;
 - ``macvtap daemon``: the CNI daemon (a supervisor and its workers, summed);
 - ``edgevirt-controller --mode node``: the node-mode controller;
-- ``/bin/busybox sh /usr/local/lib/edgevirt/label-loop`` and its pass ``edgevirt-node label --once``: the
-  labeller.
+- ``/bin/busybox sh /usr/local/lib/edgevirt/label-loop``, its sleep between passes and its pass
+  ``edgevirt-node label --once``: the labeller.
 
 Per component: processes, threads, VmRSS and PSS (``/proc/PID/smaps_rollup``: a page shared by N
 processes counts 1/N in each, so PSS sums to what the node really spends), and the largest private
@@ -66,7 +66,8 @@ COMPONENTS: list[tuple[str, bool, Callable[[list[str]], bool]]] = [
     ("macvtap daemon", True, lambda a: a[0] == "macvtap" and "daemon" in a[1:2]),
     ("node-mode controller", True, lambda a: a[0] == "edgevirt-controller" and mode_is(a, "node")),
     # the labeller: its busybox sh loop (/usr/local/lib/edgevirt/label-loop), a pass under way and
-    # the pass's busybox timeout watcher
+    # the pass's busybox timeout watcher; the loop's sleep between passes (``busybox sleep 600``, a
+    # command line like any other's) is found as the loop's child (OWN_CHILDREN)
     (
         "labeller",
         True,
@@ -78,6 +79,8 @@ COMPONENTS: list[tuple[str, bool, Callable[[list[str]], bool]]] = [
     ),
     ("cluster-mode controller", False, lambda a: a[0] == "edgevirt-controller" and mode_is(a, "cluster")),
 ]
+#: components whose processes' children not matched by their command lines are theirs too
+OWN_CHILDREN = ("labeller",)
 ANCHORS = ("kubelet", "libvirtd", "virtlogd")
 QEMU_PREFIX = "qemu-system-"
 
@@ -158,6 +161,7 @@ def survey() -> tuple[dict[str, Usage], dict[str, Usage], int]:
     comps: dict[str, Usage] = {name: Usage() for name, _, _ in COMPONENTS}
     anchors: dict[str, Usage] = {name: Usage() for name in ANCHORS}
     qemus = 0
+    unmatched = []
     for pid, argv in processes():
         args = script_args(argv)
         prog = Path(argv[0]).name
@@ -171,8 +175,18 @@ def survey() -> tuple[dict[str, Usage], dict[str, Usage], int]:
                     if args and belongs(args):
                         comps[name].add(pid)
                         break
+                else:
+                    unmatched.append(pid)
         except (OSError, ValueError):
             continue  # ended while being read
+    parents = {pid: name for name in OWN_CHILDREN for pid in comps[name].pids}
+    for pid in unmatched:
+        try:
+            owner = parents.get(status_kib(pid, "PPid"))
+            if owner:
+                comps[owner].add(pid)
+        except (OSError, ValueError):
+            continue
     return comps, anchors, qemus
 
 

@@ -68,15 +68,16 @@ sleeper=
 trap 'stop=1; [ -z "$sleeper" ] || kill "$sleeper" 2>/dev/null' TERM INT
 
 while [ "$stop" = 0 ]; do
-    # busybox timeout execs COMMAND in its own process and kills it with SIGTERM after the time
-    "$bb" timeout "$pass_timeout" "$@"
+    # busybox timeout execs COMMAND in its own process and sends it SIGTERM after the time, SIGKILL
+    # 10 s later if it is still there (a pass that ignores SIGTERM must not hang the loop)
+    "$bb" timeout -k 10 "$pass_timeout" "$@"
     status=$?
     passes=$((passes + 1))
     pause=$interval
     if [ "$status" -ne 0 ]; then
         pause=$retry
         case $status in
-            124 | 143) echo "label-loop: the pass ran over ${pass_timeout}s and was killed" >&2 ;;
+            124 | 137 | 143) echo "label-loop: the pass ran over ${pass_timeout}s and was killed" >&2 ;;
             126 | 127) echo "label-loop: cannot run $1 (exit $status)" >&2 ;;
             *) echo "label-loop: the pass failed (exit $status); again in ${retry}s" >&2 ;;
         esac
