@@ -119,6 +119,9 @@ class NodeController:
         self.events = EventRecorder(self.vm_api.api, "edgevirt-controller-node", node)
         self._disks: DiskManager | None = None
         self._manager: DomainManager | None = None
+        # the disk collector's thread and the reconcile worker may ask for them at the same moment:
+        # one DomainManager (one connection, one set of per-domain locks) for both
+        self._layers_lock = threading.RLock()
         self.vms = Informer("virtualmachines", self.vm_api.list_watch(namespace), self.queue.add)
         self.runner = Runner(
             "node reconcile", self.queue, [self.vms], self.reconcile, resync=resync, delays=RETRY
@@ -127,26 +130,32 @@ class NodeController:
     @property
     def disks(self) -> DiskManager:
         """The VM disk layer alone (no libvirt): what the disk collector lists."""
-        if self._disks is None:
-            from cri_shim.vm import DiskManager
+        if self._disks is not None:
+            return self._disks
+        with self._layers_lock:
+            if self._disks is None:
+                from cri_shim.vm import DiskManager
 
-            self._disks = DiskManager(self.state_dir, host_disk_roots=[HOST_DISK_ROOT])
-        return self._disks
+                self._disks = DiskManager(self.state_dir, host_disk_roots=[HOST_DISK_ROOT])
+            return self._disks
 
     @property
     def manager(self) -> DomainManager:
         """The libvirt layer's DomainManager, built on first use (a VM of this node to act on, or
-        unowned disks to judge): a node without VMs never loads libvirt."""
-        if self._manager is None:
-            from cri_shim.vm import DomainManager, ImageStore
-            from cri_shim.vm.containerd_source import DEFAULT_ROOT, ContainerdSource
+        unowned disks to judge): a node without VMs never loads libvirt. It shares :attr:`disks`."""
+        if self._manager is not None:
+            return self._manager
+        with self._layers_lock:
+            if self._manager is None:
+                from cri_shim.vm import DomainManager, ImageStore
+                from cri_shim.vm.containerd_source import DEFAULT_ROOT, ContainerdSource
 
-            source = ContainerdSource(self.containerd_socket, self.containerd_root or DEFAULT_ROOT)
-            images = ImageStore(self.state_dir, container_disks=source)
-            self._manager = DomainManager(
-                self.state_dir, uri=self.libvirt_uri, disks=self.disks, images=images
-            )
-        return self._manager
+                source = ContainerdSource(self.containerd_socket, self.containerd_root or DEFAULT_ROOT)
+                images = ImageStore(self.state_dir, container_disks=source)
+                self._manager = DomainManager(
+                    self.state_dir, uri=self.libvirt_uri, disks=self.disks, images=images
+                )
+            return self._manager
 
     def run(self, stop: threading.Event) -> None:
         DiskCollector(lambda: self.disks, lambda: self.manager, self.vms, self.namespace).start(stop)

@@ -48,11 +48,12 @@ STEPS: dict[str, list[str]] = {
         "import vmcrd.node",
         "ctl = vmcrd.node.NodeController(kube, 'n', state_dir=TMP)",
         "import vmcrd.ops; vmcrd.ops.instrument('node', ctl.runner, vm_filter=ctl.mine)",
+        # the disk collector's pass on a node without VMs: the disk layer alone (vmcrd.diskgc)
+        "ctl.disks.vm_disk_owners()",
         # the libvirt layer as NodeController.manager builds it on its first VM (DomainManager aside:
         # it connects to libvirtd)
-        "from pathlib import Path; from cri_shim.vm import DiskManager, ImageStore;"
+        "from pathlib import Path; from cri_shim.vm import ImageStore;"
         " from cri_shim.vm.containerd_source import DEFAULT_ROOT, ContainerdSource;"
-        " DiskManager(Path(TMP));"
         " ImageStore(Path(TMP), container_disks=ContainerdSource(None, DEFAULT_ROOT))",
         "from cri_shim.vm import DomainManager; import libvirt",  # what connects to libvirtd
     ],

@@ -98,7 +98,7 @@ def test_libvirt_is_needed_only_when_there_are_unowned_disks_to_judge(tmp_path: 
 
     informer = FakeInformer([vm("a", "owned")])
     informer.synced.set()
-    gc = DiskCollector(lambda: disks, manager, informer, grace=600)  # type: ignore[arg-type,return-value]
+    gc = DiskCollector(lambda: disks, manager, informer, grace=600)  # type: ignore[arg-type]
     now = 1_000_000.0
     assert gc.collect_once(now=now) == [] and built == []  # no disks at all
     disks.empty_disk(DiskOwner("vm", "owned", "a"), "d", "1Mi")
@@ -110,20 +110,33 @@ def test_libvirt_is_needed_only_when_there_are_unowned_disks_to_judge(tmp_path: 
     assert gc.collect_once(now=now) == [("a", "young")] and len(built) == 1
 
 
-def test_a_node_controller_that_collected_on_an_empty_node_has_not_loaded_libvirt(tmp_path: Path):
+def test_node_mode_s_collector_loads_libvirt_only_for_an_old_unowned_disk_folder(tmp_path: Path):
+    """The collector NodeController.run starts, in a fresh interpreter: on a node without VM disks its
+    pass leaves libvirt unloaded; an unowned folder older than the grace builds the DomainManager (over
+    libvirt's in-process test driver here), which shares the controller's disk layer."""
     code = f"""
-import sys, threading
+import os, sys, threading
 from pathlib import Path
+from cri_shim.vm import DiskOwner
+from vmcrd import diskgc
 from vmcrd.node import NodeController
-from vmcrd.diskgc import DiskCollector
 class Kube:  # never called: the informer is not started
     pass
-ctl = NodeController(Kube(), "n", state_dir=Path({str(tmp_path / "state")!r}))
+started = []
+diskgc.DiskCollector.start = lambda self, stop: started.append(self)
+ctl = NodeController(Kube(), "n", state_dir=Path({str(tmp_path / "state")!r}), libvirt_uri="test:///default")
+ctl.runner.run = lambda stop: None
+ctl.run(threading.Event())
+(gc,) = started
 ctl.vms.synced.set()
-gc = DiskCollector(lambda: ctl.disks, lambda: ctl.manager, ctl.vms)
 assert gc.collect_once() == []
 print("libvirt" in sys.modules, ctl._manager is None)
+ctl.disks.empty_disk(DiskOwner("vm", "gone", "a"), "d", "1Mi")
+assert gc.collect_once() == [] and ctl._manager is None  # too young to judge
+os.utime(ctl.disks.dir_for("vm", "gone", "a"), (0, 0))
+assert gc.collect_once() == [("a", "gone")]
+print("libvirt" in sys.modules, ctl.manager.disks is ctl.disks, ctl.disks.vm_disk_owners())
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["False", "True"]
+    assert r.stdout.splitlines() == ["False True", "True True []"]

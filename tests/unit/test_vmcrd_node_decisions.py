@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from cri_shim.vm import DiskOwner
 from vmcrd import api
 from vmcrd.node import NO_DOMAIN_RECHECK, POD_GONE_RECHECK, NodeController, vm_node
 
@@ -165,6 +166,45 @@ def test_a_vm_of_this_node_that_is_not_running_needs_no_libvirt(tmp_path, printa
     ctl._manager = None
     assert ctl.reconcile("ns/web") is None
     assert ctl._manager is None
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "deleting"),
+    [
+        ("ns/gone", {}, False),  # not in the informer (deleted meanwhile)
+        ("ns/web", {"nodeName": "other", "printableStatus": "Running"}, False),
+        ("ns/web", {"nodeName": "other"}, True),  # another node's cleanup
+        ("ns/web", {}, False),  # not placed yet
+    ],
+)
+def test_a_vm_that_is_not_on_this_node_needs_neither_libvirt_nor_the_disks(tmp_path, key, status, deleting):
+    ctl = controller(make_vm(status, deleting=deleting), FakeManager("running"), tmp_path)
+    ctl._manager = None
+    assert ctl.reconcile(key) is None
+    assert ctl._manager is None and ctl._disks is None
+
+
+def test_a_new_node_controller_has_built_neither_layer_and_the_libvirt_one_shares_the_disks(tmp_path):
+    ctl = NodeController(client.ApiClient(), NODE, state_dir=tmp_path, libvirt_uri="test:///default")
+    assert ctl._disks is None and ctl._manager is None
+    disks = ctl.disks
+    assert ctl._manager is None
+    assert ctl.manager.disks is disks and ctl.manager is ctl.manager
+
+
+@pytest.mark.parametrize("phase", [None, "shutoff"])
+def test_disks_of_the_old_layout_are_moved_only_while_the_vm_has_no_domain(tmp_path, phase):
+    """Disks in the layout of before namespaces are what makes a VM that does not run need libvirt:
+    a defined domain names its disk files by path, so they move only while it has none."""
+    vm = make_vm({"nodeName": NODE, "printableStatus": "Stopped"})
+    mgr = FakeManager(phase)
+    ctl = controller(vm, mgr, tmp_path)
+    mgr.adopt_legacy_vm_disks = ctl.disks.adopt_legacy_vm_disks  # type: ignore[method-assign]
+    ctl.disks.empty_disk(DiskOwner("vm", UID), "d", "1Mi")
+    assert ctl.reconcile("ns/web") is None
+    moved = phase is None
+    assert ctl.disks.has_legacy_vm_disks(UID) is not moved
+    assert ctl.disks.vm_disk_owners() == ([("ns", UID)] if moved else [])
 
 
 @pytest.mark.parametrize("phase", [None, "shutoff"])
