@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import config as config_mod
-from . import logsetup, protos
+from . import logsetup, malloc_arenas, protos
 from .ops_http import AddressError, OpsServer, Readiness, parse_address
 from .sd_notify import READY, STOPPING, Notifier
 
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CRI server; returns the exit code."""
     args = _arguments(argv)
     logsetup.configure(args.log_level, args.log_format)
+    malloc_arenas.cap()  # before any thread starts
     notifier = Notifier.from_environment()
     try:
         cfg = _load(args)
