@@ -43,6 +43,11 @@ SHELLS = {
 Start = Callable[..., subprocess.Popen[str]]
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.fixture(
     params=[
         pytest.param("busybox-sh", marks=needs_busybox),
@@ -74,6 +79,10 @@ def start(tmp_path: Path, shell: tuple[list[str], dict[str, str]]) -> Iterator[S
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            # SIGINT and SIGTERM at their defaults, as a container's first process gets them: a shell
+            # cannot trap a signal ignored when it started, and a test run in the background (CI)
+            # hands SIGINT down ignored
+            preexec_fn=_default_signals,
         )
         procs.append(proc)
         return proc
