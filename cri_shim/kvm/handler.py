@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from .. import protos
 from ..backends.base import TypedBackend
 from ..errors import BackendError, invalid, unimplemented
+from ..keyed_locks import KeyedLocks
 from ..vm import image_metrics
 from ..vm.errors import ValidationError, VMError
 from . import pod_disks, replies, translate, userdata
@@ -61,18 +62,6 @@ if TYPE_CHECKING:  # the guest sessions are imported on the first exec
 log = logging.getLogger("edgevirt-cri.kvm")
 
 HANDLER = replies.HANDLER
-
-
-class KeyedLocks:
-    """One re-entrant lock per sandbox or container ID."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, threading.RLock] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, key: str) -> threading.RLock:
-        with self._lock:
-            return self._locks.setdefault(key, threading.RLock())
 
 
 class KvmHandler(TypedBackend):
@@ -99,7 +88,7 @@ class KvmHandler(TypedBackend):
         self.domains = domains
         self.limits = limits
         self._reason = unavailable
-        self._lock = KeyedLocks()
+        self._lock = KeyedLocks(reentrant=True)
         self.sandboxes = SandboxLifecycle(sandbox_store(state_dir), network)
         store = container_store(state_dir)
         self.consoles = ConsoleLogs(store.dir)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any
 
 import libvirt
 
+from ..keyed_locks import KeyedLocks
 from . import channels, domain_xml, hotplug
 from .agent import GuestAgent
 from .build import BuildContext, Undo, build_domain_spec, run_dir, run_undo
@@ -83,8 +83,7 @@ class DomainManager:
         self.wrapper_dir = wrapper_dir if wrapper_dir is not None else self.state_dir / "bin"
         self.tcg_tb_cache_mib = tcg_tb_cache_mib
         self._conn = Connection(uri)
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
+        self._lock = KeyedLocks()
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -111,10 +110,6 @@ class DomainManager:
         """Call ``on_stop(domain name)`` on the event loop's thread whenever a domain stops; the
         watch is its own connection (:mod:`.domain_events`); ``close()`` it when done."""
         return StopWatch(self.uri, on_stop).start()
-
-    def _lock(self, name: str) -> threading.Lock:
-        with self._locks_lock:
-            return self._locks.setdefault(name, threading.Lock())
 
     def run_dir(self, uuid: str) -> Path:
         return run_dir(self.state_dir, uuid)

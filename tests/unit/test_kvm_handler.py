@@ -294,6 +294,22 @@ def test_create_container_uses_the_contract_parsed_at_run_pod_sandbox(env):
     assert (spec.image, spec.disk_key) == ("127.0.0.1:5000/vm/d:1", "vm-1")
 
 
+def test_a_pods_whole_life_leaves_no_lock_behind(env):
+    """The per-ID locks live only while a call holds them: the long-run bench found one kept per
+    sandbox and container ID for the life of the shim, growing with every VM that ever ran."""
+    make, _mgr, _netns, tmp = env
+    b = make()
+    for i in range(3):
+        sid = run_pod(b, tmp, uid=f"u{i}")
+        cid = create(b, sid)
+        b.start_container(api.StartContainerRequest(container_id=cid))
+        b.stop_container(api.StopContainerRequest(container_id=cid, timeout=10))
+        b.remove_container(api.RemoveContainerRequest(container_id=cid))
+        b.stop_pod_sandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid))
+        b.remove_pod_sandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    assert len(b._lock) == 0
+
+
 def test_stop_records_the_exit_and_stats_only_for_a_running_vm(env):
     make, _mgr, _netns, tmp = env
     b = make()
