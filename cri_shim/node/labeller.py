@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +33,22 @@ log = logging.getLogger("edgevirt-node.label")
 KVM_DEVICE = Path("/dev/kvm")
 
 
-def cri_view(socket: Path, timeout: float = 10.0) -> CriView:
-    """What edgevirt-cri on ``socket`` serves (ABSENT: no socket there; SILENT: no answer), asked
-    from a child interpreter (:mod:`.cri_status`: the labeller keeps no grpc)."""
+#: how long a missing socket is waited for before a pass calls edgevirt-cri absent: a restart of
+#: edgevirt-cri (an upgrade, a crash) removes its socket for a second or two, and a pass that took
+#: that for "not installed" set kvm-handler=false, which evicts the node-mode pod until the next
+#: pass (``--interval``, 10 minutes)
+ABSENT_GRACE = 20.0
+
+
+def cri_view(
+    socket: Path, timeout: float = 10.0, absent_grace: float = ABSENT_GRACE, poll: float = 0.5
+) -> CriView:
+    """What edgevirt-cri on ``socket`` serves (ABSENT: no socket there for ``absent_grace``
+    seconds; SILENT: no answer), asked from a child interpreter (:mod:`.cri_status`: the labeller
+    keeps no grpc)."""
+    deadline = time.monotonic() + absent_grace
+    while not socket.exists() and time.monotonic() < deadline:
+        time.sleep(poll)
     view, why = query(socket, timeout)
     if view.state is Cri.SILENT:
         log.warning("edgevirt-cri at %s did not answer Status: %s", socket, why)

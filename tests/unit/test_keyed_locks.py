@@ -10,7 +10,6 @@ import pytest
 from cri_shim.keyed_locks import KeyedLocks
 
 
-
 def test_a_key_is_kept_only_while_held_or_awaited():
     locks = KeyedLocks()
     with locks("a"):

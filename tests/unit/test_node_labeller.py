@@ -209,9 +209,22 @@ def cri_server(tmp_path: Path):
 def test_cri_status_is_asked_on_the_socket(cri_server: Path, tmp_path: Path) -> None:
     assert STATUS_METHOD == "/runtime.v1.RuntimeService/Status"
     assert cri_view(cri_server) == CriView(Cri.ANSWERED, frozenset({"runc", "kvm"}))
-    assert cri_view(tmp_path / "absent.sock") == ABSENT
+    assert cri_view(tmp_path / "absent.sock", absent_grace=0.5, poll=0.1) == ABSENT
     (tmp_path / "dead.sock").write_text("")  # something there that does not answer
     assert cri_view(tmp_path / "dead.sock", timeout=2).state is Cri.SILENT
+
+
+def test_a_socket_missing_for_a_moment_is_a_restart_not_an_absence(cri_server: Path, tmp_path: Path) -> None:
+    """edgevirt-cri restarting removes its socket for a moment; a pass that ran then must not take
+    the kvm handler away (kvm-handler=false evicts the node-mode pod for a whole --interval)."""
+    later = tmp_path / "later.sock"
+    timer = threading.Timer(1.0, lambda: later.symlink_to(cri_server))
+    timer.start()
+    try:
+        view = cri_view(later, absent_grace=15, poll=0.1)
+    finally:
+        timer.cancel()
+    assert view == CriView(Cri.ANSWERED, frozenset({"runc", "kvm"}))
 
 
 def test_the_labeller_asks_from_a_child_and_keeps_no_grpc(cri_server: Path) -> None:
